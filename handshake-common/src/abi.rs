@@ -1,0 +1,247 @@
+//! The kernel ↔ userspace ABI: map and program names, counter layouts and
+//! the numeric codes both sides index them with. Plain integers only: no
+//! `bool` or Rust enums cross the boundary.
+
+/// Program names as the kernel sees them (at most 15 bytes).
+pub mod program {
+    pub const XDP_INGRESS: &str = "xdp_handshake";
+    pub const TC_INGRESS: &str = "tc_in_handshake";
+    pub const TC_EGRESS: &str = "tc_eg_handshake";
+    pub const TP_SOCK_SET_STATE: &str = "tp_sock_state";
+}
+
+/// Map names as the kernel sees them (at most 15 bytes).
+pub mod map {
+    pub const PACKET_COUNTS: &str = "PACKET_COUNTS";
+    pub const PARSE_ERRORS: &str = "PARSE_ERRORS";
+    pub const TRANSITIONS: &str = "TRANSITIONS";
+}
+
+/// Which way a packet crossed the interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Direction {
+    Ingress = 0,
+    Egress = 1,
+}
+
+impl Direction {
+    pub const ALL: [Self; 2] = [Self::Ingress, Self::Egress];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Ingress => "ingress",
+            Self::Egress => "egress",
+        }
+    }
+}
+
+/// What a packet counts as. One packet can count as several kinds (a FIN
+/// that carries a ClientHello is unusual but possible).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum PacketKind {
+    Syn = 0,
+    SynAck = 1,
+    Fin = 2,
+    Rst = 3,
+    ClientHello = 4,
+    ServerHello = 5,
+}
+
+impl PacketKind {
+    pub const COUNT: u32 = 6;
+    pub const ALL: [Self; Self::COUNT as usize] = [
+        Self::Syn,
+        Self::SynAck,
+        Self::Fin,
+        Self::Rst,
+        Self::ClientHello,
+        Self::ServerHello,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Syn => "syn",
+            Self::SynAck => "syn_ack",
+            Self::Fin => "fin",
+            Self::Rst => "rst",
+            Self::ClientHello => "client_hello",
+            Self::ServerHello => "server_hello",
+        }
+    }
+}
+
+/// Index into [`map::PACKET_COUNTS`]: one slot per (direction, kind).
+pub const fn packet_count_index(direction: Direction, kind: PacketKind) -> u32 {
+    direction as u32 * PacketKind::COUNT + kind as u32
+}
+
+/// Entries of [`map::PACKET_COUNTS`].
+pub const PACKET_COUNTS_LEN: u32 = 2 * PacketKind::COUNT;
+
+/// Why a frame could not be parsed. Each kind is a slot in
+/// [`map::PARSE_ERRORS`]; the frame itself always passes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum ParseError {
+    /// Fewer than 14 bytes of Ethernet header.
+    EthernetTruncated = 0,
+    /// A VLAN tag announced but cut short.
+    VlanTruncated = 1,
+    /// More than two VLAN tags.
+    VlanTooDeep = 2,
+    /// Fewer than 20 bytes of IPv4 header, or fewer than its IHL says.
+    Ipv4Truncated = 3,
+    /// IPv4 IHL below 5, or total length below the header length.
+    Ipv4BadHeader = 4,
+    /// Fewer than 40 bytes of IPv6 header.
+    Ipv6Truncated = 5,
+    /// An IPv6 extension header cut short.
+    Ipv6ExtensionTruncated = 6,
+    /// More IPv6 extension headers than the parser walks.
+    Ipv6TooManyExtensions = 7,
+    /// Fewer than 20 bytes of TCP header.
+    TcpTruncated = 8,
+    /// TCP data offset below 5.
+    TcpBadDataOffset = 9,
+    /// TCP data offset points past the end of the packet.
+    TcpDataOffsetPastEnd = 10,
+}
+
+impl ParseError {
+    pub const COUNT: u32 = 11;
+    pub const ALL: [Self; Self::COUNT as usize] = [
+        Self::EthernetTruncated,
+        Self::VlanTruncated,
+        Self::VlanTooDeep,
+        Self::Ipv4Truncated,
+        Self::Ipv4BadHeader,
+        Self::Ipv6Truncated,
+        Self::Ipv6ExtensionTruncated,
+        Self::Ipv6TooManyExtensions,
+        Self::TcpTruncated,
+        Self::TcpBadDataOffset,
+        Self::TcpDataOffsetPastEnd,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::EthernetTruncated => "ethernet_truncated",
+            Self::VlanTruncated => "vlan_truncated",
+            Self::VlanTooDeep => "vlan_too_deep",
+            Self::Ipv4Truncated => "ipv4_truncated",
+            Self::Ipv4BadHeader => "ipv4_bad_header",
+            Self::Ipv6Truncated => "ipv6_truncated",
+            Self::Ipv6ExtensionTruncated => "ipv6_extension_truncated",
+            Self::Ipv6TooManyExtensions => "ipv6_too_many_extensions",
+            Self::TcpTruncated => "tcp_truncated",
+            Self::TcpBadDataOffset => "tcp_bad_data_offset",
+            Self::TcpDataOffsetPastEnd => "tcp_data_offset_past_end",
+        }
+    }
+}
+
+/// TCP states as `include/net/tcp_states.h` numbers them (stable since 2.6).
+pub mod tcp_state {
+    pub const ESTABLISHED: u32 = 1;
+    pub const SYN_SENT: u32 = 2;
+    pub const SYN_RECV: u32 = 3;
+    pub const FIN_WAIT1: u32 = 4;
+    pub const FIN_WAIT2: u32 = 5;
+    pub const TIME_WAIT: u32 = 6;
+    pub const CLOSE: u32 = 7;
+    pub const CLOSE_WAIT: u32 = 8;
+    pub const LAST_ACK: u32 = 9;
+    pub const LISTEN: u32 = 10;
+    pub const CLOSING: u32 = 11;
+    pub const NEW_SYN_RECV: u32 = 12;
+
+    /// The state's name as node_exporter's tcpstat collector spells it, or
+    /// `None` for numbers outside the kernel's set.
+    pub const fn name(state: u32) -> Option<&'static str> {
+        Some(match state {
+            ESTABLISHED => "established",
+            SYN_SENT => "syn_sent",
+            SYN_RECV => "syn_recv",
+            FIN_WAIT1 => "fin_wait1",
+            FIN_WAIT2 => "fin_wait2",
+            TIME_WAIT => "time_wait",
+            CLOSE => "close",
+            CLOSE_WAIT => "close_wait",
+            LAST_ACK => "last_ack",
+            LISTEN => "listen",
+            CLOSING => "closing",
+            NEW_SYN_RECV => "new_syn_recv",
+            _ => return None,
+        })
+    }
+}
+
+/// States are below 16, so a (from, to) pair is one slot of a 16×16 table.
+pub const STATE_SLOTS: u32 = 16;
+
+/// Index into [`map::TRANSITIONS`], or `None` for a state number the table
+/// has no room for.
+pub const fn transition_index(from: u32, to: u32) -> Option<u32> {
+    if from < STATE_SLOTS && to < STATE_SLOTS {
+        Some(from * STATE_SLOTS + to)
+    } else {
+        None
+    }
+}
+
+/// Entries of [`map::TRANSITIONS`].
+pub const TRANSITIONS_LEN: u32 = STATE_SLOTS * STATE_SLOTS;
+
+/// Byte offsets in the `sock:inet_sock_set_state` tracepoint record
+/// (`/sys/kernel/tracing/events/sock/inet_sock_set_state/format`; a stable
+/// ABI since 4.16, checked on 6.18).
+pub mod inet_sock_set_state {
+    pub const OLDSTATE: usize = 16;
+    pub const NEWSTATE: usize = 20;
+    pub const FAMILY: usize = 28;
+    pub const PROTOCOL: usize = 30;
+}
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+pub const IPPROTO_TCP: u16 = 6;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_fit_the_kernel() {
+        for name in [
+            program::XDP_INGRESS,
+            program::TC_INGRESS,
+            program::TC_EGRESS,
+            program::TP_SOCK_SET_STATE,
+            map::PACKET_COUNTS,
+            map::PARSE_ERRORS,
+            map::TRANSITIONS,
+        ] {
+            assert!(name.len() <= 15, "{name} is cut by the kernel");
+        }
+    }
+
+    #[test]
+    fn indexes_are_dense_and_distinct() {
+        let mut seen = [false; PACKET_COUNTS_LEN as usize];
+        for d in Direction::ALL {
+            for k in PacketKind::ALL {
+                let i = packet_count_index(d, k) as usize;
+                assert!(!seen[i], "{d:?}/{k:?} shares slot {i}");
+                seen[i] = true;
+            }
+        }
+        assert!(seen.iter().all(|s| *s));
+        for (i, e) in ParseError::ALL.iter().enumerate() {
+            assert_eq!(*e as usize, i);
+        }
+        assert_eq!(transition_index(15, 15), Some(255));
+        assert_eq!(transition_index(16, 1), None);
+    }
+}

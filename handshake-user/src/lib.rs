@@ -1,0 +1,16 @@
+//! The userspace side of handshake: loading and attaching the kernel
+//! programs, reading their maps, and serving what they counted. The
+//! `handshake` binary (`main.rs`) is a thin shell over this library; the
+//! privileged integration tests drive the same modules.
+
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod http;
+pub mod loader;
+pub mod maps;
+pub mod metrics;
+pub mod netns;
+
+/// The compiled kernel programs, embedded at build time.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/handshake"));

@@ -1,0 +1,259 @@
+//! Loading the kernel programs and attaching them: the only module that
+//! names programs and hooks. Attach failures are recorded per probe (they
+//! become `handshake_probe_attached` 0), logged, and never hidden.
+
+use std::ffi::CString;
+
+use aya::{
+    Ebpf,
+    programs::{
+        ProgramError, SchedClassifier, TcAttach, TcAttachType, TracePoint, Xdp, XdpMode,
+        tc::{self, NlOptions},
+    },
+};
+use handshake_common::abi::program;
+use thiserror::Error;
+
+use crate::{
+    cli::{IngressHook, XdpModeFlag},
+    maps::Counters,
+    netns::{Netns, NetnsError},
+};
+
+#[derive(Debug, Error)]
+pub enum LoadError {
+    #[error("parsing the embedded eBPF object")]
+    Object(#[source] aya::EbpfError),
+    #[error("the eBPF object has no program {0:?}")]
+    MissingProgram(&'static str),
+    #[error("loading program {name:?} into the kernel")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("the eBPF object has no map {0:?}")]
+    MissingMap(&'static str),
+    #[error("opening map {name:?}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+}
+
+/// One hook we tried to attach, and how it went.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attachment {
+    /// Program name, e.g. `xdp_handshake`.
+    pub probe: &'static str,
+    /// Interface, for packet hooks.
+    pub interface: Option<String>,
+    /// How it is attached (`xdp-native`, `tcx`, ...), or why it is not.
+    pub detail: String,
+    pub attached: bool,
+}
+
+/// The loaded kernel programs and where they are attached.
+#[derive(Debug)]
+pub struct Observer {
+    ebpf: Ebpf,
+    attachments: Vec<Attachment>,
+}
+
+impl Observer {
+    /// Loads every program into the kernel; attaches nothing.
+    pub fn load() -> Result<Self, LoadError> {
+        let mut ebpf = Ebpf::load(crate::EBPF_OBJECT).map_err(LoadError::Object)?;
+        for name in [
+            program::XDP_INGRESS,
+            program::TC_INGRESS,
+            program::TC_EGRESS,
+            program::TP_SOCK_SET_STATE,
+        ] {
+            let prog = ebpf
+                .program_mut(name)
+                .ok_or(LoadError::MissingProgram(name))?;
+            let loaded = match prog {
+                aya::programs::Program::Xdp(p) => p.load(),
+                aya::programs::Program::SchedClassifier(p) => p.load(),
+                aya::programs::Program::TracePoint(p) => p.load(),
+                _ => Err(ProgramError::UnexpectedProgramType),
+            };
+            loaded.map_err(|source| LoadError::Program { name, source })?;
+        }
+        Ok(Self {
+            ebpf,
+            attachments: Vec::new(),
+        })
+    }
+
+    /// The raw object, for tests that drive programs with BPF_PROG_TEST_RUN.
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    /// Takes the counter maps out of the object, for the metrics collector.
+    pub fn take_counters(&mut self) -> Result<Counters, LoadError> {
+        Counters::take_from(&mut self.ebpf)
+    }
+
+    pub fn attachments(&self) -> &[Attachment] {
+        &self.attachments
+    }
+
+    /// `sock:inet_sock_set_state`, host-wide.
+    pub fn attach_tracepoint(&mut self) {
+        let name = program::TP_SOCK_SET_STATE;
+        let result = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(ProgramError::UnexpectedProgramType)
+            .and_then(|p| <&mut TracePoint>::try_from(p))
+            .and_then(|p| p.attach("sock", "inet_sock_set_state"));
+        self.record(name, None, result.map(|_| "tracepoint".to_owned()));
+    }
+
+    /// Ingress and egress hooks on each interface of `netns`.
+    pub fn attach_interfaces(
+        &mut self,
+        netns: &Netns,
+        interfaces: &[String],
+        ingress: IngressHook,
+        xdp_mode: XdpModeFlag,
+    ) -> Result<(), LoadError> {
+        let results = netns.run(|| {
+            let mut results = Vec::new();
+            for iface in interfaces {
+                let ingress_result = match ingress {
+                    IngressHook::Xdp => (program::XDP_INGRESS, self.attach_xdp(iface, xdp_mode)),
+                    IngressHook::Tc => (
+                        program::TC_INGRESS,
+                        self.attach_tc(program::TC_INGRESS, iface, TcAttachType::Ingress),
+                    ),
+                };
+                results.push((iface.clone(), ingress_result));
+                let egress = self.attach_tc(program::TC_EGRESS, iface, TcAttachType::Egress);
+                results.push((iface.clone(), (program::TC_EGRESS, egress)));
+            }
+            results
+        })?;
+        for (iface, (probe, result)) in results {
+            self.record(probe, Some(iface), result);
+        }
+        Ok(())
+    }
+
+    fn attach_xdp(&mut self, iface: &str, mode: XdpModeFlag) -> Result<String, ProgramError> {
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(program::XDP_INGRESS)
+            .ok_or(ProgramError::UnexpectedProgramType)?
+            .try_into()?;
+        let iface_c = c_name(iface)?;
+        let iface_index = iface_c.as_c_str();
+        match mode {
+            XdpModeFlag::Native => prog
+                .attach(iface_index, XdpMode::Driver)
+                .map(|_| "xdp-native".to_owned()),
+            XdpModeFlag::Skb => prog
+                .attach(iface_index, XdpMode::Skb)
+                .map(|_| "xdp-skb".to_owned()),
+            XdpModeFlag::Auto => match prog.attach(iface_index, XdpMode::Default) {
+                Ok(_) => Ok("xdp-auto".to_owned()),
+                Err(error) => {
+                    tracing::info!(iface, %error, "XDP attach in default mode failed; trying generic (skb) mode");
+                    prog.attach(iface_index, XdpMode::Skb)
+                        .map(|_| "xdp-skb".to_owned())
+                }
+            },
+        }
+    }
+
+    /// TCX where the kernel has it (6.6+), else a clsact netlink filter.
+    fn attach_tc(
+        &mut self,
+        name: &'static str,
+        iface: &str,
+        attach_type: TcAttachType,
+    ) -> Result<String, ProgramError> {
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(ProgramError::UnexpectedProgramType)?
+            .try_into()?;
+        let iface_c = c_name(iface)?;
+        let iface_index = iface_c.as_c_str();
+        let tcx = TcAttach::Tcx {
+            attach_type,
+            order: Default::default(),
+        };
+        match prog.attach(iface_index, tcx) {
+            Ok(_) => Ok("tcx".to_owned()),
+            Err(tcx_error) => {
+                tracing::info!(iface, %tcx_error, "TCX attach failed; falling back to a clsact filter");
+                // An existing clsact qdisc is fine; any other failure shows
+                // up in the attach below.
+                let _ = tc::qdisc_add_clsact(iface_index);
+                prog.attach(
+                    iface_index,
+                    TcAttach::Netlink {
+                        parent: attach_type.into(),
+                        options: NlOptions::default(),
+                    },
+                )
+                .map(|_| "tc-clsact".to_owned())
+            }
+        }
+    }
+
+    fn record(
+        &mut self,
+        probe: &'static str,
+        interface: Option<String>,
+        result: Result<String, ProgramError>,
+    ) {
+        let attachment = match result {
+            Ok(detail) => {
+                tracing::info!(probe, interface = interface.as_deref(), how = %detail, "attached");
+                Attachment {
+                    probe,
+                    interface,
+                    detail,
+                    attached: true,
+                }
+            }
+            Err(error) => {
+                let detail = format!("{:#}", anyhow::Error::new(error));
+                tracing::warn!(probe, interface = interface.as_deref(), error = %detail, "attach failed");
+                Attachment {
+                    probe,
+                    interface,
+                    detail,
+                    attached: false,
+                }
+            }
+        };
+        self.attachments.push(attachment);
+    }
+
+    /// Detaches everything. Netlink filters must be removed from inside the
+    /// namespace they were attached in, so the object is dropped there.
+    pub fn detach(self, netns: &Netns) -> Result<(), NetnsError> {
+        let Self { ebpf, .. } = self;
+        netns.run(move || drop(ebpf))
+    }
+}
+
+/// An interface name for aya, which resolves it in the calling thread's
+/// namespace.
+fn c_name(iface: &str) -> Result<CString, ProgramError> {
+    CString::new(iface).map_err(|_| {
+        ProgramError::IOError(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("interface name {iface:?} contains a NUL byte"),
+        ))
+    })
+}

@@ -1,0 +1,28 @@
+//! The `handshake` binary: parses flags, runs the command, and on failure
+//! prints the whole error chain on one line and exits non-zero.
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use handshake_user::{cli, config::DaemonConfig, daemon};
+
+fn main() -> ExitCode {
+    let args = cli::Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match args.command {
+        cli::Command::Daemon(flags) => DaemonConfig::try_from(flags).and_then(daemon::run),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("handshake: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,543 @@
+//! Helpers for the privileged tests and benchmarks: network-namespace pairs
+//! joined by a veth (deleted on drop, even when a test fails), threads and
+//! commands inside a namespace, the daemon as a child process, a Prometheus
+//! text scraper and a tcpdump capture.
+//!
+//! Everything is real: the kernel programs, the traffic, the tools.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Mutex, MutexGuard,
+        atomic::{AtomicU32, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+/// Privileged tests share host-wide state (the state tracepoint counts every
+/// socket on the host), so they run one at a time.
+pub fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Panics with a clear message when not root: these tests load programs
+/// into the kernel and create namespaces, and must not pass by skipping.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "privileged test: run as root (`sudo -E cargo xtask test`); it loads BPF programs and creates network namespaces"
+    );
+}
+
+/// Runs a command and returns its stdout; panics with its stderr on failure.
+pub fn sh(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn unique_id() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{}{}",
+        std::process::id() % 100_000,
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Two network namespaces, `client` and `server`, joined by a veth pair:
+/// 10.201.0.1/24 + fd00:201::1/64 on the client side, .2 / ::2 on the server
+/// side. Dropping it deletes both namespaces (and with them the veth).
+pub struct NetnsPair {
+    pub client: String,
+    pub server: String,
+    pub client_if: String,
+    pub server_if: String,
+}
+
+impl NetnsPair {
+    pub const CLIENT_V4: &'static str = "10.201.0.1";
+    pub const SERVER_V4: &'static str = "10.201.0.2";
+    pub const CLIENT_V6: &'static str = "fd00:201::1";
+    pub const SERVER_V6: &'static str = "fd00:201::2";
+
+    pub fn new() -> Self {
+        let id = unique_id();
+        let pair = Self {
+            client: format!("hs-c-{id}"),
+            server: format!("hs-s-{id}"),
+            client_if: format!("hsc{id}"),
+            server_if: format!("hss{id}"),
+        };
+        sh("ip", &["netns", "add", &pair.client]);
+        sh("ip", &["netns", "add", &pair.server]);
+        sh(
+            "ip",
+            &[
+                "link",
+                "add",
+                &pair.client_if,
+                "netns",
+                &pair.client,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &pair.server_if,
+                "netns",
+                &pair.server,
+            ],
+        );
+        for (ns, ifname, v4, v6) in [
+            (
+                &pair.client,
+                &pair.client_if,
+                Self::CLIENT_V4,
+                Self::CLIENT_V6,
+            ),
+            (
+                &pair.server,
+                &pair.server_if,
+                Self::SERVER_V4,
+                Self::SERVER_V6,
+            ),
+        ] {
+            sh(
+                "ip",
+                &["-n", ns, "addr", "add", &format!("{v4}/24"), "dev", ifname],
+            );
+            sh(
+                "ip",
+                &[
+                    "-n",
+                    ns,
+                    "addr",
+                    "add",
+                    &format!("{v6}/64"),
+                    "dev",
+                    ifname,
+                    "nodad",
+                ],
+            );
+            sh("ip", &["-n", ns, "link", "set", ifname, "up"]);
+            sh("ip", &["-n", ns, "link", "set", "lo", "up"]);
+        }
+        pair
+    }
+}
+
+impl Default for NetnsPair {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for NetnsPair {
+    fn drop(&mut self) {
+        for ns in [&self.client, &self.server] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// Moves the calling thread into network namespace `name`.
+pub fn enter_netns(name: &str) {
+    let file = std::fs::File::open(Path::new("/run/netns").join(name))
+        .unwrap_or_else(|e| panic!("opening netns {name}: {e}"));
+    // SAFETY: setns only changes the calling thread's namespace.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns({name}): {}", std::io::Error::last_os_error());
+}
+
+/// Runs `f` on a new thread inside namespace `name`.
+pub fn spawn_in<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> JoinHandle<T> {
+    let name = name.to_owned();
+    std::thread::spawn(move || {
+        enter_netns(&name);
+        f()
+    })
+}
+
+/// A TCP server inside a namespace: for each connection it reads until the
+/// client's FIN, answers `ok`, and closes, so every connection shows exactly
+/// one FIN each way and no RST. Stops after `connections` connections.
+pub fn echo_server(ns: &str, bind: SocketAddr, connections: usize) -> JoinHandle<()> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let handle = spawn_in(ns, move || {
+        let listener = TcpListener::bind(bind).unwrap_or_else(|e| panic!("bind {bind}: {e}"));
+        ready_tx.send(()).expect("test thread waits");
+        for _ in 0..connections {
+            let (mut stream, _) = listener.accept().expect("accept");
+            let mut sink = Vec::new();
+            stream.read_to_end(&mut sink).expect("read request");
+            stream.write_all(b"ok").expect("answer");
+        }
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("echo server did not start");
+    handle
+}
+
+/// From namespace `ns`, opens `count` connections to `server` one after
+/// another: send, half-close, read the answer, close.
+pub fn echo_clients(ns: &str, server: SocketAddr, count: usize) {
+    spawn_in(ns, move || {
+        for i in 0..count {
+            let mut stream = TcpStream::connect_timeout(&server, Duration::from_secs(5))
+                .unwrap_or_else(|e| panic!("connection {i} to {server}: {e}"));
+            stream.write_all(b"hello").expect("send");
+            stream
+                .shutdown(std::net::Shutdown::Write)
+                .expect("half-close");
+            let mut answer = Vec::new();
+            stream.read_to_end(&mut answer).expect("read answer");
+            assert_eq!(answer, b"ok", "connection {i} to {server}");
+        }
+    })
+    .join()
+    .expect("client thread panicked");
+}
+
+/// The `handshake` binary under test: `$HANDSHAKE_BIN`, which
+/// `cargo xtask test` sets, else the one next to this test's target dir.
+pub fn handshake_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("HANDSHAKE_BIN") {
+        return PathBuf::from(bin);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("handshake"))
+        .expect("target directory");
+    assert!(
+        bin.exists(),
+        "{} missing: run the tests with `cargo xtask test`",
+        bin.display()
+    );
+    bin
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind an ephemeral port")
+        .port()
+}
+
+/// The daemon as a child process; SIGTERM and wait on drop.
+pub struct Daemon {
+    child: Option<Child>,
+    pub metrics_addr: String,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `handshake daemon ARGS --metrics-addr 127.0.0.1:<free>` and
+    /// waits until `/metrics` answers.
+    pub fn start(args: &[&str]) -> Self {
+        let metrics_addr = format!("127.0.0.1:{}", free_port());
+        let log = std::env::temp_dir().join(format!("handshake-daemon-{}.log", unique_id()));
+        let log_file = std::fs::File::create(&log).expect("daemon log file");
+        let child = Command::new(handshake_bin())
+            .arg("daemon")
+            .args(args)
+            .args(["--metrics-addr", &metrics_addr])
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().expect("log fd"))
+            .stderr(log_file)
+            .spawn()
+            .expect("start handshake daemon");
+        let mut daemon = Self {
+            child: Some(child),
+            metrics_addr,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = daemon.child_mut().try_wait().expect("poll daemon") {
+                panic!("daemon exited early ({status}):\n{}", daemon.log());
+            }
+            if http_get(&daemon.metrics_addr, "/metrics").is_ok() {
+                break daemon;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon not serving after 30 s:\n{}",
+                daemon.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn child_mut(&mut self) -> &mut Child {
+        self.child.as_mut().expect("daemon running")
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("daemon running").id() as i32
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn scrape(&self) -> Metrics {
+        let body = http_get(&self.metrics_addr, "/metrics")
+            .unwrap_or_else(|e| panic!("scraping {}: {e}\n{}", self.metrics_addr, self.log()));
+        Metrics::parse(&body)
+    }
+
+    /// Sends `signal` and waits; returns the exit status.
+    pub fn stop(mut self, signal: i32) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("daemon running");
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        child.wait().expect("wait for daemon")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill on our own child's pid.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// A minimal HTTP/1.1 GET; returns the body of a 200 answer.
+pub fn http_get(addr: &str, path: &str) -> Result<String, String> {
+    let mut stream = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .map_err(|e| e.to_string())?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or("malformed HTTP answer")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(head.lines().next().unwrap_or_default().to_owned());
+    }
+    Ok(body.to_owned())
+}
+
+/// Parsed Prometheus text: `name` + sorted labels → value.
+#[derive(Clone, Debug, Default)]
+pub struct Metrics(BTreeMap<(String, Vec<(String, String)>), f64>);
+
+impl Metrics {
+    pub fn parse(text: &str) -> Self {
+        let mut samples = BTreeMap::new();
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
+            let (series, value) = line.rsplit_once(' ').expect("sample line");
+            let (name, labels) = match series.split_once('{') {
+                Some((name, rest)) => (name, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let mut pairs: Vec<(String, String)> = labels
+                .split("\",")
+                .filter(|p| !p.is_empty())
+                .map(|p| {
+                    let (k, v) = p.split_once('=').expect("label pair");
+                    (k.to_owned(), v.trim_matches('"').to_owned())
+                })
+                .filter(|(_, v)| !v.is_empty())
+                .collect();
+            pairs.sort();
+            samples.insert(
+                (name.to_owned(), pairs),
+                value.parse().expect("sample value"),
+            );
+        }
+        Self(samples)
+    }
+
+    /// The value of one series; 0 when absent (how Prometheus treats an
+    /// unseen counter).
+    pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let mut pairs: Vec<(String, String)> = labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        pairs.sort();
+        self.0
+            .get(&(name.to_owned(), pairs))
+            .copied()
+            .unwrap_or(0.0)
+    }
+
+    pub fn packets(&self, direction: &str, kind: &str) -> u64 {
+        self.get(
+            "handshake_packets_total",
+            &[("direction", direction), ("kind", kind)],
+        ) as u64
+    }
+
+    pub fn transitions(&self, from: &str, to: &str) -> u64 {
+        self.get(
+            "handshake_tcp_state_transitions_total",
+            &[("from", from), ("to", to)],
+        ) as u64
+    }
+}
+
+/// tcpdump on an interface inside a namespace, writing a pcap file.
+pub struct Capture {
+    child: Option<Child>,
+    pub file: PathBuf,
+}
+
+impl Capture {
+    pub fn start(ns: &str, iface: &str) -> Self {
+        let file = std::env::temp_dir().join(format!("handshake-{}.pcap", unique_id()));
+        let mut child = Command::new("ip")
+            .args([
+                "netns", "exec", ns, "tcpdump", "-i", iface, "-U", "-n", "-w",
+            ])
+            .arg(&file)
+            .arg("tcp")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start tcpdump");
+        let stderr = child.stderr.take().expect("tcpdump stderr");
+        let mut lines = BufReader::new(stderr).lines();
+        loop {
+            match lines.next() {
+                Some(Ok(line)) if line.contains("listening on") => break,
+                Some(Ok(_)) => {}
+                _ => panic!("tcpdump did not start capturing on {iface} in {ns}"),
+            }
+        }
+        Self {
+            child: Some(child),
+            file,
+        }
+    }
+
+    /// Stops the capture and returns tcpdump's own one-line decoding.
+    pub fn finish(mut self) -> Vec<String> {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill on our own child's pid.
+            unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+            let _ = child.wait();
+        }
+        sh(
+            "tcpdump",
+            &["-n", "-r", self.file.to_str().expect("UTF-8 path")],
+        )
+        .lines()
+        .map(str::to_owned)
+        .collect()
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_file(&self.file);
+    }
+}
+
+/// Counts of handshake flags in tcpdump's decoding, per direction as seen
+/// from the host that owns `local_addrs`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlagCounts {
+    pub syn: u64,
+    pub syn_ack: u64,
+    pub fin: u64,
+    pub rst: u64,
+}
+
+/// Splits tcpdump lines into (ingress, egress) flag counts for the host
+/// whose addresses are `local_addrs`.
+pub fn flag_counts(lines: &[String], local_addrs: &[&str]) -> (FlagCounts, FlagCounts) {
+    let (mut ingress, mut egress) = (FlagCounts::default(), FlagCounts::default());
+    for line in lines {
+        // "12:00:00.000000 IP 10.0.0.1.40000 > 10.0.0.2.80: Flags [S], ..."
+        let Some(flags) = line
+            .split("Flags [")
+            .nth(1)
+            .and_then(|rest| rest.split(']').next())
+        else {
+            continue;
+        };
+        let mut words = line.split_whitespace().skip(2);
+        let src = words.next().unwrap_or_default();
+        let src_addr = src.rsplit_once('.').map_or(src, |(addr, _port)| addr);
+        let counts = if local_addrs.contains(&src_addr) {
+            &mut egress
+        } else {
+            &mut ingress
+        };
+        let syn = flags.contains('S');
+        let ack = flags.contains('.');
+        counts.syn += u64::from(syn && !ack);
+        counts.syn_ack += u64::from(syn && ack);
+        counts.fin += u64::from(flags.contains('F'));
+        counts.rst += u64::from(flags.contains('R'));
+    }
+    (ingress, egress)
+}
+
+/// Names of the programs attached through TCX to `iface` in namespace `ns`,
+/// for both hooks (`tc filter show` and bpftool 7.1 do not list TCX).
+pub fn tcx_programs(ns: &str, iface: &str) -> Vec<String> {
+    use aya::programs::{SchedClassifier, TcAttachType};
+    let iface = std::ffi::CString::new(iface).expect("interface name");
+    spawn_in(ns, move || {
+        let mut names = Vec::new();
+        for hook in [TcAttachType::Ingress, TcAttachType::Egress] {
+            let (_, programs) = SchedClassifier::query_tcx(iface.as_c_str(), hook)
+                .unwrap_or_else(|e| panic!("querying TCX {hook:?}: {e}"));
+            names.extend(
+                programs
+                    .iter()
+                    .map(|p| format!("tcx {hook:?}: {}", p.name_as_str().unwrap_or("?"))),
+            );
+        }
+        names
+    })
+    .join()
+    .expect("TCX query thread")
+}

@@ -1,0 +1,129 @@
+//! `cargo xtask`: set-up, build, run, test and bench for handshake.
+//!
+//! xtask is built by whatever stable toolchain the machine has (1.85 or
+//! newer) and uses only `std`, because its first job is to install the
+//! pinned toolchains everything else is built with.
+
+mod bench;
+mod setup;
+
+use std::{
+    env,
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+const USAGE: &str = "\
+usage: cargo xtask <command>
+
+  setup            install what the project needs (toolchains, rust-src,
+                   bpf-linker, Debian packages); quick when all is there
+  build            setup, then a release build of the handshake binary
+  run [-- ARGS]    setup, build, then run `handshake ARGS` (default: `daemon`)
+  test [-- ARGS]   setup, then every test: unit, BPF_PROG_TEST_RUN and
+                   network-namespace tests (ARGS go to `cargo test`)
+  bench            setup, build, then the benchmarks (docs/BENCHMARKS.md)
+";
+
+fn main() -> ExitCode {
+    let mut args = env::args_os().skip(1);
+    let command = args.next().and_then(|c| c.into_string().ok());
+    let rest: Vec<OsString> = args.skip_while(|a| a == "--").collect();
+    let result = match command.as_deref() {
+        Some("setup") => setup::Project::locate().and_then(|p| p.setup(setup::Needs::Test)),
+        Some("build") => setup::Project::locate().and_then(|p| build(&p)),
+        Some("run") => setup::Project::locate().and_then(|p| run(&p, &rest)),
+        Some("test") => setup::Project::locate().and_then(|p| test(&p, &rest)),
+        Some("bench") => setup::Project::locate().and_then(|p| bench::run(&p)),
+        Some("help" | "-h" | "--help") => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        _ => {
+            eprint!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("xtask: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub type Result<T = ()> = std::result::Result<T, String>;
+
+/// Runs a command to completion; a non-zero exit is an error naming it.
+pub fn status(cmd: &mut Command) -> Result {
+    let shown = format!("{cmd:?}");
+    let status = cmd
+        .status()
+        .map_err(|e| format!("cannot start {shown}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{shown} failed ({status})"))
+    }
+}
+
+fn build(project: &setup::Project) -> Result {
+    project.setup(setup::Needs::Run)?;
+    status(project.cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "handshake-user",
+        "--bin",
+        "handshake",
+    ]))
+}
+
+fn run(project: &setup::Project, args: &[OsString]) -> Result {
+    build(project)?;
+    let binary = project.target_dir().join("release/handshake");
+    let args: Vec<OsString> = if args.is_empty() {
+        vec!["daemon".into()]
+    } else {
+        args.to_vec()
+    };
+    let code = Command::new(&binary)
+        .args(&args)
+        .status()
+        .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
+    if code.success() {
+        Ok(())
+    } else {
+        // The daemon already said why; don't repeat it.
+        std::process::exit(code.code().unwrap_or(1));
+    }
+}
+
+fn test(project: &setup::Project, args: &[OsString]) -> Result {
+    project.setup(setup::Needs::Test)?;
+    status(project.cargo().args(["fmt", "--all", "--check"]))
+        .map_err(|e| format!("{e}: run `cargo fmt --all`"))?;
+    status(
+        project
+            .cargo()
+            .args(["build", "--package", "handshake-user", "--bin", "handshake"]),
+    )?;
+    let binary = project.target_dir().join("debug/handshake");
+    status(
+        project
+            .cargo()
+            .arg("test")
+            .args(args)
+            .env("HANDSHAKE_BIN", binary),
+    )
+}
+
+/// The workspace root: xtask lives in `<root>/xtask`.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask sits inside the workspace")
+        .to_path_buf()
+}
