@@ -8,6 +8,8 @@ pub mod program {
     pub const TC_INGRESS: &str = "tc_in_handshake";
     pub const TC_EGRESS: &str = "tc_eg_handshake";
     pub const TP_SOCK_SET_STATE: &str = "tp_sock_state";
+    /// A pass-only XDP program: the benchmark's baseline, never attached.
+    pub const XDP_PASS_BASELINE: &str = "xdp_pass_base";
 }
 
 /// Map names as the kernel sees them (at most 15 bytes).
@@ -219,6 +221,7 @@ mod tests {
             program::TC_INGRESS,
             program::TC_EGRESS,
             program::TP_SOCK_SET_STATE,
+            program::XDP_PASS_BASELINE,
             map::PACKET_COUNTS,
             map::PARSE_ERRORS,
             map::TRANSITIONS,

@@ -1,7 +1,7 @@
 //! The `handshake` binary: parses flags, runs the command, and on failure
 //! prints the whole error chain on one line and exits non-zero.
 
-use std::process::ExitCode;
+use std::{io::IsTerminal as _, process::ExitCode};
 
 use clap::Parser as _;
 use handshake_user::{cli, config::DaemonConfig, daemon};
@@ -14,6 +14,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let result = match args.command {
         cli::Command::Daemon(flags) => DaemonConfig::try_from(flags).and_then(daemon::run),

@@ -10,8 +10,9 @@ mod setup;
 use std::{
     env,
     ffi::OsString,
+    io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
-    process::{Command, ExitCode},
+    process::{Command, ExitCode, Stdio},
 };
 
 const USAGE: &str = "\
@@ -111,13 +112,51 @@ fn test(project: &setup::Project, args: &[OsString]) -> Result {
             .args(["build", "--package", "handshake-user", "--bin", "handshake"]),
     )?;
     let binary = project.target_dir().join("debug/handshake");
-    status(
-        project
-            .cargo()
-            .arg("test")
-            .args(args)
-            .env("HANDSHAKE_BIN", binary),
-    )
+    let mut cargo = project.cargo();
+    cargo
+        .arg("test")
+        .args(args)
+        .env("HANDSHAKE_BIN", binary)
+        .stdout(Stdio::piped());
+    let shown = format!("{cargo:?}");
+    let mut child = cargo
+        .spawn()
+        .map_err(|e| format!("cannot start {shown}: {e}"))?;
+    // Pass libtest's output through and add up its result lines, so the run
+    // ends on one total.
+    let mut totals = [0u64; 3];
+    for line in BufReader::new(child.stdout.take().expect("piped stdout")).lines() {
+        let line = line.map_err(|e| format!("reading test output: {e}"))?;
+        println!("{line}");
+        if let Some(result) = line.strip_prefix("test result: ") {
+            for (total, word) in totals.iter_mut().zip(["passed", "failed", "ignored"]) {
+                *total += count_before(result, word);
+            }
+        }
+    }
+    let code = child
+        .wait()
+        .map_err(|e| format!("waiting for {shown}: {e}"))?;
+    println!(
+        "tests: {} passed, {} failed, {} skipped",
+        totals[0], totals[1], totals[2]
+    );
+    if code.success() {
+        Ok(())
+    } else {
+        Err(format!("{shown} failed ({code})"))
+    }
+}
+
+/// In "ok. 14 passed; 0 failed; ...", the number before `word`.
+fn count_before(result: &str, word: &str) -> u64 {
+    result
+        .split(';')
+        .find_map(|part| {
+            let mut words = part.split_whitespace().rev();
+            (words.next()? == word).then(|| words.next()?.parse().ok())?
+        })
+        .unwrap_or(0)
 }
 
 /// The workspace root: xtask lives in `<root>/xtask`.
