@@ -161,10 +161,15 @@ impl Observer {
             XdpModeFlag::Skb => prog
                 .attach(iface_index, XdpMode::Skb)
                 .map(|_| "xdp-skb".to_owned()),
-            XdpModeFlag::Auto => match prog.attach(iface_index, XdpMode::Default) {
-                Ok(_) => Ok("xdp-auto".to_owned()),
+            // What the kernel's default would pick, but we know which it got.
+            XdpModeFlag::Auto => match prog.attach(iface_index, XdpMode::Driver) {
+                Ok(_) => Ok("xdp-native".to_owned()),
                 Err(error) => {
-                    tracing::info!(iface, %error, "XDP attach in default mode failed; trying generic (skb) mode");
+                    tracing::info!(
+                        iface,
+                        error = %chain(error),
+                        "native XDP unavailable; attaching in generic (skb) mode"
+                    );
                     prog.attach(iface_index, XdpMode::Skb)
                         .map(|_| "xdp-skb".to_owned())
                 }
@@ -193,7 +198,11 @@ impl Observer {
         match prog.attach(iface_index, tcx) {
             Ok(_) => Ok("tcx".to_owned()),
             Err(tcx_error) => {
-                tracing::info!(iface, %tcx_error, "TCX attach failed; falling back to a clsact filter");
+                tracing::info!(
+                    iface,
+                    error = %chain(tcx_error),
+                    "TCX unavailable; attaching a clsact filter"
+                );
                 // An existing clsact qdisc is fine; any other failure shows
                 // up in the attach below.
                 let _ = tc::qdisc_add_clsact(iface_index);
@@ -226,7 +235,7 @@ impl Observer {
                 }
             }
             Err(error) => {
-                let detail = format!("{:#}", anyhow::Error::new(error));
+                let detail = chain(error);
                 tracing::warn!(probe, interface = interface.as_deref(), error = %detail, "attach failed");
                 Attachment {
                     probe,
@@ -256,4 +265,10 @@ fn c_name(iface: &str) -> Result<CString, ProgramError> {
             format!("interface name {iface:?} contains a NUL byte"),
         ))
     })
+}
+
+/// The error and its sources on one line (aya's own Display stops at the
+/// outermost error, e.g. "`bpf_link_create` failed").
+fn chain(error: ProgramError) -> String {
+    format!("{:#}", anyhow::Error::new(error))
 }

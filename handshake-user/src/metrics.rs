@@ -114,6 +114,7 @@ pub fn render(snapshot: &Snapshot, attachments: &[Attachment], stats: SelfStats)
                 &[
                     ("probe", a.probe),
                     ("interface", a.interface.as_deref().unwrap_or("")),
+                    ("mode", if a.attached { &a.detail } else { "" }),
                 ],
                 if a.attached { 1.0 } else { 0.0 },
             )
@@ -121,7 +122,7 @@ pub fn render(snapshot: &Snapshot, attachments: &[Attachment], stats: SelfStats)
         .collect();
     families.push(family(
         "handshake_probe_attached",
-        "1 when the probe is attached, 0 when attaching it failed (see the daemon's log).",
+        "1 when the probe is attached (mode: xdp-native, xdp-skb, tcx, tc-clsact, tracepoint), 0 when attaching it failed (see the daemon's log).",
         MetricType::GAUGE,
         probes,
     ));
@@ -154,7 +155,7 @@ mod tests {
         let attachments = [Attachment {
             probe: "xdp_handshake",
             interface: Some("eth0".to_owned()),
-            detail: "xdp-auto".to_owned(),
+            detail: "xdp-native".to_owned(),
             attached: true,
         }];
         let text = render(&snapshot, &attachments, SelfStats { map_read_errors: 1 });
@@ -163,7 +164,7 @@ mod tests {
             "handshake_packets_total{direction=\"ingress\",kind=\"client_hello\"} 0",
             "handshake_parse_errors_total{kind=\"tcp_bad_data_offset\"} 2",
             "handshake_tcp_state_transitions_total{from=\"syn_sent\",to=\"established\"} 5",
-            "handshake_probe_attached{probe=\"xdp_handshake\",interface=\"eth0\"} 1",
+            "handshake_probe_attached{probe=\"xdp_handshake\",interface=\"eth0\",mode=\"xdp-native\"} 1",
             "handshake_map_read_errors_total 1",
             "# TYPE handshake_packets_total counter",
         ] {

@@ -388,18 +388,20 @@ impl Metrics {
         Self(samples)
     }
 
-    /// The value of one series; 0 when absent (how Prometheus treats an
-    /// unseen counter).
+    /// The sum of the series of `name` that carry all of `labels` (what
+    /// PromQL's `sum(name{labels})` gives); 0 when none does, as Prometheus
+    /// treats a counter it has not seen.
     pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        let mut pairs: Vec<(String, String)> = labels
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect();
-        pairs.sort();
         self.0
-            .get(&(name.to_owned(), pairs))
-            .copied()
-            .unwrap_or(0.0)
+            .iter()
+            .filter(|((n, pairs), _)| {
+                n == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| pairs.iter().any(|(pk, pv)| pk == k && pv == v))
+            })
+            .map(|(_, value)| value)
+            .sum()
     }
 
     pub fn packets(&self, direction: &str, kind: &str) -> u64 {
@@ -540,4 +542,53 @@ pub fn tcx_programs(ns: &str, iface: &str) -> Vec<String> {
     })
     .join()
     .expect("TCX query thread")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_tcpdump_flags_per_direction() {
+        let lines: Vec<String> = [
+            "12:00:00.000001 IP 10.201.0.1.40000 > 10.201.0.2.8080: Flags [S], seq 1, win 64240, length 0",
+            "12:00:00.000002 IP 10.201.0.2.8080 > 10.201.0.1.40000: Flags [S.], seq 9, ack 2, win 65160, length 0",
+            "12:00:00.000003 IP6 fd00:201::1.40000 > fd00:201::2.8080: Flags [F.], seq 6, ack 1, win 502, length 0",
+            "12:00:00.000004 IP6 fd00:201::2.8080 > fd00:201::1.40000: Flags [R.], seq 1, ack 7, win 0, length 0",
+            "12:00:00.000005 IP 10.201.0.1.40000 > 10.201.0.2.8080: Flags [.], ack 1, win 502, length 0",
+        ]
+        .iter()
+        .map(|l| (*l).to_owned())
+        .collect();
+        let (ingress, egress) = flag_counts(&lines, &["10.201.0.2", "fd00:201::2"]);
+        assert_eq!(
+            ingress,
+            FlagCounts {
+                syn: 1,
+                syn_ack: 0,
+                fin: 1,
+                rst: 0
+            }
+        );
+        assert_eq!(
+            egress,
+            FlagCounts {
+                syn: 0,
+                syn_ack: 1,
+                fin: 0,
+                rst: 1
+            }
+        );
+    }
+
+    #[test]
+    fn parses_prometheus_text() {
+        let m = Metrics::parse(
+            "# HELP x y\n# TYPE x counter\nx{b=\"2\",a=\"1\"} 3\nplain 4\ny{probe=\"p\",interface=\"\"} 1\n",
+        );
+        assert_eq!(m.get("x", &[("a", "1"), ("b", "2")]), 3.0);
+        assert_eq!(m.get("plain", &[]), 4.0);
+        assert_eq!(m.get("y", &[("probe", "p")]), 1.0);
+        assert_eq!(m.get("absent", &[]), 0.0);
+    }
 }
