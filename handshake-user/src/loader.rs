@@ -111,7 +111,7 @@ impl Observer {
             .ebpf
             .program_mut(name)
             .ok_or(ProgramError::UnexpectedProgramType)
-            .and_then(|p| <&mut TracePoint>::try_from(p))
+            .and_then(<&mut TracePoint>::try_from)
             .and_then(|p| p.attach("sock", "inet_sock_set_state"));
         self.record(name, None, result.map(|_| "tracepoint".to_owned()));
     }

@@ -22,8 +22,9 @@ usage: cargo xtask <command>
                    bpf-linker, Debian packages); quick when all is there
   build            setup, then a release build of the handshake binary
   run [-- ARGS]    setup, build, then run `handshake ARGS` (default: `daemon`)
-  test [-- ARGS]   setup, then every test: unit, BPF_PROG_TEST_RUN and
-                   network-namespace tests (ARGS go to `cargo test`)
+  test [-- ARGS]   setup, rustfmt and clippy checks, then every test: unit,
+                   BPF_PROG_TEST_RUN and network-namespace tests (ARGS go
+                   to `cargo test`)
   bench            setup, build, then the benchmarks (docs/BENCHMARKS.md)
 ";
 
@@ -106,6 +107,11 @@ fn test(project: &setup::Project, args: &[OsString]) -> Result {
     project.setup(setup::Needs::Test)?;
     status(project.cargo().args(["fmt", "--all", "--check"]))
         .map_err(|e| format!("{e}: run `cargo fmt --all`"))?;
+    status(
+        project
+            .cargo()
+            .args(["clippy", "--all-targets", "--quiet", "--", "-D", "warnings"]),
+    )?;
     status(
         project
             .cargo()
