@@ -19,10 +19,9 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests and benchmarks use (command → package).
 const TEST_PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
+    ("ss", "iproute2"),
     ("openssl", "openssl"),
     ("tcpdump", "tcpdump"),
-    ("bpftool", "bpftool"),
-    ("nft", "nftables"),
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -229,11 +228,12 @@ fn on_path(command: &str) -> bool {
 }
 
 fn debian_packages(packages: &[(&str, &str)]) -> Result {
-    let missing: Vec<&str> = packages
+    let mut missing: Vec<&str> = packages
         .iter()
         .filter(|(command, _)| !on_path(command))
         .map(|(_, package)| *package)
         .collect();
+    missing.dedup();
     if missing.is_empty() {
         return Ok(());
     }
