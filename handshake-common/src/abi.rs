@@ -8,6 +8,7 @@ pub mod program {
     pub const TC_INGRESS: &str = "tc_in_handshake";
     pub const TC_EGRESS: &str = "tc_eg_handshake";
     pub const TP_SOCK_SET_STATE: &str = "tp_sock_state";
+    pub const TP_RETRANSMIT_SYNACK: &str = "tp_synack_rtx";
     /// A pass-only XDP program: the benchmark's baseline, never attached.
     pub const XDP_PASS_BASELINE: &str = "xdp_pass_base";
 }
@@ -17,6 +18,42 @@ pub mod map {
     pub const PACKET_COUNTS: &str = "PACKET_COUNTS";
     pub const PARSE_ERRORS: &str = "PARSE_ERRORS";
     pub const TRANSITIONS: &str = "TRANSITIONS";
+    /// LRU hash: handshakes from their first SYN to the completing ACK.
+    pub const HALF_OPEN: &str = "HALF_OPEN";
+    /// LRU hash: completed handshakes waiting for their first data.
+    pub const FLOWS: &str = "FLOWS";
+    /// Ring buffer of decided handshakes (`flow::Flow` records).
+    pub const EVENTS: &str = "EVENTS";
+    /// Per-CPU counters of the flow tables, indexed by [`super::FlowStat`].
+    pub const FLOW_STATS: &str = "FLOW_STATS";
+}
+
+/// Default sizes; the daemon can set the table sizes at load time.
+pub const HALF_OPEN_ENTRIES: u32 = 16 * 1024;
+pub const FLOWS_ENTRIES: u32 = 64 * 1024;
+pub const EVENTS_BYTES: u32 = 1 << 20;
+/// Ask for a wakeup once this much is waiting in the ring buffer; userspace
+/// also drains it on a short timer, so fewer events are never stranded.
+pub const EVENTS_WAKEUP_BYTES: u64 = 64 * 96;
+
+/// Slots of [`map::FLOW_STATS`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum FlowStat {
+    HalfOpenInserts = 0,
+    HalfOpenDeletes = 1,
+    FlowsInserts = 2,
+    FlowsDeletes = 3,
+    /// Events lost because the ring buffer was full.
+    EventsDropped = 4,
+    /// Inserts the kernel refused (should stay 0 for LRU maps).
+    InsertFailures = 5,
+    /// `tcp:tcp_retransmit_synack` hits.
+    SynAckRetransmits = 6,
+}
+
+impl FlowStat {
+    pub const COUNT: u32 = 7;
 }
 
 /// Which way a packet crossed the interface.
@@ -222,6 +259,11 @@ mod tests {
             program::TC_EGRESS,
             program::TP_SOCK_SET_STATE,
             program::XDP_PASS_BASELINE,
+            program::TP_RETRANSMIT_SYNACK,
+            map::HALF_OPEN,
+            map::FLOWS,
+            map::EVENTS,
+            map::FLOW_STATS,
             map::PACKET_COUNTS,
             map::PARSE_ERRORS,
             map::TRANSITIONS,

@@ -7,6 +7,7 @@
 #![no_std]
 
 pub mod abi;
+pub mod flow;
 pub mod packet;
 pub mod tls;
 

@@ -69,6 +69,9 @@ pub enum Family {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TcpSegment {
     pub family: Family,
+    /// Source and destination addresses; IPv4 in the first 4 bytes.
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
     pub src_port: u16,
     pub dst_port: u16,
     pub flags: u8,
@@ -131,17 +134,23 @@ pub fn parse_tcp<P: Packet + ?Sized>(packet: &P) -> Result<Option<TcpSegment>, P
         return Err(ParseError::VlanTooDeep);
     }
 
-    let (family, tcp_offset, ip_end) = match ethertype {
+    let (family, ip) = match ethertype {
         ETH_P_IP => match ipv4(packet, offset, frame_len)? {
-            Some((tcp, end)) => (Family::Ipv4, tcp, end),
+            Some(ip) => (Family::Ipv4, ip),
             None => return Ok(None),
         },
         ETH_P_IPV6 => match ipv6(packet, offset, frame_len)? {
-            Some((tcp, end)) => (Family::Ipv6, tcp, end),
+            Some(ip) => (Family::Ipv6, ip),
             None => return Ok(None),
         },
         _ => return Ok(None),
     };
+    let Ip {
+        tcp_offset,
+        end: ip_end,
+        src_addr,
+        dst_addr,
+    } = ip;
 
     let tcp = packet
         .load::<20>(tcp_offset)
@@ -159,6 +168,8 @@ pub fn parse_tcp<P: Packet + ?Sized>(packet: &P) -> Result<Option<TcpSegment>, P
     }
     Ok(Some(TcpSegment {
         family,
+        src_addr,
+        dst_addr,
         src_port: be16([tcp[0], tcp[1]]),
         dst_port: be16([tcp[2], tcp[3]]),
         flags: tcp[13],
@@ -168,14 +179,22 @@ pub fn parse_tcp<P: Packet + ?Sized>(packet: &P) -> Result<Option<TcpSegment>, P
     }))
 }
 
-/// Returns the TCP header offset and the end of the IP packet, or `None`
-/// when the packet is not TCP or is a non-first fragment.
+/// What the IP layer tells the TCP parser.
+struct Ip {
+    tcp_offset: usize,
+    /// End of the IP packet (Ethernet padding excluded).
+    end: usize,
+    src_addr: [u8; 16],
+    dst_addr: [u8; 16],
+}
+
+/// `None` when the packet is not TCP or is a non-first fragment.
 #[inline(always)]
 fn ipv4<P: Packet + ?Sized>(
     packet: &P,
     offset: usize,
     frame_len: usize,
-) -> Result<Option<(usize, usize)>, ParseError> {
+) -> Result<Option<Ip>, ParseError> {
     let ip = packet.load::<20>(offset).ok_or(ParseError::Ipv4Truncated)?;
     if ip[0] >> 4 != 4 {
         return Err(ParseError::Ipv4BadHeader);
@@ -200,7 +219,16 @@ fn ipv4<P: Packet + ?Sized>(
     if fragment_offset != 0 || ip[9] != IPPROTO_TCP {
         return Ok(None);
     }
-    Ok(Some((offset + header_len, ip_end)))
+    let mut src_addr = [0u8; 16];
+    let mut dst_addr = [0u8; 16];
+    src_addr[..4].copy_from_slice(&ip[12..16]);
+    dst_addr[..4].copy_from_slice(&ip[16..20]);
+    Ok(Some(Ip {
+        tcp_offset: offset + header_len,
+        end: ip_end,
+        src_addr,
+        dst_addr,
+    }))
 }
 
 #[inline(always)]
@@ -208,7 +236,7 @@ fn ipv6<P: Packet + ?Sized>(
     packet: &P,
     offset: usize,
     frame_len: usize,
-) -> Result<Option<(usize, usize)>, ParseError> {
+) -> Result<Option<Ip>, ParseError> {
     let ip = packet.load::<40>(offset).ok_or(ParseError::Ipv6Truncated)?;
     let payload_len = usize::from(be16([ip[4], ip[5]]));
     // Jumbograms and BIG TCP carry 0 here: trust the frame.
@@ -217,11 +245,23 @@ fn ipv6<P: Packet + ?Sized>(
     } else {
         core::cmp::min(offset + 40 + payload_len, frame_len)
     };
+    let mut src_addr = [0u8; 16];
+    let mut dst_addr = [0u8; 16];
+    src_addr.copy_from_slice(&ip[8..24]);
+    dst_addr.copy_from_slice(&ip[24..40]);
+    let found = |tcp_offset| {
+        Ok(Some(Ip {
+            tcp_offset,
+            end: ip_end,
+            src_addr,
+            dst_addr,
+        }))
+    };
     let mut next = ip[6];
     let mut cursor = offset + 40;
     for _ in 0..MAX_IPV6_EXTENSIONS {
         let ext_len = match next {
-            IPPROTO_TCP => return Ok(Some((cursor, ip_end))),
+            IPPROTO_TCP => return found(cursor),
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
                 let ext = packet
                     .load::<2>(cursor)
@@ -254,7 +294,7 @@ fn ipv6<P: Packet + ?Sized>(
         }
     }
     if next == IPPROTO_TCP {
-        return Ok(Some((cursor, ip_end)));
+        return found(cursor);
     }
     Err(ParseError::Ipv6TooManyExtensions)
 }
@@ -278,6 +318,11 @@ mod tests {
         assert_eq!(s.family, Family::Ipv4);
         assert!(s.is_syn() && !s.is_syn_ack());
         assert_eq!((s.src_port, s.dst_port), (40000, 443));
+        assert_eq!(&s.src_addr[..4], &[10, 0, 0, 1]);
+        assert_eq!(
+            &s.dst_addr[..],
+            &[10, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+        );
         assert_eq!(s.tcp_offset, 34);
         assert_eq!(s.payload_len, 0);
     }
@@ -291,6 +336,8 @@ mod tests {
         assert_eq!(s.family, Family::Ipv6);
         assert!(s.is_syn_ack());
         assert_eq!(s.tcp_offset, 54);
+        assert_eq!(s.dst_addr[15], 2);
+        assert_eq!(s.src_addr[0], 0xfd);
     }
 
     #[test]

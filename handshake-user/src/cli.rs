@@ -1,7 +1,11 @@
 //! Command-line flags exactly as the user typed them. Validation (does the
 //! interface exist, is the address well-formed) happens in `config`.
 
+use std::path::PathBuf;
+
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::api::DEFAULT_SOCKET;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -19,6 +23,46 @@ pub enum Command {
     /// Load the kernel programs, attach them and serve Prometheus metrics
     /// until SIGINT or SIGTERM.
     Daemon(DaemonFlags),
+    /// List recent and in-progress TCP handshakes with their phase timings.
+    Conns(ConnsFlags),
+}
+
+#[derive(Debug, Args)]
+pub struct ConnsFlags {
+    /// Print a JSON array instead of a table.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Only connections with this local or remote port.
+    #[arg(long, value_name = "PORT")]
+    pub port: Option<u16>,
+
+    /// Only connections where this host had this role.
+    #[arg(long, value_enum)]
+    pub role: Option<RoleFlag>,
+
+    /// Only handshakes with this outcome.
+    #[arg(long, value_enum)]
+    pub outcome: Option<OutcomeFlag>,
+
+    /// The daemon's API socket.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    pub api_socket: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RoleFlag {
+    Client,
+    Server,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OutcomeFlag {
+    Established,
+    Refused,
+    Reset,
+    Timeout,
+    InProgress,
 }
 
 #[derive(Debug, Args)]
@@ -36,6 +80,32 @@ pub struct DaemonFlags {
     /// Address the Prometheus endpoint (/metrics) listens on.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9640")]
     pub metrics_addr: String,
+
+    /// The local API socket `handshake conns` talks to (mode 0600).
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    pub api_socket: PathBuf,
+
+    /// A handshake with no SYN-ACK, or no completing ACK, this long after
+    /// its first SYN counts as timed out (e.g. `10s`, `500ms`).
+    #[arg(long, value_name = "DURATION", default_value = "10s")]
+    pub handshake_timeout: String,
+
+    /// Entries of the kernel table of handshakes in progress (LRU: a SYN
+    /// flood evicts its own entries, not completed handshakes).
+    #[arg(long, value_name = "N", default_value_t = handshake_common::abi::HALF_OPEN_ENTRIES)]
+    pub half_open_entries: u32,
+
+    /// Entries of the kernel table of completed handshakes awaiting data.
+    #[arg(long, value_name = "N", default_value_t = handshake_common::abi::FLOWS_ENTRIES)]
+    pub flow_entries: u32,
+
+    /// Decided handshakes kept for `handshake conns`.
+    #[arg(long, value_name = "N", default_value_t = 65_536)]
+    pub conn_history: usize,
+
+    /// Listening ports exported by `handshake_tcp_half_open` (most half-open first).
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    pub half_open_top: usize,
 
     /// Hook for received packets.
     #[arg(long, value_enum, default_value_t = IngressHook::Xdp)]

@@ -2,7 +2,7 @@
 //! a user can get wrong (a missing namespace or interface, a malformed
 //! address) is caught here, before anything is loaded into the kernel.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, bail};
 
@@ -19,6 +19,45 @@ pub struct DaemonConfig {
     pub metrics_addr: SocketAddr,
     pub ingress_hook: IngressHook,
     pub xdp_mode: XdpModeFlag,
+    pub api_socket: PathBuf,
+    pub handshake_timeout: Duration,
+    pub tables: TableSizes,
+    pub conn_history: usize,
+    pub half_open_top: usize,
+}
+
+/// Entries of the kernel's flow tables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TableSizes {
+    pub half_open: u32,
+    pub flows: u32,
+}
+
+impl Default for TableSizes {
+    fn default() -> Self {
+        Self {
+            half_open: handshake_common::abi::HALF_OPEN_ENTRIES,
+            flows: handshake_common::abi::FLOWS_ENTRIES,
+        }
+    }
+}
+
+/// `10s`, `500ms`, `2m`, or plain seconds (`1.5`).
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let value: f64 = number.trim().parse().ok()?;
+    let seconds = match unit {
+        "ms" => value / 1e3,
+        "s" => value,
+        "m" => value * 60.0,
+        _ => return None,
+    };
+    (seconds.is_finite() && seconds > 0.0 && seconds < 86_400.0)
+        .then(|| Duration::from_secs_f64(seconds))
 }
 
 impl TryFrom<DaemonFlags> for DaemonConfig {
@@ -31,6 +70,23 @@ impl TryFrom<DaemonFlags> for DaemonConfig {
                 flags.metrics_addr
             )
         })?;
+        let handshake_timeout = parse_duration(&flags.handshake_timeout).with_context(|| {
+            format!(
+                "--handshake-timeout {:?} is not a duration such as 10s or 500ms",
+                flags.handshake_timeout
+            )
+        })?;
+        for (flag, value) in [
+            ("--half-open-entries", flags.half_open_entries),
+            ("--flow-entries", flags.flow_entries),
+        ] {
+            if !(64..=1 << 24).contains(&value) {
+                bail!("{flag} {value} is out of range (64 to 16777216)");
+            }
+        }
+        if flags.conn_history == 0 {
+            bail!("--conn-history must be at least 1");
+        }
         let netns = match &flags.netns {
             Some(name) => Netns::open(name)?,
             None => Netns::host(),
@@ -61,6 +117,31 @@ impl TryFrom<DaemonFlags> for DaemonConfig {
             metrics_addr,
             ingress_hook: flags.ingress_hook,
             xdp_mode: flags.xdp_mode,
+            api_socket: flags.api_socket,
+            handshake_timeout,
+            tables: TableSizes {
+                half_open: flags.half_open_entries,
+                flows: flags.flow_entries,
+            },
+            conn_history: flags.conn_history,
+            half_open_top: flags.half_open_top,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+    use std::time::Duration;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10s"), Some(Duration::from_secs(10)));
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1.5"), Some(Duration::from_millis(1500)));
+        for bad in ["", "0s", "-1s", "10h", "fast", "nan"] {
+            assert_eq!(parse_duration(bad), None, "{bad}");
+        }
     }
 }

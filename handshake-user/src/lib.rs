@@ -3,9 +3,14 @@
 //! `handshake` binary (`main.rs`) is a thin shell over this library; the
 //! privileged integration tests drive the same modules.
 
+pub mod api;
 pub mod cli;
+pub mod client;
+pub mod clock;
 pub mod config;
+pub mod conntrack;
 pub mod daemon;
+pub mod events;
 pub mod http;
 pub mod loader;
 pub mod maps;

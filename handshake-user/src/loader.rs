@@ -5,18 +5,20 @@
 use std::ffi::CString;
 
 use aya::{
-    Ebpf,
+    Ebpf, EbpfLoader,
+    maps::{MapData, RingBuf},
     programs::{
         ProgramError, SchedClassifier, TcAttach, TcAttachType, TracePoint, Xdp, XdpMode,
         tc::{self, NlOptions},
     },
 };
-use handshake_common::abi::program;
+use handshake_common::abi::{map, program};
 use thiserror::Error;
 
 use crate::{
     cli::{IngressHook, XdpModeFlag},
-    maps::Counters,
+    config::TableSizes,
+    maps::{Counters, FlowTables},
     netns::{Netns, NetnsError},
 };
 
@@ -64,14 +66,24 @@ pub struct Observer {
 }
 
 impl Observer {
-    /// Loads every program into the kernel; attaches nothing.
+    /// Loads every program into the kernel with the default table sizes;
+    /// attaches nothing.
     pub fn load() -> Result<Self, LoadError> {
-        let mut ebpf = Ebpf::load(crate::EBPF_OBJECT).map_err(LoadError::Object)?;
+        Self::load_with(TableSizes::default())
+    }
+
+    pub fn load_with(tables: TableSizes) -> Result<Self, LoadError> {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(map::HALF_OPEN, tables.half_open)
+            .map_max_entries(map::FLOWS, tables.flows)
+            .load(crate::EBPF_OBJECT)
+            .map_err(LoadError::Object)?;
         for name in [
             program::XDP_INGRESS,
             program::TC_INGRESS,
             program::TC_EGRESS,
             program::TP_SOCK_SET_STATE,
+            program::TP_RETRANSMIT_SYNACK,
         ] {
             let prog = ebpf
                 .program_mut(name)
@@ -100,20 +112,44 @@ impl Observer {
         Counters::take_from(&mut self.ebpf)
     }
 
+    /// Takes the flow tables out of the object, for the sweep.
+    pub fn take_flow_tables(&mut self) -> Result<FlowTables, LoadError> {
+        FlowTables::take_from(&mut self.ebpf)
+    }
+
+    /// Takes the ring buffer of decided handshakes.
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, LoadError> {
+        let name = map::EVENTS;
+        let events = self
+            .ebpf
+            .take_map(name)
+            .ok_or(LoadError::MissingMap(name))?;
+        RingBuf::try_from(events).map_err(|source| LoadError::Map { name, source })
+    }
+
     pub fn attachments(&self) -> &[Attachment] {
         &self.attachments
     }
 
-    /// `sock:inet_sock_set_state`, host-wide.
-    pub fn attach_tracepoint(&mut self) {
-        let name = program::TP_SOCK_SET_STATE;
-        let result = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(ProgramError::UnexpectedProgramType)
-            .and_then(<&mut TracePoint>::try_from)
-            .and_then(|p| p.attach("sock", "inet_sock_set_state"));
-        self.record(name, None, result.map(|_| "tracepoint".to_owned()));
+    /// The host-wide tracepoints: `sock:inet_sock_set_state` and
+    /// `tcp:tcp_retransmit_synack`.
+    pub fn attach_tracepoints(&mut self) {
+        for (name, category, event) in [
+            (program::TP_SOCK_SET_STATE, "sock", "inet_sock_set_state"),
+            (
+                program::TP_RETRANSMIT_SYNACK,
+                "tcp",
+                "tcp_retransmit_synack",
+            ),
+        ] {
+            let result = self
+                .ebpf
+                .program_mut(name)
+                .ok_or(ProgramError::UnexpectedProgramType)
+                .and_then(<&mut TracePoint>::try_from)
+                .and_then(|p| p.attach(category, event));
+            self.record(name, None, result.map(|_| "tracepoint".to_owned()));
+        }
     }
 
     /// Ingress and egress hooks on each interface of `netns`.

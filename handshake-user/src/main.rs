@@ -4,7 +4,7 @@
 use std::{io::IsTerminal as _, process::ExitCode};
 
 use clap::Parser as _;
-use handshake_user::{cli, config::DaemonConfig, daemon};
+use handshake_user::{cli, client, config::DaemonConfig, daemon};
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
@@ -18,6 +18,7 @@ fn main() -> ExitCode {
         .init();
     let result = match args.command {
         cli::Command::Daemon(flags) => DaemonConfig::try_from(flags).and_then(daemon::run),
+        cli::Command::Conns(flags) => client::conns(&flags),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,11 +1,15 @@
 //! The only module that touches aya map types: it owns the counter maps and
-//! turns them into a plain [`Snapshot`], summed over CPUs.
+//! the flow tables, and turns them into plain values (a counter
+//! [`Snapshot`] summed over CPUs, the flows a [`Sweep`] found).
 
 use aya::{
     Ebpf,
-    maps::{MapData, MapError, PerCpuArray},
+    maps::{HashMap, MapData, MapError, PerCpuArray},
 };
-use handshake_common::abi::{self, Direction, PacketKind, ParseError, STATE_SLOTS, map as names};
+use handshake_common::{
+    abi::{self, Direction, FlowStat, PacketKind, ParseError, STATE_SLOTS, map as names},
+    flow::{Flow, FlowKey},
+};
 
 use crate::loader::LoadError;
 
@@ -89,5 +93,140 @@ impl Counters {
             }
         }
         Ok(snapshot)
+    }
+}
+
+/// The kernel's flow tables, their counters, and what userspace removed
+/// from them.
+pub struct FlowTables {
+    half_open: HashMap<MapData, FlowKey, Flow>,
+    flows: HashMap<MapData, FlowKey, Flow>,
+    stats: PerCpuArray<MapData, u64>,
+    user_deletes: [u64; 2],
+    evictions: [u64; 2],
+}
+
+impl std::fmt::Debug for FlowTables {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FlowTables").finish_non_exhaustive()
+    }
+}
+
+/// The two flow tables, for metrics labels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Table {
+    HalfOpen = 0,
+    Flows = 1,
+}
+
+impl Table {
+    pub const ALL: [Self; 2] = [Self::HalfOpen, Self::Flows];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::HalfOpen => "half_open",
+            Self::Flows => "flows",
+        }
+    }
+}
+
+/// What one pass over the flow tables found.
+#[derive(Clone, Debug, Default)]
+pub struct Sweep {
+    /// Handshakes the sweep decided (timed out, or established and idle);
+    /// removed from the tables.
+    pub decided: Vec<Flow>,
+    /// Handshakes still in the tables.
+    pub live: Vec<Flow>,
+}
+
+/// Kernel-side counters of the flow tables, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowStats {
+    pub events_dropped: u64,
+    pub insert_failures: u64,
+    pub synack_retransmits_kernel: u64,
+    /// LRU evictions per [`Table`], derived (see [`FlowTables::sweep`]).
+    pub evictions: [u64; 2],
+}
+
+impl FlowTables {
+    pub(crate) fn take_from(ebpf: &mut Ebpf) -> Result<Self, LoadError> {
+        let hash = |ebpf: &mut Ebpf, name: &'static str| {
+            let map = ebpf.take_map(name).ok_or(LoadError::MissingMap(name))?;
+            HashMap::try_from(map).map_err(|source| LoadError::Map { name, source })
+        };
+        Ok(Self {
+            half_open: hash(ebpf, names::HALF_OPEN)?,
+            flows: hash(ebpf, names::FLOWS)?,
+            stats: take(ebpf, names::FLOW_STATS)?,
+            user_deletes: [0; 2],
+            evictions: [0; 2],
+        })
+    }
+
+    fn stat(&self, which: FlowStat) -> Result<u64, MapError> {
+        sum(&self.stats, which as u32)
+    }
+
+    pub fn stats(&self) -> Result<FlowStats, MapError> {
+        Ok(FlowStats {
+            events_dropped: self.stat(FlowStat::EventsDropped)?,
+            insert_failures: self.stat(FlowStat::InsertFailures)?,
+            synack_retransmits_kernel: self.stat(FlowStat::SynAckRetransmits)?,
+            evictions: self.evictions,
+        })
+    }
+
+    /// Walks both tables: removes and returns the handshakes `expire`
+    /// decides, lists the rest, and updates the eviction counts.
+    ///
+    /// An LRU map evicts silently, so evictions are derived: inserts minus
+    /// deletes (the kernel's and ours) minus live entries. Inserts are read
+    /// before the walk and deletes after it, so activity during the walk
+    /// can only make the figure too low, never invent an eviction; the
+    /// exported count is the highest figure seen, exact when traffic pauses.
+    pub fn sweep(&mut self, expire: impl Fn(&Flow) -> Option<Flow>) -> Result<Sweep, MapError> {
+        let inserts = [
+            self.stat(FlowStat::HalfOpenInserts)?,
+            self.stat(FlowStat::FlowsInserts)?,
+        ];
+        let mut sweep = Sweep::default();
+        let mut live = [0u64; 2];
+        for table in Table::ALL {
+            let map = match table {
+                Table::HalfOpen => &mut self.half_open,
+                Table::Flows => &mut self.flows,
+            };
+            // Collect first: deleting while walking restarts the walk.
+            let entries: Vec<(FlowKey, Flow)> = map.iter().filter_map(Result::ok).collect();
+            for (key, flow) in entries {
+                match expire(&flow) {
+                    // Whoever deletes the entry reports it: if the kernel
+                    // got there first, it has already sent the event.
+                    Some(decided) => {
+                        if map.remove(&key).is_ok() {
+                            self.user_deletes[table as usize] += 1;
+                            sweep.decided.push(decided);
+                        }
+                    }
+                    None => {
+                        live[table as usize] += 1;
+                        sweep.live.push(flow);
+                    }
+                }
+            }
+        }
+        let kernel_deletes = [
+            self.stat(FlowStat::HalfOpenDeletes)?,
+            self.stat(FlowStat::FlowsDeletes)?,
+        ];
+        for table in Table::ALL {
+            let t = table as usize;
+            let gone = kernel_deletes[t] + self.user_deletes[t] + live[t];
+            let estimate = inserts[t].saturating_sub(gone);
+            self.evictions[t] = self.evictions[t].max(estimate);
+        }
+        Ok(sweep)
     }
 }

@@ -3,19 +3,44 @@
 //! without a kernel. Values are read from the kernel at scrape time by the
 //! caller, never cached.
 
-use handshake_common::abi::{Direction, PacketKind, ParseError, tcp_state};
+use std::collections::BTreeMap;
+
+use handshake_common::{
+    abi::{Direction, PacketKind, ParseError, tcp_state},
+    flow::{Flow, ROLE_SERVER},
+};
 use prometheus::{
     Encoder as _, TextEncoder,
-    proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType},
+    proto::{self, Bucket, Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType},
 };
 
-use crate::{loader::Attachment, maps::Snapshot};
+use crate::{
+    conntrack::{BUCKETS, Histogram, Outcome, Phase, Role, Totals},
+    loader::Attachment,
+    maps::{FlowStats, Snapshot, Table},
+};
 
 /// What the daemon itself counts, next to what the kernel counted.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SelfStats {
-    /// Scrapes answered with an error because a map could not be read.
+    /// Map reads that failed (scrapes answered with an error, sweeps lost).
     pub map_read_errors: u64,
+    /// Ring-buffer records of the wrong size.
+    pub events_malformed: u64,
+}
+
+/// Everything one scrape shows.
+#[derive(Debug)]
+pub struct Report<'a> {
+    pub snapshot: &'a Snapshot,
+    pub attachments: &'a [Attachment],
+    pub totals: &'a Totals,
+    /// Handshakes in the kernel tables at the last sweep.
+    pub live: &'a [Flow],
+    pub flow_stats: FlowStats,
+    pub self_stats: SelfStats,
+    /// How many listening ports `handshake_tcp_half_open` shows.
+    pub half_open_top: usize,
 }
 
 fn labels(pairs: &[(&str, &str)]) -> Vec<LabelPair> {
@@ -59,8 +84,155 @@ fn state_name(state: u32) -> String {
     tcp_state::name(state).map_or_else(|| format!("state_{state}"), str::to_owned)
 }
 
+fn histogram(pairs: &[(&str, &str)], h: &Histogram) -> Metric {
+    let mut out = proto::Histogram::default();
+    out.set_sample_count(h.count);
+    out.set_sample_sum(h.sum);
+    out.set_bucket(
+        BUCKETS
+            .iter()
+            .zip(&h.buckets)
+            .map(|(bound, count)| {
+                let mut b = Bucket::default();
+                b.set_upper_bound(*bound);
+                b.set_cumulative_count(*count);
+                b
+            })
+            .collect(),
+    );
+    let mut m = Metric::from_label(labels(pairs));
+    m.set_histogram(out);
+    m
+}
+
+/// Server handshakes in progress per listening port (SYN-ACK sent, no ACK
+/// yet: what `ss` lists as SYN-RECV), the busiest `top` ports.
+pub fn half_open_by_port(live: &[Flow], top: usize) -> Vec<(u16, u64)> {
+    let mut ports: BTreeMap<u16, u64> = BTreeMap::new();
+    for flow in live {
+        if flow.role == ROLE_SERVER && flow.ts_synack != 0 && flow.ts_ack == 0 {
+            *ports.entry(flow.server_port).or_default() += 1;
+        }
+    }
+    let mut ports: Vec<(u16, u64)> = ports.into_iter().collect();
+    ports.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    ports.truncate(top);
+    ports
+}
+
+fn handshake_families(report: &Report<'_>, families: &mut Vec<MetricFamily>) {
+    let totals = report.totals;
+    let mut durations = Vec::new();
+    for role in Role::ALL {
+        let phases: &[Phase] = match role {
+            Role::Client => &[Phase::Connect],
+            Role::Server => &[Phase::SynToSynAck, Phase::SynAckToAck],
+        };
+        for phase in phases {
+            let empty = Histogram::default();
+            let h = totals.durations.get(&(role, *phase)).unwrap_or(&empty);
+            durations.push(histogram(
+                &[("role", role.name()), ("phase", phase.name())],
+                h,
+            ));
+        }
+    }
+    families.push(family(
+        "handshake_tcp_handshake_duration_seconds",
+        "TCP handshake phases: connect (client: SYN out to SYN-ACK in), syn_to_synack (server: SYN in to SYN-ACK out), synack_to_ack (server: SYN-ACK out to ACK in).",
+        MetricType::HISTOGRAM,
+        durations,
+    ));
+
+    let mut outcomes = Vec::new();
+    for role in Role::ALL {
+        for outcome in Outcome::ALL {
+            let n = totals
+                .handshakes
+                .get(&(role, outcome))
+                .copied()
+                .unwrap_or(0);
+            outcomes.push(counter(
+                &[("role", role.name()), ("outcome", outcome.name())],
+                n,
+            ));
+        }
+    }
+    families.push(family(
+        "handshake_tcp_handshakes_total",
+        "Decided TCP handshakes by this host's role and outcome (reset: RST after the handshake, before data).",
+        MetricType::COUNTER,
+        outcomes,
+    ));
+
+    for (name, help, source) in [
+        (
+            "handshake_tcp_syn_retransmits_total",
+            "Retransmitted SYNs of decided handshakes.",
+            &totals.syn_retransmits,
+        ),
+        (
+            "handshake_tcp_synack_retransmits_total",
+            "Retransmitted SYN-ACKs of decided handshakes.",
+            &totals.synack_retransmits,
+        ),
+    ] {
+        let metrics = Role::ALL
+            .iter()
+            .map(|role| {
+                counter(
+                    &[("role", role.name())],
+                    source.get(role).copied().unwrap_or(0),
+                )
+            })
+            .collect();
+        families.push(family(name, help, MetricType::COUNTER, metrics));
+    }
+
+    let half_open = half_open_by_port(report.live, report.half_open_top)
+        .into_iter()
+        .map(|(port, n)| gauge(&[("port", &port.to_string())], n as f64))
+        .collect();
+    families.push(family(
+        "handshake_tcp_half_open",
+        "Server handshakes in progress (SYN-ACK sent, no ACK yet) per listening port, busiest ports only.",
+        MetricType::GAUGE,
+        half_open,
+    ));
+
+    let stats = report.flow_stats;
+    families.push(family(
+        "handshake_ringbuf_dropped_total",
+        "Handshake events lost because the ring buffer was full.",
+        MetricType::COUNTER,
+        vec![counter(&[], stats.events_dropped)],
+    ));
+    families.push(family(
+        "handshake_map_evictions_total",
+        "Entries the kernel's LRU flow tables evicted (their handshakes are not reported).",
+        MetricType::COUNTER,
+        Table::ALL
+            .iter()
+            .map(|t| counter(&[("map", t.name())], stats.evictions[*t as usize]))
+            .collect(),
+    ));
+    families.push(family(
+        "handshake_map_insert_failures_total",
+        "Flow-table inserts the kernel refused.",
+        MetricType::COUNTER,
+        vec![counter(&[], stats.insert_failures)],
+    ));
+    families.push(family(
+        "handshake_kernel_synack_retransmits_total",
+        "SYN-ACK retransmissions as tcp:tcp_retransmit_synack reports them, host-wide.",
+        MetricType::COUNTER,
+        vec![counter(&[], stats.synack_retransmits_kernel)],
+    ));
+}
+
 /// Renders every family in Prometheus text format.
-pub fn render(snapshot: &Snapshot, attachments: &[Attachment], stats: SelfStats) -> String {
+pub fn render(report: &Report<'_>) -> String {
+    let (snapshot, attachments, stats) = (report.snapshot, report.attachments, report.self_stats);
     let mut families = Vec::new();
 
     let mut packets = Vec::new();
@@ -129,22 +301,49 @@ pub fn render(snapshot: &Snapshot, attachments: &[Attachment], stats: SelfStats)
 
     families.push(family(
         "handshake_map_read_errors_total",
-        "Scrapes that failed because a BPF map could not be read.",
+        "BPF map reads that failed (a scrape answered with an error, or a sweep lost).",
         MetricType::COUNTER,
         vec![counter(&[], stats.map_read_errors)],
     ));
+    families.push(family(
+        "handshake_events_malformed_total",
+        "Ring-buffer records the daemon could not decode.",
+        MetricType::COUNTER,
+        vec![counter(&[], stats.events_malformed)],
+    ));
+    handshake_families(report, &mut families);
 
+    // The encoder rejects a family without samples (no transition seen
+    // yet, no port half-open); Prometheus reads an absent series as none.
+    families.retain(|f| !f.get_metric().is_empty());
     let mut out = Vec::new();
-    // Encoding families we built ourselves into a Vec cannot fail.
-    TextEncoder::new()
-        .encode(&families, &mut out)
-        .expect("text encoding of well-formed families");
-    String::from_utf8(out).expect("the text encoder writes UTF-8")
+    if let Err(error) = TextEncoder::new().encode(&families, &mut out) {
+        // Families are built here from bounded label sets; this would be a
+        // bug, and a scrape must still answer.
+        tracing::error!(%error, "encoding metrics failed");
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn empty_families_are_left_out_not_fatal() {
+        let text = render(&Report {
+            snapshot: &Snapshot::default(),
+            attachments: &[],
+            totals: &Totals::default(),
+            live: &[],
+            flow_stats: FlowStats::default(),
+            self_stats: SelfStats::default(),
+            half_open_top: 5,
+        });
+        assert!(text.contains("handshake_packets_total{"));
+        assert!(!text.contains("handshake_tcp_state_transitions_total"));
+        assert!(!text.contains("handshake_tcp_half_open"));
+    }
 
     #[test]
     fn renders_every_series_with_bounded_labels() {
@@ -158,7 +357,34 @@ mod tests {
             detail: "xdp-native".to_owned(),
             attached: true,
         }];
-        let text = render(&snapshot, &attachments, SelfStats { map_read_errors: 1 });
+        let mut totals = Totals::default();
+        let mut h = Histogram::default();
+        h.observe(0.000_03);
+        totals
+            .durations
+            .insert((Role::Server, Phase::SynToSynAck), h);
+        totals
+            .handshakes
+            .insert((Role::Client, Outcome::Refused), 3);
+        let live = [Flow {
+            role: ROLE_SERVER,
+            ts_syn: 1,
+            ts_synack: 2,
+            server_port: 8080,
+            ..Flow::default()
+        }];
+        let text = render(&Report {
+            snapshot: &snapshot,
+            attachments: &attachments,
+            totals: &totals,
+            live: &live,
+            flow_stats: FlowStats::default(),
+            self_stats: SelfStats {
+                map_read_errors: 1,
+                events_malformed: 0,
+            },
+            half_open_top: 5,
+        });
         for line in [
             "handshake_packets_total{direction=\"egress\",kind=\"syn_ack\"} 7",
             "handshake_packets_total{direction=\"ingress\",kind=\"client_hello\"} 0",
@@ -167,6 +393,14 @@ mod tests {
             "handshake_probe_attached{probe=\"xdp_handshake\",interface=\"eth0\",mode=\"xdp-native\"} 1",
             "handshake_map_read_errors_total 1",
             "# TYPE handshake_packets_total counter",
+            "handshake_tcp_handshakes_total{role=\"client\",outcome=\"refused\"} 3",
+            "handshake_tcp_handshakes_total{role=\"server\",outcome=\"timeout\"} 0",
+            "handshake_tcp_handshake_duration_seconds_bucket{role=\"server\",phase=\"syn_to_synack\",le=\"0.00005\"} 1",
+            "handshake_tcp_handshake_duration_seconds_bucket{role=\"server\",phase=\"syn_to_synack\",le=\"0.00002\"} 0",
+            "handshake_tcp_handshake_duration_seconds_count{role=\"client\",phase=\"connect\"} 0",
+            "handshake_tcp_half_open{port=\"8080\"} 1",
+            "handshake_map_evictions_total{map=\"half_open\"} 0",
+            "handshake_ringbuf_dropped_total 0",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

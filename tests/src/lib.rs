@@ -251,20 +251,25 @@ pub fn free_port() -> u16 {
 pub struct Daemon {
     child: Option<Child>,
     pub metrics_addr: String,
+    pub api_socket: PathBuf,
     log: PathBuf,
 }
 
 impl Daemon {
-    /// Starts `handshake daemon ARGS --metrics-addr 127.0.0.1:<free>` and
-    /// waits until `/metrics` answers.
+    /// Starts `handshake daemon ARGS --metrics-addr 127.0.0.1:<free>
+    /// --api-socket <private path>` and waits until `/metrics` answers.
     pub fn start(args: &[&str]) -> Self {
         let metrics_addr = format!("127.0.0.1:{}", free_port());
-        let log = std::env::temp_dir().join(format!("handshake-daemon-{}.log", unique_id()));
+        let id = unique_id();
+        let log = std::env::temp_dir().join(format!("handshake-daemon-{id}.log"));
+        let api_socket = std::env::temp_dir().join(format!("handshake-{id}.sock"));
         let log_file = std::fs::File::create(&log).expect("daemon log file");
         let child = Command::new(handshake_bin())
             .arg("daemon")
             .args(args)
             .args(["--metrics-addr", &metrics_addr])
+            .arg("--api-socket")
+            .arg(&api_socket)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().expect("log fd"))
             .stderr(log_file)
@@ -273,6 +278,7 @@ impl Daemon {
         let mut daemon = Self {
             child: Some(child),
             metrics_addr,
+            api_socket,
             log,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -308,6 +314,22 @@ impl Daemon {
         let body = http_get(&self.metrics_addr, "/metrics")
             .unwrap_or_else(|e| panic!("scraping {}: {e}\n{}", self.metrics_addr, self.log()));
         Metrics::parse(&body)
+    }
+
+    /// `handshake conns --json ARGS` against this daemon.
+    pub fn conns(&self, args: &[&str]) -> Vec<serde_json::Value> {
+        let out = Command::new(handshake_bin())
+            .args(["conns", "--json", "--api-socket"])
+            .arg(&self.api_socket)
+            .args(args)
+            .output()
+            .expect("run handshake conns");
+        assert!(
+            out.status.success(),
+            "handshake conns failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("conns --json prints a JSON array")
     }
 
     /// Sends `signal` and waits; returns the exit status.
@@ -422,6 +444,7 @@ impl Metrics {
 /// tcpdump on an interface inside a namespace, writing a pcap file.
 pub struct Capture {
     child: Option<Child>,
+    stderr: Option<std::io::Lines<BufReader<std::process::ChildStderr>>>,
     pub file: PathBuf,
 }
 
@@ -429,9 +452,13 @@ impl Capture {
     pub fn start(ns: &str, iface: &str) -> Self {
         let file = std::env::temp_dir().join(format!("handshake-{}.pcap", unique_id()));
         let mut child = Command::new("ip")
-            .args([
-                "netns", "exec", ns, "tcpdump", "-i", iface, "-U", "-n", "-w",
-            ])
+            .args(["netns", "exec", ns, "tcpdump", "-n", "-i", iface])
+            // Immediate mode: without it packets wait in the kernel's ring
+            // for a block to fill or a 1 s timeout, and those still waiting
+            // when the capture stops are lost (seen: the last TLS SYNs).
+            // A 32 MiB buffer so bursts are not dropped either.
+            .args(["--immediate-mode", "-U", "-B", "32768"])
+            .args(["--time-stamp-precision", "nano", "-w"])
             .arg(&file)
             .arg("tcp")
             .stdin(Stdio::null())
@@ -450,20 +477,42 @@ impl Capture {
         }
         Self {
             child: Some(child),
+            stderr: Some(lines),
             file,
         }
     }
 
-    /// Stops the capture and returns tcpdump's own one-line decoding.
+    /// Stops the capture and returns tcpdump's own one-line decoding of
+    /// every packet. Panics if tcpdump says the kernel dropped any: the
+    /// capture would not be a reference then.
     pub fn finish(mut self) -> Vec<String> {
+        // Packets still in flight reach the capture socket within this.
+        std::thread::sleep(Duration::from_millis(200));
         if let Some(mut child) = self.child.take() {
             // SAFETY: kill on our own child's pid.
             unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
             let _ = child.wait();
         }
+        let summary: Vec<String> = self
+            .stderr
+            .take()
+            .map(|lines| lines.map_while(Result::ok).collect())
+            .unwrap_or_default();
+        let dropped = summary
+            .iter()
+            .find_map(|l| l.strip_suffix(" packets dropped by kernel"))
+            .and_then(|n| n.trim().parse::<u64>().ok());
+        assert_eq!(dropped, Some(0), "tcpdump lost packets: {summary:?}");
         sh(
             "tcpdump",
-            &["-n", "-r", self.file.to_str().expect("UTF-8 path")],
+            &[
+                "-n",
+                "-tt",
+                "--time-stamp-precision",
+                "nano",
+                "-r",
+                self.file.to_str().expect("UTF-8 path"),
+            ],
         )
         .lines()
         .map(str::to_owned)

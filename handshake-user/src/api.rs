@@ -1,0 +1,204 @@
+//! The local API the CLI talks to: a Unix socket, root-only by default
+//! (mode 0600), one request line per connection, a JSON answer. Requests:
+//! `conns` (recent and in-progress handshakes). The wire types live here so
+//! the daemon and the CLI agree on them.
+
+use std::{
+    io,
+    net::{Ipv4Addr, Ipv6Addr},
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use handshake_common::flow::{FAMILY_IPV4, Flow, SIDE_CLIENT, SIDE_SERVER};
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{UnixListener, UnixStream},
+};
+
+use crate::{
+    clock,
+    conntrack::{Phase, Role, outcome_name, phases},
+    daemon::State,
+};
+
+pub const DEFAULT_SOCKET: &str = "/run/handshake/handshake.sock";
+
+/// One connection as `handshake conns --json` prints it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConnView {
+    pub family: String,
+    pub local_addr: String,
+    pub local_port: u16,
+    pub remote_addr: String,
+    pub remote_port: u16,
+    pub role: String,
+    /// `established`, `refused`, `reset`, `timeout` or `in_progress`.
+    pub outcome: String,
+    /// Client: SYN out → SYN-ACK in, µs.
+    pub connect_us: Option<f64>,
+    /// Server: SYN in → SYN-ACK out, µs.
+    pub syn_to_synack_us: Option<f64>,
+    /// Server: SYN-ACK out → ACK in, µs.
+    pub synack_to_ack_us: Option<f64>,
+    pub syn_retransmits: u16,
+    pub synack_retransmits: u16,
+    /// Who sent the RST of a refused or reset handshake.
+    pub rst_from: Option<String>,
+    pub ifindex: u32,
+    /// Seconds since the first SYN.
+    pub age_s: f64,
+}
+
+fn addr(family: u8, bytes: &[u8; 16]) -> String {
+    if family == FAMILY_IPV4 {
+        Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]).to_string()
+    } else {
+        Ipv6Addr::from(*bytes).to_string()
+    }
+}
+
+impl ConnView {
+    pub fn of(flow: &Flow, now: u64) -> Self {
+        let role = Role::of(flow);
+        let (local, remote) = if role == Some(Role::Client) {
+            (
+                (&flow.client_addr, flow.client_port),
+                (&flow.server_addr, flow.server_port),
+            )
+        } else {
+            (
+                (&flow.server_addr, flow.server_port),
+                (&flow.client_addr, flow.client_port),
+            )
+        };
+        let phases = phases(flow);
+        let us = |phase| {
+            phases
+                .iter()
+                .find(|(p, _)| *p == phase)
+                .map(|(_, nanos)| *nanos as f64 / 1e3)
+        };
+        Self {
+            family: if flow.family == FAMILY_IPV4 {
+                "ipv4"
+            } else {
+                "ipv6"
+            }
+            .to_owned(),
+            local_addr: addr(flow.family, local.0),
+            local_port: local.1,
+            remote_addr: addr(flow.family, remote.0),
+            remote_port: remote.1,
+            role: role.map_or("unknown", Role::name).to_owned(),
+            outcome: outcome_name(flow).to_owned(),
+            connect_us: us(Phase::Connect),
+            syn_to_synack_us: us(Phase::SynToSynAck),
+            synack_to_ack_us: us(Phase::SynAckToAck),
+            syn_retransmits: flow.syn_count.saturating_sub(1),
+            synack_retransmits: flow.synack_count.saturating_sub(1),
+            rst_from: match flow.rst_from {
+                SIDE_CLIENT => Some("client".to_owned()),
+                SIDE_SERVER => Some("server".to_owned()),
+                _ => None,
+            },
+            ifindex: flow.ifindex,
+            age_s: now.saturating_sub(flow.ts_syn) as f64 / 1e9,
+        }
+    }
+}
+
+/// Binds the API socket before anything touches the kernel: a live daemon
+/// on the same path is an error, a stale socket file is replaced.
+pub fn bind(path: &Path) -> anyhow::Result<std::os::unix::net::UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating {} for --api-socket", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!(
+                "another daemon answers on --api-socket {}; stop it or pick another path",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing the stale socket {}", path.display()))?;
+    }
+    let listener = std::os::unix::net::UnixListener::bind(path)
+        .with_context(|| format!("cannot listen on --api-socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("restricting {} to root", path.display()))?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+/// Removes the socket file when the daemon stops.
+#[derive(Debug)]
+pub struct SocketFile(pub PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Answers API requests until the future is dropped.
+pub async fn serve(listener: UnixListener, state: Arc<Mutex<State>>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let state = Arc::clone(&state);
+                tokio::spawn(async move {
+                    if let Err(error) = answer(stream, &state).await {
+                        tracing::debug!(%error, "API request failed");
+                    }
+                });
+            }
+            Err(error) => {
+                tracing::warn!(%error, "accepting an API connection failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn answer(stream: UnixStream, state: &Mutex<State>) -> io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = BufReader::new(read.take_limited());
+    tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no request"))??;
+    let body = match line.trim() {
+        "conns" => {
+            let views = conns(&state.lock().unwrap_or_else(|p| p.into_inner()));
+            serde_json::to_string(&views).map_err(io::Error::other)?
+        }
+        other => serde_json::json!({ "error": format!("unknown request {other:?}") }).to_string(),
+    };
+    write.write_all(body.as_bytes()).await?;
+    write.write_all(b"\n").await?;
+    write.shutdown().await
+}
+
+/// Recent decided handshakes and those still in progress, oldest first.
+pub fn conns(state: &State) -> Vec<ConnView> {
+    let now = clock::monotonic_ns();
+    let mut flows: Vec<&Flow> = state.conntrack.recent().chain(state.live.iter()).collect();
+    flows.sort_by_key(|f| f.ts_syn);
+    flows.iter().map(|f| ConnView::of(f, now)).collect()
+}
+
+/// Bounds what a client may send.
+trait TakeLimited: tokio::io::AsyncRead + Sized {
+    fn take_limited(self) -> tokio::io::Take<Self> {
+        tokio::io::AsyncReadExt::take(self, 1024)
+    }
+}
+
+impl<T: tokio::io::AsyncRead> TakeLimited for T {}

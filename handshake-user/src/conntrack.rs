@@ -1,0 +1,334 @@
+//! What became of each handshake: the bounded table of recent connections
+//! and the aggregates the metrics are made of (outcomes, phase histograms,
+//! retransmissions). Pure: records come in as `Flow`s from the ring buffer
+//! or the sweep; no aya, no tokio, no I/O.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use handshake_common::flow::{
+    FAMILY_IPV4, Flow, OUTCOME_ESTABLISHED, OUTCOME_IN_PROGRESS, OUTCOME_REFUSED, OUTCOME_RESET,
+    OUTCOME_TIMEOUT, ROLE_CLIENT, ROLE_SERVER,
+};
+
+/// Upper bounds of the duration buckets, in seconds: 1-2-5 steps from 10 µs
+/// (a LAN) to 60 s (a WAN with retransmissions).
+pub const BUCKETS: [f64; 22] = [
+    10e-6, 20e-6, 50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 20e-3, 50e-3, 100e-3,
+    200e-3, 500e-3, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0,
+];
+
+/// A cumulative-bucket histogram, as Prometheus exposes it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Histogram {
+    /// Observations at or below each bound of [`BUCKETS`].
+    pub buckets: [u64; BUCKETS.len()],
+    pub count: u64,
+    pub sum: f64,
+}
+
+impl Histogram {
+    pub fn observe(&mut self, seconds: f64) {
+        for (bound, bucket) in BUCKETS.iter().zip(&mut self.buckets) {
+            if seconds <= *bound {
+                *bucket += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += seconds;
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    Client,
+    Server,
+}
+
+impl Role {
+    pub const ALL: [Self; 2] = [Self::Client, Self::Server];
+
+    pub fn of(flow: &Flow) -> Option<Self> {
+        match flow.role {
+            ROLE_CLIENT => Some(Self::Client),
+            ROLE_SERVER => Some(Self::Server),
+            _ => None,
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Client => "client",
+            Self::Server => "server",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Outcome {
+    Established,
+    Refused,
+    Reset,
+    Timeout,
+}
+
+impl Outcome {
+    pub const ALL: [Self; 4] = [Self::Established, Self::Refused, Self::Reset, Self::Timeout];
+
+    pub fn of(flow: &Flow) -> Option<Self> {
+        match flow.outcome {
+            OUTCOME_ESTABLISHED => Some(Self::Established),
+            OUTCOME_REFUSED => Some(Self::Refused),
+            OUTCOME_RESET => Some(Self::Reset),
+            OUTCOME_TIMEOUT => Some(Self::Timeout),
+            _ => None,
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Established => "established",
+            Self::Refused => "refused",
+            Self::Reset => "reset",
+            Self::Timeout => "timeout",
+        }
+    }
+}
+
+/// Outcome name of a flow, `in_progress` while undecided.
+pub fn outcome_name(flow: &Flow) -> &'static str {
+    Outcome::of(flow).map_or("in_progress", Outcome::name)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    /// Client: SYN out → SYN-ACK in.
+    Connect,
+    /// Server: SYN in → SYN-ACK out.
+    SynToSynAck,
+    /// Server: SYN-ACK out → ACK in.
+    SynAckToAck,
+}
+
+impl Phase {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Connect => "connect",
+            Self::SynToSynAck => "syn_to_synack",
+            Self::SynAckToAck => "synack_to_ack",
+        }
+    }
+}
+
+/// Phase durations of a flow in nanoseconds, where both ends were seen.
+pub fn phases(flow: &Flow) -> Vec<(Phase, u64)> {
+    let span = |from: u64, to: u64| (from != 0 && to >= from).then(|| to - from);
+    let mut out = Vec::new();
+    match Role::of(flow) {
+        Some(Role::Client) => {
+            out.extend(span(flow.ts_syn, flow.ts_synack).map(|d| (Phase::Connect, d)));
+        }
+        Some(Role::Server) => {
+            out.extend(span(flow.ts_syn, flow.ts_synack).map(|d| (Phase::SynToSynAck, d)));
+            out.extend(span(flow.ts_synack, flow.ts_ack).map(|d| (Phase::SynAckToAck, d)));
+        }
+        None => {}
+    }
+    out
+}
+
+/// Everything counted over decided handshakes.
+#[derive(Clone, Debug, Default)]
+pub struct Totals {
+    pub handshakes: BTreeMap<(Role, Outcome), u64>,
+    pub durations: BTreeMap<(Role, Phase), Histogram>,
+    pub syn_retransmits: BTreeMap<Role, u64>,
+    pub synack_retransmits: BTreeMap<Role, u64>,
+}
+
+/// Decided handshakes: aggregates since start, and the most recent ones.
+#[derive(Debug)]
+pub struct Conntrack {
+    recent: VecDeque<Flow>,
+    capacity: usize,
+    totals: Totals,
+    /// Records that carried no valid role or outcome (a kernel/user
+    /// mismatch; should stay 0).
+    pub malformed: u64,
+}
+
+impl Conntrack {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            recent: VecDeque::with_capacity(capacity.min(4096)),
+            capacity: capacity.max(1),
+            totals: Totals::default(),
+            malformed: 0,
+        }
+    }
+
+    /// Takes one decided handshake.
+    pub fn record(&mut self, flow: Flow) {
+        let (Some(role), Some(outcome)) = (Role::of(&flow), Outcome::of(&flow)) else {
+            self.malformed += 1;
+            return;
+        };
+        *self.totals.handshakes.entry((role, outcome)).or_default() += 1;
+        for (phase, nanos) in phases(&flow) {
+            self.totals
+                .durations
+                .entry((role, phase))
+                .or_default()
+                .observe(nanos as f64 / 1e9);
+        }
+        *self.totals.syn_retransmits.entry(role).or_default() +=
+            u64::from(flow.syn_count.saturating_sub(1));
+        *self.totals.synack_retransmits.entry(role).or_default() +=
+            u64::from(flow.synack_count.saturating_sub(1));
+        if self.recent.len() == self.capacity {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(flow);
+    }
+
+    pub fn totals(&self) -> &Totals {
+        &self.totals
+    }
+
+    /// Decided handshakes, oldest first.
+    pub fn recent(&self) -> impl Iterator<Item = &Flow> {
+        self.recent.iter()
+    }
+}
+
+/// When the sweep decides a handshake the packets did not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Expiry {
+    /// No SYN-ACK, or no completing ACK, this long after the first SYN.
+    pub handshake_timeout_ns: u64,
+    /// A completed handshake with no data, FIN or RST this long after its
+    /// ACK counts as established (idle connections, e.g. pools).
+    pub idle_ns: u64,
+}
+
+impl Expiry {
+    /// The decided flow, or `None` to leave it in its table.
+    pub fn expire(&self, flow: &Flow, now: u64) -> Option<Flow> {
+        let (since, limit, outcome) = if flow.ts_ack == 0 {
+            (flow.ts_syn, self.handshake_timeout_ns, OUTCOME_TIMEOUT)
+        } else {
+            (flow.ts_ack, self.idle_ns, OUTCOME_ESTABLISHED)
+        };
+        (now.saturating_sub(since) >= limit).then_some(Flow {
+            outcome,
+            ts_end: now,
+            ..*flow
+        })
+    }
+}
+
+/// Whether `flow` is IPv4.
+pub fn is_ipv4(flow: &Flow) -> bool {
+    flow.family == FAMILY_IPV4
+}
+
+/// A flow that is still in progress (for views of live handshakes).
+pub fn in_progress(flow: &Flow) -> bool {
+    flow.outcome == OUTCOME_IN_PROGRESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flow(role: u8, outcome: u8) -> Flow {
+        Flow {
+            ts_syn: 1_000,
+            ts_synack: 51_000,
+            ts_ack: 151_000,
+            ts_end: 200_000,
+            role,
+            outcome,
+            syn_count: 2,
+            synack_count: 1,
+            family: FAMILY_IPV4,
+            ..Flow::default()
+        }
+    }
+
+    #[test]
+    fn server_handshake_feeds_both_server_phases() {
+        let mut ct = Conntrack::new(10);
+        ct.record(flow(ROLE_SERVER, OUTCOME_ESTABLISHED));
+        let t = ct.totals();
+        assert_eq!(t.handshakes[&(Role::Server, Outcome::Established)], 1);
+        let h = &t.durations[&(Role::Server, Phase::SynToSynAck)];
+        assert_eq!(
+            (h.count, h.buckets[1], h.buckets[2]),
+            (1, 0, 1),
+            "50 µs: not in ≤ 20 µs, in ≤ 50 µs"
+        );
+        assert_eq!(t.durations[&(Role::Server, Phase::SynAckToAck)].count, 1);
+        assert!(!t.durations.contains_key(&(Role::Server, Phase::Connect)));
+        assert_eq!(t.syn_retransmits[&Role::Server], 1);
+    }
+
+    #[test]
+    fn client_connect_phase_and_a_refusal_without_synack() {
+        let mut ct = Conntrack::new(10);
+        ct.record(flow(ROLE_CLIENT, OUTCOME_ESTABLISHED));
+        let mut refused = flow(ROLE_CLIENT, OUTCOME_REFUSED);
+        refused.ts_synack = 0;
+        refused.ts_ack = 0;
+        ct.record(refused);
+        let t = ct.totals();
+        assert_eq!(t.durations[&(Role::Client, Phase::Connect)].count, 1);
+        assert_eq!(t.handshakes[&(Role::Client, Outcome::Refused)], 1);
+    }
+
+    #[test]
+    fn the_table_keeps_the_most_recent() {
+        let mut ct = Conntrack::new(2);
+        for port in 1..=3 {
+            let mut f = flow(ROLE_CLIENT, OUTCOME_ESTABLISHED);
+            f.client_port = port;
+            ct.record(f);
+        }
+        let ports: Vec<u16> = ct.recent().map(|f| f.client_port).collect();
+        assert_eq!(ports, [2, 3]);
+        assert_eq!(
+            ct.totals().handshakes[&(Role::Client, Outcome::Established)],
+            3
+        );
+    }
+
+    #[test]
+    fn expiry_times_out_half_open_and_settles_idle_ones() {
+        let policy = Expiry {
+            handshake_timeout_ns: 1_000,
+            idle_ns: 500,
+        };
+        let mut half_open = flow(ROLE_SERVER, OUTCOME_IN_PROGRESS);
+        half_open.ts_ack = 0;
+        assert_eq!(policy.expire(&half_open, 1_999), None);
+        let timed_out = policy.expire(&half_open, 2_000).unwrap();
+        assert_eq!(
+            (timed_out.outcome, timed_out.ts_end),
+            (OUTCOME_TIMEOUT, 2_000)
+        );
+        let idle = flow(ROLE_SERVER, OUTCOME_IN_PROGRESS);
+        assert_eq!(policy.expire(&idle, 151_499), None);
+        assert_eq!(
+            policy.expire(&idle, 151_500).unwrap().outcome,
+            OUTCOME_ESTABLISHED
+        );
+    }
+
+    #[test]
+    fn undecided_or_unknown_records_are_not_counted() {
+        let mut ct = Conntrack::new(2);
+        ct.record(flow(ROLE_CLIENT, OUTCOME_IN_PROGRESS));
+        ct.record(flow(9, OUTCOME_RESET));
+        assert_eq!(ct.malformed, 2);
+        assert!(ct.totals().handshakes.is_empty());
+    }
+}
