@@ -631,6 +631,31 @@ mod tests {
     }
 
     #[test]
+    fn reads_handshakes_from_a_capture() {
+        let lines: Vec<String> = [
+            "1764000000.000001000 IP 10.201.0.1.40000 > 10.201.0.2.8080: Flags [S], seq 1, length 0",
+            "1764000000.000031000 IP 10.201.0.2.8080 > 10.201.0.1.40000: Flags [S.], seq 9, ack 2, length 0",
+            "1764000000.000101000 IP 10.201.0.1.40000 > 10.201.0.2.8080: Flags [.], ack 1, length 0",
+            "1764000000.000151000 IP 10.201.0.1.40000 > 10.201.0.2.8080: Flags [P.], seq 1:6, ack 1, length 5",
+        ]
+        .iter()
+        .map(|l| (*l).to_owned())
+        .collect();
+        let packets = parse_capture(&lines);
+        assert_eq!(packets.len(), 4);
+        assert_eq!(packets[1].flags, "S.");
+        let h = captured_handshakes(&packets, 8080)[&40000];
+        assert_eq!(
+            (h.syn, h.syn_ack, h.ack),
+            (
+                Some(1_764_000_000_000_001_000),
+                Some(1_764_000_000_000_031_000),
+                Some(1_764_000_000_000_101_000)
+            )
+        );
+    }
+
+    #[test]
     fn parses_prometheus_text() {
         let m = Metrics::parse(
             "# HELP x y\n# TYPE x counter\nx{b=\"2\",a=\"1\"} 3\nplain 4\ny{probe=\"p\",interface=\"\"} 1\n",
@@ -640,4 +665,88 @@ mod tests {
         assert_eq!(m.get("y", &[("probe", "p")]), 1.0);
         assert_eq!(m.get("absent", &[]), 0.0);
     }
+}
+
+/// One TCP packet as tcpdump decoded it (`tcpdump -tt` with nanosecond
+/// timestamps).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Packet {
+    pub ts_ns: u64,
+    pub src: String,
+    pub src_port: u16,
+    pub dst: String,
+    pub dst_port: u16,
+    /// tcpdump's flag letters: `S`, `S.`, `.`, `P.`, `F.`, `R`, `R.` ...
+    pub flags: String,
+}
+
+/// Parses `tcpdump -n -tt --time-stamp-precision nano -r` output.
+pub fn parse_capture(lines: &[String]) -> Vec<Packet> {
+    let endpoint = |word: &str| {
+        let word = word.trim_end_matches(':');
+        let (addr, port) = word.rsplit_once('.')?;
+        Some((addr.to_owned(), port.parse().ok()?))
+    };
+    lines
+        .iter()
+        .filter_map(|line| {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let (secs, nanos) = words.first()?.split_once('.')?;
+            let ts_ns = secs.parse::<u64>().ok()? * 1_000_000_000 + nanos.parse::<u64>().ok()?;
+            let (src, src_port) = endpoint(words.get(2)?)?;
+            let (dst, dst_port) = endpoint(words.get(4)?)?;
+            let flags = line.split("Flags [").nth(1)?.split(']').next()?.to_owned();
+            Some(Packet {
+                ts_ns,
+                src,
+                src_port,
+                dst,
+                dst_port,
+                flags,
+            })
+        })
+        .collect()
+}
+
+/// The handshake of one connection as a capture saw it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CapturedHandshake {
+    pub syn: Option<u64>,
+    pub syn_ack: Option<u64>,
+    /// The client's first packet after the SYN-ACK (the completing ACK).
+    pub ack: Option<u64>,
+}
+
+/// Handshakes in a capture, by client port, for connections to `server_port`.
+pub fn captured_handshakes(
+    packets: &[Packet],
+    server_port: u16,
+) -> BTreeMap<u16, CapturedHandshake> {
+    let mut out: BTreeMap<u16, CapturedHandshake> = BTreeMap::new();
+    for p in packets {
+        if p.dst_port == server_port {
+            let h = out.entry(p.src_port).or_default();
+            if p.flags == "S" {
+                h.syn.get_or_insert(p.ts_ns);
+            } else if h.syn_ack.is_some() && h.ack.is_none() {
+                h.ack = Some(p.ts_ns);
+            }
+        } else if p.src_port == server_port && p.flags == "S." {
+            out.entry(p.dst_port)
+                .or_default()
+                .syn_ack
+                .get_or_insert(p.ts_ns);
+        }
+    }
+    out
+}
+
+/// Median and 99th percentile of `values` (sorted in place).
+pub fn median_p99(values: &mut [f64]) -> (f64, f64) {
+    values.sort_by(f64::total_cmp);
+    if values.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    let at = |q: f64| values[((values.len() - 1) as f64 * q).round() as usize];
+    (at(0.5), at(0.99))
 }

@@ -22,6 +22,7 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("ss", "iproute2"),
     ("openssl", "openssl"),
     ("tcpdump", "tcpdump"),
+    ("nft", "nftables"),
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq)]

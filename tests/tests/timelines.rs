@@ -1,0 +1,440 @@
+//! Handshake timelines against real traffic between two namespaces, with a
+//! daemon on each side (server role and client role): phase durations
+//! compared connection by connection with tcpdump on the same veths, every
+//! outcome provoked for real (a closed port, a server that resets, SYN-ACKs
+//! dropped by nftables), and a burst of 20,000 connections.
+
+use std::{
+    collections::BTreeMap,
+    io::Read as _,
+    net::{SocketAddr, TcpListener, TcpStream},
+    process::Command,
+    time::Duration,
+};
+
+use handshake_tests::{
+    Capture, Daemon, NetnsPair, captured_handshakes, echo_clients, echo_server, median_p99,
+    parse_capture, require_root, serial, sh, spawn_in,
+};
+use serde_json::Value;
+
+fn v4(port: u16) -> SocketAddr {
+    format!("{}:{port}", NetnsPair::SERVER_V4).parse().unwrap()
+}
+
+fn v6(port: u16) -> SocketAddr {
+    format!("[{}]:{port}", NetnsPair::SERVER_V6)
+        .parse()
+        .unwrap()
+}
+
+/// The daemons' view of connections to `port`, by client port.
+fn by_client_port(conns: &[Value], role: &str, port: u16) -> BTreeMap<u16, Vec<Value>> {
+    let mut out: BTreeMap<u16, Vec<Value>> = BTreeMap::new();
+    for c in conns.iter().filter(|c| c["role"] == role) {
+        let (local, remote) = (
+            c["local_port"].as_u64().unwrap(),
+            c["remote_port"].as_u64().unwrap(),
+        );
+        let client_port = match role {
+            "server" if local == u64::from(port) => remote,
+            "client" if remote == u64::from(port) => local,
+            _ => continue,
+        };
+        out.entry(client_port as u16).or_default().push(c.clone());
+    }
+    out
+}
+
+fn us(v: &Value) -> f64 {
+    v.as_f64()
+        .unwrap_or_else(|| panic!("expected a duration, got {v}"))
+}
+
+/// Absolute differences in µs between the daemon's phase and the capture's.
+fn compare(name: &str, pairs: impl Iterator<Item = (f64, Option<u64>, Option<u64>)>) -> Vec<f64> {
+    let mut diffs = Vec::new();
+    for (daemon_us, from, to) in pairs {
+        let (Some(from), Some(to)) = (from, to) else {
+            panic!("{name}: the capture lacks a packet of a handshake the daemon timed");
+        };
+        let capture_us = (to - from) as f64 / 1e3;
+        diffs.push((daemon_us - capture_us).abs());
+    }
+    let (median, p99) = median_p99(&mut diffs.clone());
+    println!(
+        "{name}: {} handshakes, |daemon - tcpdump| median {median:.1} µs, p99 {p99:.1} µs, max {:.1} µs",
+        diffs.len(),
+        diffs.iter().copied().fold(0.0, f64::max)
+    );
+    diffs
+}
+
+#[test]
+fn phases_agree_with_tcpdump_on_both_roles() {
+    require_root();
+    let _serial = serial();
+    let pair = NetnsPair::new();
+    let server = Daemon::start(&["--netns", &pair.server, "--iface", &pair.server_if]);
+    let client = Daemon::start(&["--netns", &pair.client, "--iface", &pair.client_if]);
+    let server_capture = Capture::start(&pair.server, &pair.server_if);
+    let client_capture = Capture::start(&pair.client, &pair.client_if);
+
+    let (n4, n6) = (60, 40);
+    let s4 = echo_server(&pair.server, v4(8080), n4);
+    echo_clients(&pair.client, v4(8080), n4);
+    s4.join().expect("IPv4 server");
+    let s6 = echo_server(&pair.server, v6(8080), n6);
+    echo_clients(&pair.client, v6(8080), n6);
+    s6.join().expect("IPv6 server");
+
+    let server_packets = parse_capture(&server_capture.finish());
+    let client_packets = parse_capture(&client_capture.finish());
+    // Decided on first data; give the ring buffer's timer drain a moment.
+    std::thread::sleep(Duration::from_millis(300));
+    let server_view = by_client_port(&server.conns(&["--port", "8080"]), "server", 8080);
+    let client_view = by_client_port(&client.conns(&["--port", "8080"]), "client", 8080);
+    let server_seen = captured_handshakes(&server_packets, 8080);
+    let client_seen = captured_handshakes(&client_packets, 8080);
+
+    assert_eq!(
+        server_seen.len(),
+        n4 + n6,
+        "connections in the server capture"
+    );
+    for (view, seen, role) in [
+        (&server_view, &server_seen, "server"),
+        (&client_view, &client_seen, "client"),
+    ] {
+        assert_eq!(
+            view.keys().collect::<Vec<_>>(),
+            seen.keys().collect::<Vec<_>>(),
+            "{role} daemon: the same connections as its capture"
+        );
+        for (port, rows) in view {
+            assert_eq!(
+                rows.len(),
+                1,
+                "{role}: client port {port} listed {} times",
+                rows.len()
+            );
+            assert_eq!(rows[0]["outcome"], "established", "{role}: {}", rows[0]);
+            assert_eq!(rows[0]["syn_retransmits"], 0);
+        }
+    }
+    let families: Vec<&str> = server_view
+        .values()
+        .map(|r| r[0]["family"].as_str().unwrap())
+        .collect();
+    assert_eq!(families.iter().filter(|f| **f == "ipv6").count(), n6);
+
+    let mut all = Vec::new();
+    all.extend(compare(
+        "server syn_to_synack",
+        server_view.iter().map(|(p, r)| {
+            (
+                us(&r[0]["syn_to_synack_us"]),
+                server_seen[p].syn,
+                server_seen[p].syn_ack,
+            )
+        }),
+    ));
+    all.extend(compare(
+        "server synack_to_ack",
+        server_view.iter().map(|(p, r)| {
+            (
+                us(&r[0]["synack_to_ack_us"]),
+                server_seen[p].syn_ack,
+                server_seen[p].ack,
+            )
+        }),
+    ));
+    all.extend(compare(
+        "client connect",
+        client_view.iter().map(|(p, r)| {
+            (
+                us(&r[0]["connect_us"]),
+                client_seen[p].syn,
+                client_seen[p].syn_ack,
+            )
+        }),
+    ));
+    let worst = all.iter().copied().fold(0.0, f64::max);
+    assert!(
+        worst <= 50.0,
+        "a phase differs from tcpdump by {worst:.1} µs (> 50 µs)"
+    );
+
+    let metrics = server.scrape();
+    assert_eq!(
+        metrics.get(
+            "handshake_tcp_handshakes_total",
+            &[("role", "server"), ("outcome", "established")]
+        ),
+        (n4 + n6) as f64
+    );
+    assert_eq!(
+        metrics.get(
+            "handshake_tcp_handshake_duration_seconds_count",
+            &[("role", "server"), ("phase", "synack_to_ack")]
+        ),
+        (n4 + n6) as f64
+    );
+    let client_metrics = client.scrape();
+    assert_eq!(
+        client_metrics.get(
+            "handshake_tcp_handshake_duration_seconds_count",
+            &[("role", "client"), ("phase", "connect")]
+        ),
+        (n4 + n6) as f64
+    );
+}
+
+/// nftables in `ns`: drop incoming SYN-ACKs from `port` while it lives.
+struct DropSynAcks {
+    ns: String,
+}
+
+impl DropSynAcks {
+    fn new(ns: &str, port: u16) -> Self {
+        let rules = format!(
+            "table inet handshake_test {{\n  chain input {{\n    type filter hook input priority 0;\n    \
+             tcp sport {port} tcp flags & (syn | ack) == syn | ack drop\n  }}\n}}\n"
+        );
+        let mut nft = Command::new("ip")
+            .args(["netns", "exec", ns, "nft", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("run nft");
+        std::io::Write::write_all(&mut nft.stdin.take().expect("nft stdin"), rules.as_bytes())
+            .expect("write nft rules");
+        let status = nft.wait().expect("wait for nft");
+        assert!(status.success(), "nft rule in {ns}:\n{rules}");
+        Self { ns: ns.to_owned() }
+    }
+}
+
+impl Drop for DropSynAcks {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns,
+                "nft",
+                "delete",
+                "table",
+                "inet",
+                "handshake_test",
+            ])
+            .status();
+    }
+}
+
+/// One row of each daemon for the connection from client port `port`.
+fn only_row(conns: &[Value], role: &str, server_port: u16) -> Value {
+    let rows: Vec<&Value> = conns
+        .iter()
+        .filter(|c| {
+            c["role"] == role && (c["local_port"] == server_port || c["remote_port"] == server_port)
+        })
+        .collect();
+    assert_eq!(
+        rows.len(),
+        1,
+        "{role} rows for port {server_port}: {rows:?}"
+    );
+    rows[0].clone()
+}
+
+#[test]
+fn refused_reset_and_timed_out_handshakes_on_both_roles() {
+    require_root();
+    let _serial = serial();
+    let pair = NetnsPair::new();
+    let args = |ns: &str, iface: &str| {
+        vec![
+            "--netns".to_owned(),
+            ns.to_owned(),
+            "--iface".to_owned(),
+            iface.to_owned(),
+            "--handshake-timeout".to_owned(),
+            "2s".to_owned(),
+        ]
+    };
+    let server_args = args(&pair.server, &pair.server_if);
+    let client_args = args(&pair.client, &pair.client_if);
+    let server = Daemon::start(&server_args.iter().map(String::as_str).collect::<Vec<_>>());
+    let client = Daemon::start(&client_args.iter().map(String::as_str).collect::<Vec<_>>());
+
+    for (family, addr) in [("ipv4", v4 as fn(u16) -> SocketAddr), ("ipv6", v6)] {
+        let base = if family == "ipv4" { 9100 } else { 9200 };
+        let (refused_port, reset_port, timeout_port) = (base + 1, base + 2, base + 3);
+
+        // Refused: nothing listens.
+        let target = addr(refused_port);
+        let error = spawn_in(&pair.client, move || {
+            TcpStream::connect(target).unwrap_err()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(error.kind(), std::io::ErrorKind::ConnectionRefused);
+
+        // Reset: the server accepts and closes with SO_LINGER 0 before any data.
+        let target = addr(reset_port);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let reset_server = spawn_in(&pair.server, move || {
+            let listener = TcpListener::bind(target).expect("bind");
+            ready_tx.send(()).unwrap();
+            let (stream, _) = listener.accept().expect("accept");
+            let linger = libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
+            // SAFETY: setsockopt on our own socket with a valid linger struct.
+            unsafe {
+                libc::setsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(&stream),
+                    libc::SOL_SOCKET,
+                    libc::SO_LINGER,
+                    (&raw const linger).cast(),
+                    size_of::<libc::linger>() as u32,
+                )
+            };
+            drop(stream);
+        });
+        ready_rx.recv().unwrap();
+        spawn_in(&pair.client, move || {
+            let mut stream = TcpStream::connect(target).expect("connect");
+            let mut buf = [0u8; 1];
+            let read = stream.read(&mut buf);
+            assert!(read.is_err(), "expected a reset, read {read:?}");
+        })
+        .join()
+        .unwrap();
+        reset_server.join().unwrap();
+
+        // Timeout: SYN-ACKs dropped in the client's namespace.
+        let target = addr(timeout_port);
+        let listener_ready = std::sync::mpsc::channel();
+        let (ready_tx, ready_rx) = listener_ready;
+        let timeout_server = spawn_in(&pair.server, move || {
+            let listener = TcpListener::bind(target).expect("bind");
+            ready_tx.send(()).unwrap();
+            std::thread::sleep(Duration::from_secs(4));
+            drop(listener);
+        });
+        ready_rx.recv().unwrap();
+        let rule = DropSynAcks::new(&pair.client, timeout_port);
+        let connecting = spawn_in(&pair.client, move || {
+            TcpStream::connect_timeout(&target, Duration::from_millis(1500)).unwrap_err()
+        });
+        std::thread::sleep(Duration::from_millis(1200));
+        let ss = sh(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &pair.server,
+                "ss",
+                "-Htn",
+                "state",
+                "syn-recv",
+                "sport",
+                "=",
+                &format!(":{timeout_port}"),
+            ],
+        );
+        let syn_recv = ss.lines().filter(|l| !l.trim().is_empty()).count();
+        let half_open = server.scrape().get(
+            "handshake_tcp_half_open",
+            &[("port", &timeout_port.to_string())],
+        );
+        assert_eq!(syn_recv, 1, "ss SYN-RECV while SYN-ACKs are dropped:\n{ss}");
+        assert_eq!(half_open, syn_recv as f64, "half-open gauge vs ss");
+        let error = connecting.join().unwrap();
+        assert_eq!(error.kind(), std::io::ErrorKind::TimedOut);
+        drop(rule);
+        // The 2 s handshake timeout, plus a sweep.
+        std::thread::sleep(Duration::from_millis(1400));
+        timeout_server.join().unwrap();
+
+        let server_conns = server.conns(&[]);
+        let client_conns = client.conns(&[]);
+        for (conns, role) in [(&server_conns, "server"), (&client_conns, "client")] {
+            let refused = only_row(conns, role, refused_port);
+            assert_eq!(refused["outcome"], "refused", "{family} {role}: {refused}");
+            assert_eq!(refused["rst_from"], "server");
+            assert_eq!(refused["family"], family);
+            let reset = only_row(conns, role, reset_port);
+            assert_eq!(reset["outcome"], "reset", "{family} {role}: {reset}");
+            assert_eq!(reset["rst_from"], "server");
+            let timeout = only_row(conns, role, timeout_port);
+            assert_eq!(timeout["outcome"], "timeout", "{family} {role}: {timeout}");
+            assert!(
+                timeout["syn_retransmits"].as_u64().unwrap() >= 1,
+                "{family} {role}: the client retransmitted its SYN: {timeout}"
+            );
+            assert!(
+                timeout["synack_retransmits"].as_u64().unwrap() >= 1,
+                "{family} {role}: the server retransmitted its SYN-ACK: {timeout}"
+            );
+        }
+    }
+
+    for (daemon, role) in [(&server, "server"), (&client, "client")] {
+        let m = daemon.scrape();
+        for outcome in ["refused", "reset", "timeout"] {
+            assert_eq!(
+                m.get(
+                    "handshake_tcp_handshakes_total",
+                    &[("role", role), ("outcome", outcome)]
+                ),
+                2.0,
+                "{role} {outcome}"
+            );
+        }
+        assert!(m.get("handshake_tcp_syn_retransmits_total", &[("role", role)]) >= 2.0);
+    }
+    assert!(
+        server
+            .scrape()
+            .get("handshake_kernel_synack_retransmits_total", &[])
+            >= 2.0
+    );
+}
+
+#[test]
+fn twenty_thousand_connections_each_reported_once() {
+    require_root();
+    let _serial = serial();
+    let pair = NetnsPair::new();
+    let server = Daemon::start(&["--netns", &pair.server, "--iface", &pair.server_if]);
+    let (n4, n6) = (12_000, 8_000);
+    let s4 = echo_server(&pair.server, v4(8090), n4);
+    let s6 = echo_server(&pair.server, v6(8090), n6);
+    let c4 = {
+        let ns = pair.client.clone();
+        std::thread::spawn(move || echo_clients(&ns, v4(8090), n4))
+    };
+    echo_clients(&pair.client, v6(8090), n6);
+    c4.join().expect("IPv4 clients");
+    s4.join().expect("IPv4 server");
+    s6.join().expect("IPv6 server");
+    std::thread::sleep(Duration::from_millis(500));
+
+    let view = by_client_port(&server.conns(&["--port", "8090"]), "server", 8090);
+    let rows: usize = view.values().map(Vec::len).sum();
+    assert_eq!(rows, n4 + n6, "rows in handshake conns");
+    let m = server.scrape();
+    assert_eq!(
+        m.get(
+            "handshake_tcp_handshakes_total",
+            &[("role", "server"), ("outcome", "established")]
+        ),
+        (n4 + n6) as f64
+    );
+    assert_eq!(m.get("handshake_ringbuf_dropped_total", &[]), 0.0);
+    assert_eq!(m.get("handshake_map_evictions_total", &[]), 0.0);
+    assert_eq!(m.get("handshake_map_insert_failures_total", &[]), 0.0);
+}
