@@ -14,8 +14,8 @@ use core::{ffi::c_void, mem::MaybeUninit};
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        __sk_buff, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, TC_ACT_OK,
-        xdp_action::XDP_PASS,
+        __sk_buff, BPF_F_NO_COMMON_LRU, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
+        TC_ACT_OK, xdp_action::XDP_PASS,
     },
     helpers::generated::{bpf_ktime_get_ns, bpf_xdp_get_buff_len, bpf_xdp_load_bytes},
     macros::{classifier, map, tracepoint, xdp},
@@ -42,11 +42,15 @@ static PARSE_ERRORS: PerCpuArray<u64> = PerCpuArray::with_max_entries(ParseError
 #[map]
 static TRANSITIONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(TRANSITIONS_LEN, 0);
 
+/// LRU with per-CPU free lists (`BPF_F_NO_COMMON_LRU`): inserts and
+/// evictions take no lock shared between CPUs, which matters under churn.
 #[map]
-static HALF_OPEN: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(HALF_OPEN_ENTRIES, 0);
+static HALF_OPEN: LruHashMap<FlowKey, Flow> =
+    LruHashMap::with_max_entries(HALF_OPEN_ENTRIES, BPF_F_NO_COMMON_LRU);
 
 #[map]
-static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(FLOWS_ENTRIES, 0);
+static FLOWS: LruHashMap<FlowKey, Flow> =
+    LruHashMap::with_max_entries(FLOWS_ENTRIES, BPF_F_NO_COMMON_LRU);
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);

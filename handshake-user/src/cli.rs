@@ -111,8 +111,9 @@ pub struct DaemonFlags {
     #[arg(long, value_enum, default_value_t = IngressHook::Xdp)]
     pub ingress_hook: IngressHook,
 
-    /// XDP attach mode: `auto` lets the kernel pick native where the driver
-    /// supports it and falls back to generic (skb) mode.
+    /// XDP attach mode. `auto` is generic (skb) mode: the program passes
+    /// every packet, so native mode gains an observer nothing, costs more on
+    /// veth, and makes some NIC drivers reset on attach. `native` on request.
     #[arg(long, value_enum, default_value_t = XdpModeFlag::Auto)]
     pub xdp_mode: XdpModeFlag,
 }

@@ -25,7 +25,8 @@ usage: cargo xtask <command>
   test [-- ARGS]   setup, rustfmt and clippy checks, then every test: unit,
                    BPF_PROG_TEST_RUN and network-namespace tests (ARGS go
                    to `cargo test`)
-  bench            setup, build, then the benchmarks (docs/BENCHMARKS.md)
+  bench [-- WHICH] setup, build, then the benchmarks (docs/BENCHMARKS.md);
+                   WHICH is `xdp`, `churn` or `all` (default)
 ";
 
 fn main() -> ExitCode {
@@ -37,7 +38,7 @@ fn main() -> ExitCode {
         Some("build") => setup::Project::locate().and_then(|p| build(&p)),
         Some("run") => setup::Project::locate().and_then(|p| run(&p, &rest)),
         Some("test") => setup::Project::locate().and_then(|p| test(&p, &rest)),
-        Some("bench") => setup::Project::locate().and_then(|p| bench::run(&p)),
+        Some("bench") => setup::Project::locate().and_then(|p| bench::run(&p, &rest)),
         Some("help" | "-h" | "--help") => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;

@@ -29,9 +29,14 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
 pub enum Needs {
     /// Building and running the daemon.
     Run,
-    /// Also the tools the tests and benchmarks drive.
+    /// Also the tools the tests drive.
     Test,
+    /// Also the peers the benchmarks compare against.
+    Bench,
 }
+
+/// Debian packages only the benchmarks use (command → package).
+const BENCH_PACKAGES: &[(&str, &str)] = &[("tcpstates", "libbpf-tools")];
 
 pub struct Project {
     root: PathBuf,
@@ -102,8 +107,12 @@ impl Project {
         self.toolchain(&self.stable, &["rustfmt", "clippy"])?;
         self.toolchain(&self.nightly, &["rust-src"])?;
         self.bpf_linker()?;
-        if needs == Needs::Test {
-            debian_packages(TEST_PACKAGES)?;
+        match needs {
+            Needs::Run => {}
+            Needs::Test => debian_packages(TEST_PACKAGES)?,
+            Needs::Bench => {
+                debian_packages(&[TEST_PACKAGES, BENCH_PACKAGES].concat())?;
+            }
         }
         Ok(())
     }

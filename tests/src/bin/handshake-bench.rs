@@ -1,6 +1,13 @@
-//! `cargo xtask bench`: what the ingress program costs per frame, as a
-//! ratio to a pass-only XDP program from the same object, both driven by
-//! BPF_PROG_TEST_RUN in the same run, in interleaved rounds.
+//! `cargo xtask bench`: two benchmarks, each reported as ratios against a
+//! baseline measured side by side in the same run (docs/BENCHMARKS.md).
+//!
+//! 1. `xdp`: what the ingress program costs per frame, as a ratio to a
+//!    pass-only XDP program from the same object, both driven by
+//!    BPF_PROG_TEST_RUN, in interleaved rounds.
+//! 2. `churn`: saturated connection churn between two namespaces, in
+//!    interleaved rounds of {no observer, the daemon (XDP ingress), the
+//!    daemon (tc ingress), libbpf-tools `tcpstates`}; each observer's
+//!    conns/s as a ratio to the same round's no-observer rate.
 //!
 //! Each measurement is one BPF_PROG_TEST_RUN call repeating the frame
 //! `REPEAT` times. The kernel runs the repeats in the calling thread, so the
@@ -65,6 +72,16 @@ fn median(values: &mut [f64]) -> f64 {
 }
 
 fn main() {
+    let which = std::env::args().nth(1).unwrap_or_else(|| "all".to_owned());
+    if which == "all" || which == "xdp" {
+        xdp_cost();
+    }
+    if which == "all" || which == "churn" {
+        churn::run();
+    }
+}
+
+fn xdp_cost() {
     let mut observer = Observer::load().expect("load the kernel programs (run as root)");
     // The baseline is loaded on demand: the daemon never loads it.
     {
@@ -134,4 +151,210 @@ fn main() {
     println!(
         "ratio = ours / pass-only, median of the per-round ratios; kernel ns = the kernel's own per-run figure (last round, pass / ours)"
     );
+}
+
+mod churn {
+    //! Connection churn: the client namespace connects as fast as two
+    //! threads can; the server namespace accepts and closes at once (the
+    //! server closes first, so TIME_WAIT lands on the server side and client
+    //! ports stay free). One round is `ROUND` of churn per observer.
+
+    use std::{
+        io::Read as _,
+        net::{SocketAddr, TcpListener, TcpStream},
+        process::{Child, Command, Stdio},
+        sync::{
+            Arc,
+            atomic::{AtomicBool, AtomicU64, Ordering},
+        },
+        time::{Duration, Instant},
+    };
+
+    use handshake_tests::{Daemon, NetnsPair, spawn_in};
+
+    const ROUNDS: usize = 5;
+    const ROUND: Duration = Duration::from_secs(3);
+    const PORT: u16 = 7000;
+
+    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    enum Observer {
+        None,
+        DaemonXdp,
+        DaemonTc,
+        Tcpstates,
+    }
+
+    impl Observer {
+        const ALL: [Self; 4] = [Self::None, Self::DaemonXdp, Self::DaemonTc, Self::Tcpstates];
+
+        const fn label(self) -> &'static str {
+            match self {
+                Self::None => "no observer",
+                Self::DaemonXdp => "handshake daemon (XDP ingress)",
+                Self::DaemonTc => "handshake daemon (tc ingress)",
+                Self::Tcpstates => "libbpf-tools tcpstates",
+            }
+        }
+    }
+
+    enum Running {
+        Nothing,
+        Daemon(Daemon),
+        Tool(Child),
+    }
+
+    fn start(observer: Observer, pair: &NetnsPair) -> Running {
+        let daemon = |hook: &str| {
+            Running::Daemon(Daemon::start(&[
+                "--netns",
+                &pair.server,
+                "--iface",
+                &pair.server_if,
+                "--ingress-hook",
+                hook,
+            ]))
+        };
+        match observer {
+            Observer::None => Running::Nothing,
+            Observer::DaemonXdp => daemon("xdp"),
+            Observer::DaemonTc => daemon("tc"),
+            Observer::Tcpstates => {
+                let child = Command::new("tcpstates")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("start tcpstates (Debian package libbpf-tools)");
+                // It prints nothing until a socket changes state; give it
+                // time to load and attach.
+                std::thread::sleep(Duration::from_secs(2));
+                Running::Tool(child)
+            }
+        }
+    }
+
+    fn stop(running: Running) {
+        match running {
+            Running::Nothing => {}
+            Running::Daemon(daemon) => {
+                daemon.stop(libc::SIGTERM);
+            }
+            Running::Tool(mut child) => {
+                // SAFETY: kill on our own child's pid.
+                unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+                let _ = child.wait();
+            }
+        }
+    }
+
+    fn clear_time_wait(pair: &NetnsPair) {
+        for ns in [&pair.client, &pair.server] {
+            let _ = Command::new("ip")
+                .args(["netns", "exec", ns, "ss", "-K", "state", "time-wait"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+
+    /// Connections completed by two client threads in `ROUND`.
+    fn round(pair: &NetnsPair, server: SocketAddr) -> f64 {
+        let done = Arc::new(AtomicU64::new(0));
+        let deadline = Instant::now() + ROUND;
+        let clients: Vec<_> = (0..2)
+            .map(|_| {
+                let done = Arc::clone(&done);
+                spawn_in(&pair.client, move || {
+                    let mut buf = [0u8; 16];
+                    while Instant::now() < deadline {
+                        if let Ok(mut stream) = TcpStream::connect(server) {
+                            let _ = stream.read(&mut buf);
+                            done.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for c in clients {
+            c.join().expect("client thread");
+        }
+        done.load(Ordering::Relaxed) as f64 / ROUND.as_secs_f64()
+    }
+
+    pub fn run() {
+        let pair = NetnsPair::new();
+        let server: SocketAddr = format!("{}:{PORT}", NetnsPair::SERVER_V4).parse().unwrap();
+        let stop_servers = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let acceptor = {
+            let stop_servers = Arc::clone(&stop_servers);
+            spawn_in(&pair.server, move || {
+                let listener = TcpListener::bind(server).expect("bind churn server");
+                ready_tx.send(()).expect("bench waits");
+                for stream in listener.incoming() {
+                    if stop_servers.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    drop(stream);
+                }
+            })
+        };
+        ready_rx.recv().expect("churn server");
+
+        println!();
+        println!(
+            "Connection churn between two namespaces (IPv4, 2 client threads, {} s rounds, {ROUNDS} interleaved rounds)",
+            ROUND.as_secs()
+        );
+        let mut rates: Vec<Vec<f64>> = vec![Vec::new(); Observer::ALL.len()];
+        for r in 0..ROUNDS {
+            for (i, observer) in Observer::ALL.iter().enumerate() {
+                let running = start(*observer, &pair);
+                clear_time_wait(&pair);
+                let rate = round(&pair, server);
+                stop(running);
+                println!(
+                    "  round {} {:<32} {:>9.0} conns/s",
+                    r + 1,
+                    observer.label(),
+                    rate
+                );
+                rates[i].push(rate);
+            }
+        }
+        stop_servers.store(true, Ordering::Relaxed);
+        let _ = TcpStream::connect(server);
+        spawn_in(&pair.client, move || {
+            let _ = TcpStream::connect(server);
+        })
+        .join()
+        .ok();
+        acceptor.join().ok();
+
+        println!(
+            "{:<32} {:>12} {:>8} {:>8} {:>8}",
+            "observer", "median c/s", "ratio", "min", "max"
+        );
+        for (i, observer) in Observer::ALL.iter().enumerate() {
+            let mut ratios: Vec<f64> = rates[i]
+                .iter()
+                .zip(&rates[0])
+                .map(|(o, base)| o / base)
+                .collect();
+            let (min, max) = ratios
+                .iter()
+                .fold((f64::MAX, f64::MIN), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
+            let mut own = rates[i].clone();
+            println!(
+                "{:<32} {:>12.0} {:>8.3} {:>8.3} {:>8.3}",
+                observer.label(),
+                super::median(&mut own),
+                super::median(&mut ratios),
+                min,
+                max
+            );
+        }
+        println!(
+            "ratio = this observer's conns/s over the same round's no-observer conns/s, median over rounds"
+        );
+    }
 }
