@@ -167,6 +167,14 @@ fn report(flow: &Flow) {
 /// parser's has been released.
 #[inline(never)]
 fn track(segment: &TcpSegment, direction: Direction, ifindex: u32) {
+    // Most packets belong to no handshake: they pay for the key and one
+    // lookup, and nothing else (no clock read, no scratch space).
+    let key = FlowKey::of(segment, ifindex);
+    let half_open = HALF_OPEN.get_ptr_mut(&key);
+    let is_syn = segment.is_syn();
+    if half_open.is_none() && !is_syn && !Flow::may_decide_established(segment) {
+        return;
+    }
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return;
     };
@@ -174,8 +182,7 @@ fn track(segment: &TcpSegment, direction: Direction, ifindex: u32) {
     let scratch = unsafe { &mut *scratch };
     // SAFETY: the helper has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    let key = FlowKey::of(segment, ifindex);
-    if let Some(ptr) = HALF_OPEN.get_ptr_mut(&key) {
+    if let Some(ptr) = half_open {
         // SAFETY: a valid map value; the other hook may touch it at the same
         // time, which at worst loses a retransmission count.
         let flow = unsafe { &mut *ptr };
@@ -199,16 +206,13 @@ fn track(segment: &TcpSegment, direction: Direction, ifindex: u32) {
         }
         return;
     }
-    if segment.is_syn() {
+    if is_syn {
         *scratch = Flow::open(segment, direction, ifindex, now);
         if HALF_OPEN.insert(&key, scratch, 0).is_ok() {
             stat(FlowStat::HalfOpenInserts);
         } else {
             stat(FlowStat::InsertFailures);
         }
-        return;
-    }
-    if !Flow::may_decide_established(segment) {
         return;
     }
     if let Some(ptr) = FLOWS.get_ptr_mut(&key) {
