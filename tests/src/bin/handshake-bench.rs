@@ -56,14 +56,9 @@ fn measure(observer: &mut Observer, name: &str, frame: &[u8]) -> Sample {
 
 /// CPU time of the calling thread, in nanoseconds.
 fn thread_cpu_ns() -> u128 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
-    ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128
+    u128::from(handshake_user::clock::read_ns(
+        libc::CLOCK_THREAD_CPUTIME_ID,
+    ))
 }
 
 fn median(values: &mut [f64]) -> f64 {
