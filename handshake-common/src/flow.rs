@@ -140,20 +140,27 @@ impl Flow {
     /// host is the client.
     #[inline(always)]
     pub fn open(seg: &TcpSegment, direction: Direction, ifindex: u32, now: u64) -> Self {
+        // Every field spelled out: `..Self::default()` becomes a call to a
+        // byte-wise memset in the kernel program.
         Self {
             ts_syn: now,
+            ts_synack: 0,
+            ts_ack: 0,
+            ts_end: 0,
             client_addr: seg.src_addr,
             server_addr: seg.dst_addr,
             ifindex,
             client_port: seg.src_port,
             server_port: seg.dst_port,
             syn_count: 1,
+            synack_count: 0,
             family: family_code(seg.family),
             role: match direction {
                 Direction::Egress => ROLE_CLIENT,
                 Direction::Ingress => ROLE_SERVER,
             },
-            ..Self::default()
+            outcome: OUTCOME_IN_PROGRESS,
+            rst_from: SIDE_NONE,
         }
     }
 

