@@ -167,7 +167,7 @@ mod churn {
 
     use handshake_tests::{Daemon, NetnsPair, spawn_in};
 
-    const ROUNDS: usize = 5;
+    const ROUNDS: usize = 7;
     const ROUND: Duration = Duration::from_secs(3);
     const PORT: u16 = 7000;
 
