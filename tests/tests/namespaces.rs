@@ -352,6 +352,19 @@ fn bad_interface_or_namespace_is_one_line_and_non_zero() {
             "{args:?}: first line must say it: {stderr}"
         );
     }
+    // The CLI without a daemon: one line, non-zero.
+    let out = Command::new(handshake_bin())
+        .args(["conns", "--api-socket", "/run/handshake-test-no-such.sock"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run handshake conns");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "conns without a daemon must fail");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(
+        stderr.contains("no daemon answers on /run/handshake-test-no-such.sock"),
+        "{stderr}"
+    );
     // Nothing was attached by the failed starts.
     assert!(!attachments(&pair).contains("handshake"));
 }
