@@ -644,7 +644,7 @@ mod tests {
         let packets = parse_capture(&lines);
         assert_eq!(packets.len(), 4);
         assert_eq!(packets[1].flags, "S.");
-        let h = captured_handshakes(&packets, 8080)[&40000];
+        let h = captured_handshakes(&packets, 8080)[&("10.201.0.1".to_owned(), 40000)];
         assert_eq!(
             (h.syn, h.syn_ack, h.ack),
             (
@@ -717,22 +717,24 @@ pub struct CapturedHandshake {
     pub ack: Option<u64>,
 }
 
-/// Handshakes in a capture, by client port, for connections to `server_port`.
+/// Handshakes in a capture, by client (address, port), for connections to
+/// `server_port`. The address matters: IPv4 and IPv6 connections can share
+/// an ephemeral port number.
 pub fn captured_handshakes(
     packets: &[Packet],
     server_port: u16,
-) -> BTreeMap<u16, CapturedHandshake> {
-    let mut out: BTreeMap<u16, CapturedHandshake> = BTreeMap::new();
+) -> BTreeMap<(String, u16), CapturedHandshake> {
+    let mut out: BTreeMap<(String, u16), CapturedHandshake> = BTreeMap::new();
     for p in packets {
         if p.dst_port == server_port {
-            let h = out.entry(p.src_port).or_default();
+            let h = out.entry((p.src.clone(), p.src_port)).or_default();
             if p.flags == "S" {
                 h.syn.get_or_insert(p.ts_ns);
             } else if h.syn_ack.is_some() && h.ack.is_none() {
                 h.ack = Some(p.ts_ns);
             }
         } else if p.src_port == server_port && p.flags == "S." {
-            out.entry(p.dst_port)
+            out.entry((p.dst.clone(), p.dst_port))
                 .or_default()
                 .syn_ack
                 .get_or_insert(p.ts_ns);

@@ -28,20 +28,23 @@ fn v6(port: u16) -> SocketAddr {
         .unwrap()
 }
 
-/// The daemons' view of connections to `port`, by client port.
-fn by_client_port(conns: &[Value], role: &str, port: u16) -> BTreeMap<u16, Vec<Value>> {
-    let mut out: BTreeMap<u16, Vec<Value>> = BTreeMap::new();
+/// The daemons' view of connections to `port`, by client (address, port).
+fn by_client_port(conns: &[Value], role: &str, port: u16) -> BTreeMap<(String, u16), Vec<Value>> {
+    let mut out: BTreeMap<(String, u16), Vec<Value>> = BTreeMap::new();
     for c in conns.iter().filter(|c| c["role"] == role) {
         let (local, remote) = (
             c["local_port"].as_u64().unwrap(),
             c["remote_port"].as_u64().unwrap(),
         );
-        let client_port = match role {
-            "server" if local == u64::from(port) => remote,
-            "client" if remote == u64::from(port) => local,
+        let client = match role {
+            "server" if local == u64::from(port) => (&c["remote_addr"], remote),
+            "client" if remote == u64::from(port) => (&c["local_addr"], local),
             _ => continue,
         };
-        out.entry(client_port as u16).or_default().push(c.clone());
+        let addr = client.0.as_str().unwrap().to_owned();
+        out.entry((addr, client.1 as u16))
+            .or_default()
+            .push(c.clone());
     }
     out
 }
@@ -120,7 +123,7 @@ fn phases_agree_with_tcpdump_on_both_roles() {
             assert_eq!(
                 rows.len(),
                 1,
-                "{role}: client port {port} listed {} times",
+                "{role}: client {port:?} listed {} times",
                 rows.len()
             );
             assert_eq!(rows[0]["outcome"], "established", "{role}: {}", rows[0]);
