@@ -16,7 +16,7 @@ use anyhow::{Context as _, bail};
 use handshake_common::flow::{FAMILY_IPV4, Flow, SIDE_CLIENT, SIDE_SERVER};
 use serde::{Deserialize, Serialize};
 use tokio::{
-    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},
 };
 
@@ -27,6 +27,8 @@ use crate::{
 };
 
 pub const DEFAULT_SOCKET: &str = "/run/handshake/handshake.sock";
+
+const MAX_REQUEST_BYTES: u64 = 1024;
 
 /// One connection as `handshake conns --json` prints it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -170,7 +172,8 @@ pub async fn serve(listener: UnixListener, state: Arc<Mutex<State>>) {
 async fn answer(stream: UnixStream, state: &Mutex<State>) -> io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
-    let mut reader = BufReader::new(read.take_limited());
+    // A request is one short line; bound what a client may send.
+    let mut reader = BufReader::new(read.take(MAX_REQUEST_BYTES));
     tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no request"))??;
@@ -193,12 +196,3 @@ pub fn conns(state: &State) -> Vec<ConnView> {
     flows.sort_by_key(|f| f.ts_syn);
     flows.iter().map(|f| ConnView::of(f, now)).collect()
 }
-
-/// Bounds what a client may send.
-trait TakeLimited: tokio::io::AsyncRead + Sized {
-    fn take_limited(self) -> tokio::io::Take<Self> {
-        tokio::io::AsyncReadExt::take(self, 1024)
-    }
-}
-
-impl<T: tokio::io::AsyncRead> TakeLimited for T {}

@@ -6,8 +6,8 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use handshake_common::flow::{
-    FAMILY_IPV4, Flow, OUTCOME_ESTABLISHED, OUTCOME_IN_PROGRESS, OUTCOME_REFUSED, OUTCOME_RESET,
-    OUTCOME_TIMEOUT, ROLE_CLIENT, ROLE_SERVER,
+    Flow, OUTCOME_ESTABLISHED, OUTCOME_REFUSED, OUTCOME_RESET, OUTCOME_TIMEOUT, ROLE_CLIENT,
+    ROLE_SERVER,
 };
 
 /// Upper bounds of the duration buckets, in seconds: 1-2-5 steps from 10 µs
@@ -226,19 +226,10 @@ impl Expiry {
     }
 }
 
-/// Whether `flow` is IPv4.
-pub fn is_ipv4(flow: &Flow) -> bool {
-    flow.family == FAMILY_IPV4
-}
-
-/// A flow that is still in progress (for views of live handshakes).
-pub fn in_progress(flow: &Flow) -> bool {
-    flow.outcome == OUTCOME_IN_PROGRESS
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use handshake_common::flow::{FAMILY_IPV4, OUTCOME_IN_PROGRESS};
 
     fn flow(role: u8, outcome: u8) -> Flow {
         Flow {
