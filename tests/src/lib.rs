@@ -725,6 +725,10 @@ pub fn captured_handshakes(
     server_port: u16,
 ) -> BTreeMap<(String, u16), CapturedHandshake> {
     let mut out: BTreeMap<(String, u16), CapturedHandshake> = BTreeMap::new();
+    // In time order, not file order: tcpdump writes packets in the order
+    // its socket got them, but stamps received ones when they were queued.
+    let mut packets: Vec<&Packet> = packets.iter().collect();
+    packets.sort_by_key(|p| p.ts_ns);
     for p in packets {
         if p.dst_port == server_port {
             let h = out.entry((p.src.clone(), p.src_port)).or_default();
