@@ -143,6 +143,24 @@ impl NetnsPair {
     }
 }
 
+impl NetnsPair {
+    /// A daemon attached to the server-side veth, with `extra` flags.
+    pub fn server_daemon(&self, extra: &[&str]) -> Daemon {
+        Self::daemon(&self.server, &self.server_if, extra)
+    }
+
+    /// A daemon attached to the client-side veth, with `extra` flags.
+    pub fn client_daemon(&self, extra: &[&str]) -> Daemon {
+        Self::daemon(&self.client, &self.client_if, extra)
+    }
+
+    fn daemon(ns: &str, iface: &str, extra: &[&str]) -> Daemon {
+        let mut args = vec!["--netns", ns, "--iface", iface];
+        args.extend_from_slice(extra);
+        Daemon::start(&args)
+    }
+}
+
 impl Default for NetnsPair {
     fn default() -> Self {
         Self::new()

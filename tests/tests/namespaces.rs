@@ -12,7 +12,7 @@ use std::{
 };
 
 use handshake_tests::{
-    Capture, Daemon, Metrics, NetnsPair, echo_clients, echo_server, flag_counts, handshake_bin,
+    Capture, Metrics, NetnsPair, echo_clients, echo_server, flag_counts, handshake_bin,
     require_root, serial, sh, tcx_programs,
 };
 
@@ -60,7 +60,7 @@ fn counters_equal_what_was_sent_and_what_tcpdump_saw() {
     require_root();
     let _serial = serial();
     let pair = NetnsPair::new();
-    let daemon = Daemon::start(&["--netns", &pair.server, "--iface", &pair.server_if]);
+    let daemon = pair.server_daemon(&[]);
     let before = daemon.scrape();
     for probe in ["xdp_handshake", "tc_eg_handshake"] {
         assert_eq!(
@@ -251,14 +251,7 @@ fn stopping_the_daemon_leaves_nothing_attached() {
         ("xdp", libc::SIGINT),
         ("xdp", libc::SIGKILL),
     ] {
-        let daemon = Daemon::start(&[
-            "--netns",
-            &pair.server,
-            "--iface",
-            &pair.server_if,
-            "--ingress-hook",
-            hook,
-        ]);
+        let daemon = pair.server_daemon(&["--ingress-hook", hook]);
         let attached = attachments(&pair);
         assert!(
             attached.contains("tc_eg_handshake"),

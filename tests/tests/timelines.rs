@@ -13,8 +13,8 @@ use std::{
 };
 
 use handshake_tests::{
-    Capture, Daemon, NetnsPair, captured_handshakes, echo_clients, echo_server, median_p99,
-    parse_capture, require_root, serial, sh, spawn_in,
+    Capture, NetnsPair, captured_handshakes, echo_clients, echo_server, median_p99, parse_capture,
+    require_root, serial, sh, spawn_in,
 };
 use serde_json::Value;
 
@@ -83,8 +83,8 @@ fn phases_agree_with_tcpdump_on_both_roles() {
     require_root();
     let _serial = serial();
     let pair = NetnsPair::new();
-    let server = Daemon::start(&["--netns", &pair.server, "--iface", &pair.server_if]);
-    let client = Daemon::start(&["--netns", &pair.client, "--iface", &pair.client_if]);
+    let server = pair.server_daemon(&[]);
+    let client = pair.client_daemon(&[]);
     let server_capture = Capture::start(&pair.server, &pair.server_if);
     let client_capture = Capture::start(&pair.client, &pair.client_if);
 
@@ -275,20 +275,8 @@ fn refused_reset_and_timed_out_handshakes_on_both_roles() {
     require_root();
     let _serial = serial();
     let pair = NetnsPair::new();
-    let args = |ns: &str, iface: &str| {
-        vec![
-            "--netns".to_owned(),
-            ns.to_owned(),
-            "--iface".to_owned(),
-            iface.to_owned(),
-            "--handshake-timeout".to_owned(),
-            "2s".to_owned(),
-        ]
-    };
-    let server_args = args(&pair.server, &pair.server_if);
-    let client_args = args(&pair.client, &pair.client_if);
-    let server = Daemon::start(&server_args.iter().map(String::as_str).collect::<Vec<_>>());
-    let client = Daemon::start(&client_args.iter().map(String::as_str).collect::<Vec<_>>());
+    let server = pair.server_daemon(&["--handshake-timeout", "2s"]);
+    let client = pair.client_daemon(&["--handshake-timeout", "2s"]);
 
     for (family, addr) in [("ipv4", v4 as fn(u16) -> SocketAddr), ("ipv6", v6)] {
         let base = if family == "ipv4" { 9100 } else { 9200 };
@@ -432,7 +420,7 @@ fn twenty_thousand_connections_each_reported_once() {
     require_root();
     let _serial = serial();
     let pair = NetnsPair::new();
-    let server = Daemon::start(&["--netns", &pair.server, "--iface", &pair.server_if]);
+    let server = pair.server_daemon(&[]);
     let (n4, n6) = (12_000, 8_000);
     let s4 = echo_server(&pair.server, v4(8090), n4);
     let s6 = echo_server(&pair.server, v6(8090), n6);

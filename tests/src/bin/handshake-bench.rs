@@ -199,16 +199,7 @@ mod churn {
     }
 
     fn start(observer: Observer, pair: &NetnsPair) -> Running {
-        let daemon = |hook: &str| {
-            Running::Daemon(Daemon::start(&[
-                "--netns",
-                &pair.server,
-                "--iface",
-                &pair.server_if,
-                "--ingress-hook",
-                hook,
-            ]))
-        };
+        let daemon = |hook: &str| Running::Daemon(pair.server_daemon(&["--ingress-hook", hook]));
         match observer {
             Observer::None => Running::Nothing,
             Observer::DaemonXdp => daemon("xdp"),
