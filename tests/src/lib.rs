@@ -351,6 +351,20 @@ impl Daemon {
     }
 
     /// Sends `signal` and waits; returns the exit status.
+    /// User plus system CPU time the daemon has used so far, in seconds
+    /// (`/proc/PID/stat`, all its threads).
+    pub fn cpu_seconds(&self) -> f64 {
+        let pid = self.child.as_ref().expect("daemon running").id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("daemon stat");
+        // Fields after the parenthesised command name; utime and stime are
+        // the 14th and 15th fields of the whole line.
+        let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+        // SAFETY: sysconf has no preconditions.
+        ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+    }
+
     pub fn stop(mut self, signal: i32) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("daemon running");
         // SAFETY: kill on our own child's pid.

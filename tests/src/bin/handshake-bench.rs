@@ -72,7 +72,7 @@ fn main() {
         xdp_cost();
     }
     if which == "all" || which == "churn" {
-        churn::run();
+        churn::run(std::env::args().nth(2).as_deref());
     }
 }
 
@@ -182,6 +182,16 @@ mod churn {
     impl Observer {
         const ALL: [Self; 4] = [Self::None, Self::DaemonXdp, Self::DaemonTc, Self::Tcpstates];
 
+        fn parse(name: &str) -> Option<Self> {
+            Some(match name {
+                "none" => Self::None,
+                "xdp" => Self::DaemonXdp,
+                "tc" => Self::DaemonTc,
+                "tcpstates" => Self::Tcpstates,
+                _ => return None,
+            })
+        }
+
         const fn label(self) -> &'static str {
             match self {
                 Self::None => "no observer",
@@ -218,6 +228,13 @@ mod churn {
         }
     }
 
+    fn daemon_cpu(running: &Running) -> f64 {
+        match running {
+            Running::Daemon(daemon) => daemon.cpu_seconds(),
+            _ => 0.0,
+        }
+    }
+
     fn stop(running: Running) {
         match running {
             Running::Nothing => {}
@@ -240,6 +257,12 @@ mod churn {
                 .stderr(Stdio::null())
                 .status();
         }
+    }
+
+    /// Lets the kernel finish freeing what the last round and `ss -K` left
+    /// (sockets go through RCU) before the next measurement starts.
+    fn settle() {
+        std::thread::sleep(Duration::from_millis(500));
     }
 
     /// Connections completed by two client threads in `ROUND`.
@@ -266,7 +289,26 @@ mod churn {
         done.load(Ordering::Relaxed) as f64 / ROUND.as_secs_f64()
     }
 
-    pub fn run() {
+    /// `list`: observers to compare, comma-separated (`none,xdp,tc,tcpstates`
+    /// by default); the first must be `none`, the baseline. Repeating `none`
+    /// measures the benchmark's own noise.
+    pub fn run(list: Option<&str>) {
+        let observers: Vec<Observer> = match list {
+            None => Observer::ALL.to_vec(),
+            Some(list) => list
+                .split(',')
+                .map(|name| {
+                    Observer::parse(name).unwrap_or_else(|| {
+                        eprintln!("handshake-bench: unknown observer {name:?} (none, xdp, tc, tcpstates)");
+                        std::process::exit(2)
+                    })
+                })
+                .collect(),
+        };
+        if observers.first() != Some(&Observer::None) {
+            eprintln!("handshake-bench: the first observer must be `none`, the baseline");
+            std::process::exit(2);
+        }
         let pair = NetnsPair::new();
         let server: SocketAddr = format!("{}:{PORT}", NetnsPair::SERVER_V4).parse().unwrap();
         let stop_servers = Arc::new(AtomicBool::new(false));
@@ -291,15 +333,32 @@ mod churn {
             "Connection churn between two namespaces (IPv4, 2 client threads, {} s rounds, {ROUNDS} interleaved rounds)",
             ROUND.as_secs()
         );
-        let mut rates: Vec<Vec<f64>> = vec![Vec::new(); Observer::ALL.len()];
+        let mut rates: Vec<Vec<f64>> = vec![Vec::new(); observers.len()];
         for r in 0..ROUNDS {
-            for (i, observer) in Observer::ALL.iter().enumerate() {
+            // Rotate the order each round, so no observer always follows the
+            // same one (what a round leaves behind, such as sockets still
+            // being freed, falls on every observer alike).
+            for k in 0..observers.len() {
+                let i = (k + r) % observers.len();
+                let observer = &observers[i];
                 let running = start(*observer, &pair);
                 clear_time_wait(&pair);
+                settle();
+                let cpu_before = daemon_cpu(&running);
                 let rate = round(&pair, server);
+                let cpu = daemon_cpu(&running) - cpu_before;
                 stop(running);
+                let own_cpu = if *observer == Observer::DaemonXdp || *observer == Observer::DaemonTc {
+                    format!(
+                        "  daemon CPU {:.1} % of one core, {:.2} µs per connection",
+                        cpu / ROUND.as_secs_f64() * 100.0,
+                        cpu * 1e6 / (rate * ROUND.as_secs_f64())
+                    )
+                } else {
+                    String::new()
+                };
                 println!(
-                    "  round {} {:<32} {:>9.0} conns/s",
+                    "  round {} {:<32} {:>9.0} conns/s{own_cpu}",
                     r + 1,
                     observer.label(),
                     rate
@@ -320,7 +379,7 @@ mod churn {
             "{:<32} {:>12} {:>8} {:>8} {:>8}",
             "observer", "median c/s", "ratio", "min", "max"
         );
-        for (i, observer) in Observer::ALL.iter().enumerate() {
+        for (i, observer) in observers.iter().enumerate() {
             let mut ratios: Vec<f64> = rates[i]
                 .iter()
                 .zip(&rates[0])
