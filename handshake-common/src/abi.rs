@@ -11,6 +11,8 @@ pub mod program {
     pub const TP_RETRANSMIT_SYNACK: &str = "tp_synack_rtx";
     /// A pass-only XDP program: the benchmark's baseline, never attached.
     pub const XDP_PASS_BASELINE: &str = "xdp_pass_base";
+    /// `iter/tcp`: the socket census (see [`super::census`]).
+    pub const ITER_TCP_CENSUS: &str = "iter_tcp_census";
 }
 
 /// Map names as the kernel sees them (at most 15 bytes).
@@ -26,6 +28,15 @@ pub mod map {
     pub const EVENTS: &str = "EVENTS";
     /// Per-CPU counters of the flow tables, indexed by [`super::FlowStat`].
     pub const FLOW_STATS: &str = "FLOW_STATS";
+    /// One [`super::census::Config`]: what the next census run reports.
+    pub const CENSUS_CONFIG: &str = "CENSUS_CONFIG";
+    /// One [`super::census::Summary`]: the running census's aggregates.
+    pub const CENSUS_ACC: &str = "CENSUS_ACC";
+    /// Hash [`super::census::TwKey`] → count: TIME_WAIT sockets per remote
+    /// endpoint, filled by one census run and emptied by the daemon.
+    pub const TW_REMOTE: &str = "TW_REMOTE";
+    /// Hash [`super::census::TwKey`] (port 0) → count: per local address.
+    pub const TW_LOCAL: &str = "TW_LOCAL";
 }
 
 /// Default sizes; the daemon can set the table sizes at load time.
@@ -243,6 +254,147 @@ pub mod inet_sock_set_state {
     pub const PROTOCOL: usize = 30;
 }
 
+/// The socket census: an `iter/tcp` program walks every TCP socket of one
+/// network namespace (listeners, full sockets, TIME_WAIT minisocks and
+/// request sockets) and aggregates in the kernel. Its output, read from
+/// the iterator's file, is a sequence of records, each starting with a
+/// [`census::Header`]: [`census::Socket`] records for the states the
+/// [`census::Config`] asks for (at most `max_sockets`), then exactly one
+/// [`census::Summary`], written when the walk ends.
+pub mod census {
+    /// Record kinds in the iterator's output.
+    pub const RECORD_SOCKET: u32 = 1;
+    pub const RECORD_SUMMARY: u32 = 2;
+
+    /// Families, as indexes of [`Summary::sockets`].
+    pub const FAMILY_V4: usize = 0;
+    pub const FAMILY_V6: usize = 1;
+
+    /// Entries of the TIME_WAIT aggregation maps; past them a census
+    /// counts `tw_remote_overflow` / `tw_local_overflow`.
+    pub const TW_REMOTE_ENTRIES: u32 = 4096;
+    pub const TW_LOCAL_ENTRIES: u32 = 1024;
+
+    /// Written by the daemon before each run.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Config {
+        /// Bit `1 << state` set: emit a [`Socket`] record for full sockets
+        /// in that state (kernel state numbers).
+        pub socket_states: u32,
+        /// At most this many [`Socket`] records per run.
+        pub max_sockets: u32,
+        /// The namespace's `ip_local_port_range`: a TIME_WAIT socket whose
+        /// local port lies in it was opened by this host (a client), and
+        /// counts towards its remote endpoint; one whose local port lies
+        /// outside it counts towards the remote address alone (port 0), so
+        /// that a server's TIME_WAIT sockets do not make one entry each.
+        pub ephemeral_low: u16,
+        pub ephemeral_high: u16,
+    }
+
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Header {
+        pub kind: u32,
+        /// Bytes of the whole record, header included.
+        pub len: u32,
+    }
+
+    /// The aggregates of one run. `sockets[family][state]` counts by the
+    /// kernel's state number as `ss` reports it: request sockets count as
+    /// SYN_RECV (3), TIME_WAIT minisocks by their substate (TIME_WAIT, or
+    /// FIN_WAIT2 for a closed socket waiting for its peer's FIN);
+    /// `tw_fin_wait2` tells how many of the FIN_WAIT2 ones are minisocks.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Summary {
+        pub header: Header,
+        pub sockets: [[u64; 16]; 2],
+        pub tw_fin_wait2: [u64; 2],
+        /// Per state, the earliest `bpf_ktime_get_ns` at which a full
+        /// socket still in that state entered it (0: none known).
+        pub oldest_since_ns: [u64; 16],
+        /// Sockets seen, and those whose fields could not be read.
+        pub seen: u64,
+        pub read_errors: u64,
+        /// Socket records written this run.
+        pub sockets_written: u64,
+        /// Socket records not written: over `max_sockets`.
+        pub sockets_dropped: u64,
+        pub tw_remote_overflow: u64,
+        pub tw_local_overflow: u64,
+    }
+
+    /// One full socket in a state [`Config::socket_states`] asks for.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Socket {
+        pub header: Header,
+        pub family: u16,
+        pub state: u16,
+        pub local_port: u16,
+        pub remote_port: u16,
+        /// IPv4 addresses in the first 4 bytes.
+        pub local_addr: [u8; 16],
+        pub remote_addr: [u8; 16],
+        /// When it entered its state (`bpf_ktime_get_ns`), 0 if unknown
+        /// (the socket changed state before the daemon started).
+        pub since_ns: u64,
+        /// The process that called connect(), for connections this host
+        /// opened; 0 / empty otherwise.
+        pub pid: u32,
+        pub _pad: u32,
+        pub comm: [u8; 16],
+    }
+
+    /// Key of the TIME_WAIT maps.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+    pub struct TwKey {
+        /// `AF_INET` or `AF_INET6`.
+        pub family: u16,
+        pub port: u16,
+        pub addr: [u8; 16],
+    }
+
+    /// Field offsets the census reads, resolved from the running kernel's
+    /// BTF by the daemon and passed to the program as read-only globals
+    /// (aya-ebpf has no CO-RE). Names of those globals:
+    pub mod offsets {
+        /// `struct sock_common`
+        pub const SKC_DADDR: &str = "OFF_SKC_DADDR";
+        pub const SKC_RCV_SADDR: &str = "OFF_SKC_RCV_SADDR";
+        pub const SKC_DPORT: &str = "OFF_SKC_DPORT";
+        pub const SKC_NUM: &str = "OFF_SKC_NUM";
+        pub const SKC_FAMILY: &str = "OFF_SKC_FAMILY";
+        pub const SKC_STATE: &str = "OFF_SKC_STATE";
+        pub const SKC_V6_DADDR: &str = "OFF_SKC_V6_DADDR";
+        pub const SKC_V6_RCV_SADDR: &str = "OFF_SKC_V6_RCV_SADDR";
+        /// `struct inet_timewait_sock`
+        pub const TW_SUBSTATE: &str = "OFF_TW_SUBSTATE";
+    }
+
+    // SAFETY: `repr(C)` plain integers and byte arrays, no implicit padding,
+    // valid for any bit pattern.
+    #[cfg(feature = "user")]
+    unsafe impl aya::Pod for Config {}
+    // SAFETY: as above.
+    #[cfg(feature = "user")]
+    unsafe impl aya::Pod for TwKey {}
+
+    /// Per-socket state kept by the state tracepoint in socket-local
+    /// storage: when the socket entered its current state and who opened it.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct SockAge {
+        pub since_ns: u64,
+        pub state: u32,
+        pub pid: u32,
+        pub comm: [u8; 16],
+    }
+}
+
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 pub const IPPROTO_TCP: u16 = 6;
@@ -260,6 +412,11 @@ mod tests {
             program::TP_SOCK_SET_STATE,
             program::XDP_PASS_BASELINE,
             program::TP_RETRANSMIT_SYNACK,
+            program::ITER_TCP_CENSUS,
+            map::CENSUS_CONFIG,
+            map::CENSUS_ACC,
+            map::TW_REMOTE,
+            map::TW_LOCAL,
             map::HALF_OPEN,
             map::FLOWS,
             map::EVENTS,

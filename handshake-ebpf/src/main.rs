@@ -9,6 +9,8 @@
 #![no_std]
 #![no_main]
 
+mod census;
+
 use core::{ffi::c_void, mem::MaybeUninit};
 
 use aya_ebpf::{

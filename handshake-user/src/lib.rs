@@ -4,6 +4,7 @@
 //! privileged integration tests drive the same modules.
 
 pub mod api;
+pub mod census;
 pub mod cli;
 pub mod client;
 pub mod clock;

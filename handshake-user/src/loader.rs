@@ -2,13 +2,13 @@
 //! names programs and hooks. Attach failures are recorded per probe (they
 //! become `handshake_probe_attached` 0), logged, and never hidden.
 
-use std::ffi::CString;
+use std::{ffi::CString, os::fd::AsFd as _};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, RingBuf},
+    maps::{Array, HashMap, MapData, RingBuf},
     programs::{
-        ProgramError, SchedClassifier, TcAttach, TcAttachType, TracePoint, Xdp, XdpMode,
+        Iter, ProgramError, SchedClassifier, TcAttach, TcAttachType, TracePoint, Xdp, XdpMode,
         tc::{self, NlOptions},
     },
 };
@@ -16,6 +16,7 @@ use handshake_common::abi::{map, program};
 use thiserror::Error;
 
 use crate::{
+    census::{self, Census, CensusError, Offsets},
     cli::{IngressHook, XdpModeFlag},
     config::TableSizes,
     maps::{Counters, FlowTables},
@@ -63,6 +64,7 @@ pub struct Attachment {
 pub struct Observer {
     ebpf: Ebpf,
     attachments: Vec<Attachment>,
+    census: Option<Result<Census, CensusError>>,
 }
 
 impl Observer {
@@ -73,9 +75,19 @@ impl Observer {
     }
 
     pub fn load_with(tables: TableSizes) -> Result<Self, LoadError> {
-        let mut ebpf = EbpfLoader::new()
+        // The census reads kernel structs at offsets only the running
+        // kernel's BTF knows; without them it is not loaded at all.
+        let offsets = Offsets::resolve(census::KERNEL_BTF);
+        let mut loader = EbpfLoader::new();
+        loader
             .map_max_entries(map::HALF_OPEN, tables.half_open)
-            .map_max_entries(map::FLOWS, tables.flows)
+            .map_max_entries(map::FLOWS, tables.flows);
+        if let Ok(offsets) = &offsets {
+            for (name, value) in &offsets.values {
+                loader.override_global(name, value, true);
+            }
+        }
+        let mut ebpf = loader
             .load(crate::EBPF_OBJECT)
             .map_err(LoadError::Object)?;
         for name in [
@@ -96,9 +108,19 @@ impl Observer {
             };
             loaded.map_err(|source| LoadError::Program { name, source })?;
         }
+        let census = offsets.and_then(|_| load_census(&mut ebpf));
         Ok(Self {
             ebpf,
             attachments: Vec::new(),
+            census: Some(census),
+        })
+    }
+
+    /// The socket census, or why it could not be loaded (the daemon goes
+    /// on without it and says so). Once only.
+    pub fn take_census(&mut self) -> Result<Census, CensusError> {
+        self.census.take().unwrap_or_else(|| {
+            Err(CensusError::Output("the census was taken already".to_owned()))
         })
     }
 
@@ -282,6 +304,40 @@ impl Observer {
         let Self { ebpf, .. } = self;
         netns.run(move || drop(ebpf))
     }
+}
+
+/// Loads the `iter/tcp` program against the kernel's BTF, links it and
+/// takes its maps.
+fn load_census(ebpf: &mut Ebpf) -> Result<Census, CensusError> {
+    let btf = aya::Btf::from_sys_fs().map_err(|e| CensusError::Btf {
+        path: census::KERNEL_BTF.to_owned(),
+        reason: e.to_string(),
+    })?;
+    let take = |ebpf: &mut Ebpf, name: &'static str| {
+        ebpf.take_map(name)
+            .ok_or_else(|| CensusError::Output(format!("the eBPF object has no map {name:?}")))
+    };
+    let map_error = |name| move |source| CensusError::Map { name, source };
+    let config = Array::try_from(take(ebpf, map::CENSUS_CONFIG)?)
+        .map_err(map_error(map::CENSUS_CONFIG))?;
+    let tw_remote =
+        HashMap::try_from(take(ebpf, map::TW_REMOTE)?).map_err(map_error(map::TW_REMOTE))?;
+    let tw_local =
+        HashMap::try_from(take(ebpf, map::TW_LOCAL)?).map_err(map_error(map::TW_LOCAL))?;
+    let name = program::ITER_TCP_CENSUS;
+    let program_error = |e: ProgramError| CensusError::Output(format!("{name}: {}", chain(e)));
+    let prog: &mut Iter = ebpf
+        .program_mut(name)
+        .ok_or_else(|| CensusError::Output(format!("the eBPF object has no program {name:?}")))?
+        .try_into()
+        .map_err(program_error)?;
+    prog.load("tcp", &btf).map_err(program_error)?;
+    Census::new(
+        prog.fd().map_err(program_error)?.as_fd(),
+        config,
+        tw_remote,
+        tw_local,
+    )
 }
 
 /// An interface name for aya, which resolves it in the calling thread's

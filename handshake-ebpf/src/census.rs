@@ -1,0 +1,317 @@
+//! `iter/tcp`: the socket census. The kernel calls the program once per TCP
+//! socket of the namespace the iterator was opened in — listeners, full
+//! sockets, TIME_WAIT minisocks, request sockets — and once more with no
+//! socket when the walk ends. Everything is aggregated here; only the
+//! aggregates (and, when asked, one record per socket in a few states)
+//! reach userspace, through the iterator's file.
+//!
+//! `struct sock_common` is read at offsets the daemon resolved from the
+//! running kernel's BTF and passed in as read-only globals: the verifier
+//! sees them as constants (the map is frozen) and checks each load against
+//! the kernel's own type, so a wrong offset fails the load, never a read.
+
+use core::{ffi::c_void, mem::size_of, ptr};
+
+use aya_ebpf::{
+    bindings::{BPF_NOEXIST, seq_file},
+    helpers::generated::{bpf_seq_write, bpf_skc_to_tcp_timewait_sock},
+    macros::map,
+    maps::{Array, HashMap},
+};
+use handshake_common::abi::{
+    AF_INET, AF_INET6,
+    census::{
+        Config, FAMILY_V4, FAMILY_V6, Header, RECORD_SOCKET, RECORD_SUMMARY, Socket, Summary,
+        TW_LOCAL_ENTRIES, TW_REMOTE_ENTRIES, TwKey,
+    },
+    tcp_state,
+};
+
+#[map]
+static CENSUS_CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+#[map]
+static CENSUS_ACC: Array<Summary> = Array::with_max_entries(1, 0);
+
+#[map]
+static TW_REMOTE: HashMap<TwKey, u64> = HashMap::with_max_entries(TW_REMOTE_ENTRIES, 0);
+
+#[map]
+static TW_LOCAL: HashMap<TwKey, u64> = HashMap::with_max_entries(TW_LOCAL_ENTRIES, 0);
+
+// Field offsets, overridden at load time from the kernel's BTF
+// (`abi::census::offsets`). `read_volatile` keeps LLVM from folding the
+// placeholder values in.
+#[unsafe(no_mangle)]
+static OFF_SKC_DADDR: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_SKC_RCV_SADDR: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_SKC_DPORT: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_SKC_NUM: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_SKC_FAMILY: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_SKC_STATE: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_SKC_V6_DADDR: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_SKC_V6_RCV_SADDR: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_TW_SUBSTATE: u32 = 0;
+
+#[inline(always)]
+fn offset(global: &u32) -> usize {
+    // SAFETY: a plain read of a global.
+    unsafe { ptr::read_volatile(global) as usize }
+}
+
+/// `struct bpf_iter_meta`
+#[repr(C)]
+struct IterMeta {
+    seq: *mut seq_file,
+    session_id: u64,
+    seq_num: u64,
+}
+
+/// `struct bpf_iter__tcp`
+#[repr(C)]
+pub struct IterTcp {
+    meta: *const IterMeta,
+    sk_common: *const u8,
+    uid: u32,
+}
+
+/// Reads a `T` at `off` bytes into a kernel object the verifier knows the
+/// type of.
+///
+/// # Safety
+/// `base` must be a BTF-typed pointer from the kernel and `off` a constant
+/// offset of a field of type `T` in it.
+#[inline(always)]
+unsafe fn field<T: Copy>(base: *const u8, off: usize) -> T {
+    unsafe { ptr::read_unaligned(base.add(off).cast::<T>()) }
+}
+
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/tcp")]
+pub extern "C" fn iter_tcp_census(ctx: *mut IterTcp) -> i32 {
+    // SAFETY: the kernel passes a valid `bpf_iter__tcp`.
+    let (meta, sk) = unsafe { ((*ctx).meta, (*ctx).sk_common) };
+    let Some(acc) = CENSUS_ACC.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: `meta` is never NULL for an iterator program.
+    let (seq, seq_num) = unsafe { ((*meta).seq, (*meta).seq_num) };
+    if seq_num == 0 {
+        // First call of a run (or the only one, when there is no socket):
+        // whatever an earlier, interrupted run left is stale.
+        clear(acc);
+    }
+    if sk.is_null() {
+        // The walk is over: hand the aggregates over.
+        // SAFETY: `acc` points to the map's one value.
+        unsafe {
+            (*acc).header = Header {
+                kind: RECORD_SUMMARY,
+                len: size_of::<Summary>() as u32,
+            };
+            bpf_seq_write(seq, acc.cast::<c_void>(), size_of::<Summary>() as u32);
+        }
+        return 0;
+    }
+    let Some(config) = CENSUS_CONFIG.get(0) else {
+        return 0;
+    };
+    // When a socket's record does not fit the output buffer, the kernel
+    // shows that socket again at the next read(2), with the same sequence
+    // number: count it once, write its record again.
+    // SAFETY: `acc` points to the map's one value.
+    if seq_num < unsafe { (*acc).seen } {
+        emit_if_asked(sk, seq, acc, config);
+        return 0;
+    }
+    count(sk, seq, acc, config);
+    0
+}
+
+#[inline(always)]
+fn emit_if_asked(sk: *const u8, seq: *mut seq_file, acc: *mut Summary, config: &Config) {
+    // SAFETY: as in `count`.
+    let (family, state) = unsafe {
+        (
+            field::<u16>(sk, offset(&OFF_SKC_FAMILY)),
+            field::<u8>(sk, offset(&OFF_SKC_STATE)) as u32,
+        )
+    };
+    if (family == AF_INET || family == AF_INET6) && config.socket_states & (1 << (state & 0x1f)) != 0
+    {
+        // SAFETY: as in `count`.
+        emit(sk, seq, unsafe { &mut *acc }, config, family, state);
+    }
+}
+
+#[inline(always)]
+fn clear(acc: *mut Summary) {
+    let words = acc.cast::<u64>();
+    let mut i = 0;
+    while i < size_of::<Summary>() / 8 {
+        // SAFETY: within the map value; volatile so that LLVM does not turn
+        // the loop into a memset call.
+        unsafe { ptr::write_volatile(words.add(i), 0) };
+        i += 1;
+    }
+}
+
+#[inline(always)]
+fn count(sk: *const u8, seq: *mut seq_file, acc: *mut Summary, config: &Config) {
+    // SAFETY: `sk` is the iterator's non-NULL `struct sock_common *`; the
+    // offsets are its fields' (see the module comment).
+    let (family, state) = unsafe {
+        (
+            field::<u16>(sk, offset(&OFF_SKC_FAMILY)),
+            field::<u8>(sk, offset(&OFF_SKC_STATE)) as u32,
+        )
+    };
+    // SAFETY: `acc` points to the map's one value; indexes are bounded.
+    let acc = unsafe { &mut *acc };
+    acc.seen += 1;
+    let fam = match family {
+        AF_INET => FAMILY_V4,
+        AF_INET6 => FAMILY_V6,
+        _ => {
+            acc.read_errors += 1;
+            return;
+        }
+    };
+    let state = match state {
+        // A request socket is what `ss` lists as SYN-RECV.
+        tcp_state::NEW_SYN_RECV => tcp_state::SYN_RECV,
+        tcp_state::TIME_WAIT => return time_wait(sk, fam, acc, config),
+        s => s,
+    };
+    acc.sockets[fam][(state & 0xf) as usize] += 1;
+    if config.socket_states & (1 << (state & 0x1f)) != 0 {
+        emit(sk, seq, acc, config, family, state);
+    }
+}
+
+#[inline(always)]
+fn time_wait(sk: *const u8, fam: usize, acc: &mut Summary, config: &Config) {
+    // SAFETY: the helper checks the socket really is a TIME_WAIT minisock.
+    let tw = unsafe { bpf_skc_to_tcp_timewait_sock(sk as *mut c_void) };
+    if tw.is_null() {
+        acc.read_errors += 1;
+        return;
+    }
+    // SAFETY: `tw` is a `struct tcp_timewait_sock *` whose first member is
+    // the `inet_timewait_sock` the offset belongs to.
+    let substate = unsafe { field::<u8>(tw.cast::<u8>(), offset(&OFF_TW_SUBSTATE)) } as u32;
+    if substate == tcp_state::FIN_WAIT2 {
+        acc.sockets[fam][tcp_state::FIN_WAIT2 as usize] += 1;
+        acc.tw_fin_wait2[fam] += 1;
+        return;
+    }
+    acc.sockets[fam][tcp_state::TIME_WAIT as usize] += 1;
+    let (local, remote, local_port, remote_port) = endpoints(sk, fam);
+    let client = local_port >= config.ephemeral_low && local_port <= config.ephemeral_high;
+    let family = if fam == FAMILY_V4 { AF_INET } else { AF_INET6 };
+    let remote_key = TwKey {
+        family,
+        port: if client { remote_port } else { 0 },
+        addr: remote,
+    };
+    if !bump(&TW_REMOTE, &remote_key) {
+        acc.tw_remote_overflow += 1;
+    }
+    let local_key = TwKey {
+        family,
+        port: 0,
+        addr: local,
+    };
+    if !bump(&TW_LOCAL, &local_key) {
+        acc.tw_local_overflow += 1;
+    }
+}
+
+/// Adds one to `key`'s count; false when the map is full.
+#[inline(always)]
+fn bump(map: &HashMap<TwKey, u64>, key: &TwKey) -> bool {
+    if let Some(count) = map.get_ptr_mut(key) {
+        // SAFETY: a value of the map; one census runs at a time.
+        unsafe { *count += 1 };
+        return true;
+    }
+    map.insert(key, &1, u64::from(BPF_NOEXIST)).is_ok()
+}
+
+/// (local address, remote address, local port, remote port), host order
+/// for the ports; IPv4 addresses in the first four bytes.
+#[inline(always)]
+fn endpoints(sk: *const u8, fam: usize) -> ([u8; 16], [u8; 16], u16, u16) {
+    let mut local = [0u8; 16];
+    let mut remote = [0u8; 16];
+    // SAFETY: offsets of `struct sock_common` fields of these types.
+    unsafe {
+        if fam == FAMILY_V4 {
+            local[..4].copy_from_slice(&field::<[u8; 4]>(sk, offset(&OFF_SKC_RCV_SADDR)));
+            remote[..4].copy_from_slice(&field::<[u8; 4]>(sk, offset(&OFF_SKC_DADDR)));
+        } else {
+            local = field::<[u8; 16]>(sk, offset(&OFF_SKC_V6_RCV_SADDR));
+            remote = field::<[u8; 16]>(sk, offset(&OFF_SKC_V6_DADDR));
+        }
+        (
+            local,
+            remote,
+            field::<u16>(sk, offset(&OFF_SKC_NUM)),
+            u16::from_be(field::<u16>(sk, offset(&OFF_SKC_DPORT))),
+        )
+    }
+}
+
+#[inline(always)]
+fn emit(
+    sk: *const u8,
+    seq: *mut seq_file,
+    acc: &mut Summary,
+    config: &Config,
+    family: u16,
+    state: u32,
+) {
+    if acc.sockets_written >= u64::from(config.max_sockets) {
+        acc.sockets_dropped += 1;
+        return;
+    }
+    let fam = if family == AF_INET { FAMILY_V4 } else { FAMILY_V6 };
+    let (local, remote, local_port, remote_port) = endpoints(sk, fam);
+    let record = Socket {
+        header: Header {
+            kind: RECORD_SOCKET,
+            len: size_of::<Socket>() as u32,
+        },
+        family,
+        state: state as u16,
+        local_port,
+        remote_port,
+        local_addr: local,
+        remote_addr: remote,
+        since_ns: 0,
+        pid: 0,
+        _pad: 0,
+        comm: [0; 16],
+    };
+    // SAFETY: `seq` is the iterator's seq_file; the record is on the stack.
+    let written = unsafe {
+        bpf_seq_write(
+            seq,
+            ptr::from_ref(&record).cast::<c_void>(),
+            size_of::<Socket>() as u32,
+        )
+    };
+    // A record that does not fit is not lost: the kernel shows this socket
+    // again at the next read(2) (see `iter_tcp_census`).
+    if written == 0 {
+        acc.sockets_written += 1;
+    }
+}
