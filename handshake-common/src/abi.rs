@@ -37,6 +37,9 @@ pub mod map {
     pub const TW_REMOTE: &str = "TW_REMOTE";
     /// Hash [`super::census::TwKey`] (port 0) → count: per local address.
     pub const TW_LOCAL: &str = "TW_LOCAL";
+    /// Hash network namespace inode → sockets that went FIN_WAIT2 or
+    /// CLOSING → CLOSE there (the kernel's way into TIME_WAIT).
+    pub const TW_ENTRIES: &str = "TW_ENTRIES";
 }
 
 /// Default sizes; the daemon can set the table sizes at load time.
@@ -248,6 +251,7 @@ pub const TRANSITIONS_LEN: u32 = STATE_SLOTS * STATE_SLOTS;
 /// (`/sys/kernel/tracing/events/sock/inet_sock_set_state/format`; a stable
 /// ABI since 4.16, checked on 6.18).
 pub mod inet_sock_set_state {
+    pub const SKADDR: usize = 8;
     pub const OLDSTATE: usize = 16;
     pub const NEWSTATE: usize = 20;
     pub const FAMILY: usize = 28;
@@ -373,7 +377,15 @@ pub mod census {
         pub const SKC_V6_RCV_SADDR: &str = "OFF_SKC_V6_RCV_SADDR";
         /// `struct inet_timewait_sock`
         pub const TW_SUBSTATE: &str = "OFF_TW_SUBSTATE";
+        /// `struct sock_common`: the `struct net *` of the socket.
+        pub const SKC_NET: &str = "OFF_SKC_NET";
+        /// `struct net`: `ns.inum`, the namespace's inode number.
+        pub const NET_NS_INUM: &str = "OFF_NET_NS_INUM";
     }
+
+    /// Entries of [`super::map::TW_ENTRIES`]: namespaces counted apart;
+    /// the rest count under inode 0.
+    pub const TW_ENTRIES_NETNS: u32 = 256;
 
     // SAFETY: `repr(C)` plain integers and byte arrays, no implicit padding,
     // valid for any bit pattern.
@@ -417,6 +429,7 @@ mod tests {
             map::CENSUS_ACC,
             map::TW_REMOTE,
             map::TW_LOCAL,
+            map::TW_ENTRIES,
             map::HALF_OPEN,
             map::FLOWS,
             map::EVENTS,

@@ -14,15 +14,18 @@ use core::{ffi::c_void, mem::size_of, ptr};
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, seq_file},
-    helpers::generated::{bpf_seq_write, bpf_skc_to_tcp_timewait_sock},
+    helpers::{
+        bpf_probe_read_kernel,
+        generated::{bpf_seq_write, bpf_skc_to_tcp_timewait_sock},
+    },
     macros::map,
-    maps::{Array, HashMap},
+    maps::{Array, HashMap, PerCpuHashMap},
 };
 use handshake_common::abi::{
     AF_INET, AF_INET6,
     census::{
         Config, FAMILY_V4, FAMILY_V6, Header, RECORD_SOCKET, RECORD_SUMMARY, Socket, Summary,
-        TW_LOCAL_ENTRIES, TW_REMOTE_ENTRIES, TwKey,
+        TW_ENTRIES_NETNS, TW_LOCAL_ENTRIES, TW_REMOTE_ENTRIES, TwKey,
     },
     tcp_state,
 };
@@ -60,6 +63,44 @@ static OFF_SKC_V6_DADDR: u32 = 0;
 static OFF_SKC_V6_RCV_SADDR: u32 = 0;
 #[unsafe(no_mangle)]
 static OFF_TW_SUBSTATE: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_SKC_NET: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_NET_NS_INUM: u32 = 0;
+
+#[map]
+static TW_ENTRIES: PerCpuHashMap<u32, u64> = PerCpuHashMap::with_max_entries(TW_ENTRIES_NETNS, 0);
+
+/// From the state tracepoint: `skaddr` went FIN_WAIT2 or CLOSING → CLOSE,
+/// which is how a socket enters TIME_WAIT (a minisock takes over); counted
+/// per network namespace. Two kernel reads, on this transition only.
+#[inline(always)]
+pub fn time_wait_entry(skaddr: u64) {
+    // SAFETY: bpf_probe_read_kernel checks the addresses; a bad offset
+    // reads 0 or garbage, never faults.
+    let inum = unsafe {
+        let net: u64 =
+            bpf_probe_read_kernel((skaddr as usize + offset(&OFF_SKC_NET)) as *const u64)
+                .unwrap_or(0);
+        if net == 0 {
+            0
+        } else {
+            bpf_probe_read_kernel((net as usize + offset(&OFF_NET_NS_INUM)) as *const u32)
+                .unwrap_or(0)
+        }
+    };
+    // Per-CPU values: a plain add is safe. A full map counts under inode 0.
+    for key in [inum, 0] {
+        if let Some(count) = TW_ENTRIES.get_ptr_mut(&key) {
+            // SAFETY: this CPU's value of the map.
+            unsafe { *count += 1 };
+            return;
+        }
+        if TW_ENTRIES.insert(&key, &1, u64::from(BPF_NOEXIST)).is_ok() {
+            return;
+        }
+    }
+}
 
 #[inline(always)]
 fn offset(global: &u32) -> usize {
@@ -145,7 +186,8 @@ fn emit_if_asked(sk: *const u8, seq: *mut seq_file, acc: *mut Summary, config: &
             field::<u8>(sk, offset(&OFF_SKC_STATE)) as u32,
         )
     };
-    if (family == AF_INET || family == AF_INET6) && config.socket_states & (1 << (state & 0x1f)) != 0
+    if (family == AF_INET || family == AF_INET6)
+        && config.socket_states & (1 << (state & 0x1f)) != 0
     {
         // SAFETY: as in `count`.
         emit(sk, seq, unsafe { &mut *acc }, config, family, state);
@@ -283,7 +325,11 @@ fn emit(
         acc.sockets_dropped += 1;
         return;
     }
-    let fam = if family == AF_INET { FAMILY_V4 } else { FAMILY_V6 };
+    let fam = if family == AF_INET {
+        FAMILY_V4
+    } else {
+        FAMILY_V6
+    };
     let (local, remote, local_port, remote_port) = endpoints(sk, fam);
     let record = Socket {
         header: Header {

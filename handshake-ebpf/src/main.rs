@@ -28,7 +28,7 @@ use handshake_common::{
     abi::{
         self, AF_INET, AF_INET6, Direction, EVENTS_BYTES, EVENTS_WAKEUP_BYTES, FLOWS_ENTRIES,
         FlowStat, HALF_OPEN_ENTRIES, IPPROTO_TCP, PACKET_COUNTS_LEN, PacketKind, ParseError,
-        TRANSITIONS_LEN, inet_sock_set_state as tp,
+        TRANSITIONS_LEN, inet_sock_set_state as tp, tcp_state,
     },
     flow::{Flow, FlowKey, Step},
     packet::{Packet, TcpSegment, parse_tcp, tcp_flags},
@@ -313,6 +313,12 @@ pub fn tp_sock_state(ctx: TracePointContext) -> u32 {
     }
     if let Some(index) = abi::transition_index(old as u32, new as u32) {
         bump(&TRANSITIONS, index);
+    }
+    if new as u32 == tcp_state::CLOSE
+        && (old as u32 == tcp_state::FIN_WAIT2 || old as u32 == tcp_state::CLOSING)
+    {
+        // SAFETY: as above.
+        census::time_wait_entry(unsafe { *record.add(tp::SKADDR).cast::<u64>() });
     }
     0
 }

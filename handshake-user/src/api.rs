@@ -23,7 +23,8 @@ use tokio::{
 use crate::{
     clock,
     conntrack::{Phase, Role, outcome_name, phases},
-    daemon::State,
+    daemon::{self, CensusRunner, State},
+    states::{StatesView, TimeWaitView},
 };
 
 pub const DEFAULT_SOCKET: &str = "/run/handshake/handshake.sock";
@@ -150,13 +151,18 @@ impl Drop for SocketFile {
 }
 
 /// Answers API requests until the future is dropped.
-pub async fn serve(listener: UnixListener, state: Arc<Mutex<State>>) {
+pub async fn serve(
+    listener: UnixListener,
+    state: Arc<Mutex<State>>,
+    census: Option<Arc<Mutex<CensusRunner>>>,
+) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
                 let state = Arc::clone(&state);
+                let census = census.clone();
                 tokio::spawn(async move {
-                    if let Err(error) = answer(stream, &state).await {
+                    if let Err(error) = answer(stream, &state, census.as_ref()).await {
                         tracing::debug!(%error, "API request failed");
                     }
                 });
@@ -169,7 +175,11 @@ pub async fn serve(listener: UnixListener, state: Arc<Mutex<State>>) {
     }
 }
 
-async fn answer(stream: UnixStream, state: &Mutex<State>) -> io::Result<()> {
+async fn answer(
+    stream: UnixStream,
+    state: &Mutex<State>,
+    census: Option<&Arc<Mutex<CensusRunner>>>,
+) -> io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     // A request is one short line; bound what a client may send.
@@ -177,16 +187,54 @@ async fn answer(stream: UnixStream, state: &Mutex<State>) -> io::Result<()> {
     tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no request"))??;
-    let body = match line.trim() {
+    let mut words = line.split_whitespace();
+    let request = words.next().unwrap_or("");
+    let body = match request {
         "conns" => {
             let views = conns(&state.lock().unwrap_or_else(|p| p.into_inner()));
             serde_json::to_string(&views).map_err(io::Error::other)?
         }
-        other => serde_json::json!({ "error": format!("unknown request {other:?}") }).to_string(),
+        "states" | "timewait" => match census {
+            None => error_body(
+                "the socket census is not available (see the daemon's log and handshake_probe_attached{probe=\"iter_tcp_census\"})",
+            ),
+            Some(census) => {
+                // A fresh census, so that the answer is exact now.
+                let round = daemon::census_round(census).await;
+                let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
+                state.apply_census(round);
+                if request == "states" {
+                    let views: Vec<StatesView> = state
+                        .census
+                        .iter()
+                        .map(|v| StatesView {
+                            netns: v.name.clone(),
+                            states: v.states(),
+                            transitions_per_second: state.transitions_per_second.clone(),
+                            census_seconds: v.snapshot.duration.as_secs_f64(),
+                        })
+                        .collect();
+                    serde_json::to_string(&views).map_err(io::Error::other)?
+                } else {
+                    let top = words.next().and_then(|n| n.parse().ok()).unwrap_or(10);
+                    let views: Vec<TimeWaitView> = state
+                        .census
+                        .iter()
+                        .map(|v| TimeWaitView::of(v, top))
+                        .collect();
+                    serde_json::to_string(&views).map_err(io::Error::other)?
+                }
+            }
+        },
+        other => error_body(&format!("unknown request {other:?}")),
     };
     write.write_all(body.as_bytes()).await?;
     write.write_all(b"\n").await?;
     write.shutdown().await
+}
+
+fn error_body(message: &str) -> String {
+    serde_json::json!({ "error": message }).to_string()
 }
 
 /// Recent decided handshakes and those still in progress, oldest first.

@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{Array, HashMap, MapData};
+use aya::maps::{Array, HashMap, MapData, PerCpuHashMap};
 use btf_rs::{Btf, Type};
 use handshake_common::abi::{
     AF_INET,
@@ -86,7 +86,7 @@ pub enum CensusError {
 /// program's globals want them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Offsets {
-    pub values: [(&'static str, u32); 9],
+    pub values: [(&'static str, u32); 11],
 }
 
 impl Offsets {
@@ -118,9 +118,32 @@ impl Offsets {
                 field(sc, "skc_v6_daddr", 16, offsets::SKC_V6_DADDR)?,
                 field(sc, "skc_v6_rcv_saddr", 16, offsets::SKC_V6_RCV_SADDR)?,
                 field("inet_timewait_sock", "tw_substate", 1, offsets::TW_SUBSTATE)?,
+                field(sc, "skc_net", 8, offsets::SKC_NET)?,
+                (
+                    offsets::NET_NS_INUM,
+                    field("net", "ns", size_of_struct(&btf, "ns_common")?, "")?.1
+                        + field("ns_common", "inum", 4, "")?.1,
+                ),
             ],
         })
     }
+}
+
+/// Size of struct `name`.
+fn size_of_struct(btf: &Btf, name: &'static str) -> Result<usize, CensusError> {
+    btf.resolve_types_by_name(name)
+        .ok()
+        .and_then(|types| {
+            types.into_iter().find_map(|t| match t {
+                Type::Struct(s) => Some(s.size()),
+                _ => None,
+            })
+        })
+        .ok_or(CensusError::Field {
+            strukt: name,
+            field: "(itself)",
+            size: 0,
+        })
 }
 
 /// Byte offset of `field` in struct `strukt`, looking through anonymous
@@ -219,11 +242,14 @@ pub struct Census {
     config: Array<MapData, Config>,
     tw_remote: HashMap<MapData, TwKey, u64>,
     tw_local: HashMap<MapData, TwKey, u64>,
+    tw_entries: PerCpuHashMap<MapData, u32, u64>,
 }
 
 impl std::fmt::Debug for Census {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Census").field("link", &self.link).finish_non_exhaustive()
+        f.debug_struct("Census")
+            .field("link", &self.link)
+            .finish_non_exhaustive()
     }
 }
 
@@ -233,14 +259,7 @@ fn bpf(cmd: u32, words: &[u32]) -> io::Result<OwnedFd> {
     attr[..words.len()].copy_from_slice(words);
     // SAFETY: `attr` is a valid, zero-padded `union bpf_attr` of the size
     // given; the kernel returns a new fd or -1.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr.as_mut_ptr(),
-            size_of_val(&attr),
-        )
-    };
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), size_of_val(&attr)) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -265,6 +284,7 @@ impl Census {
         config: Array<MapData, Config>,
         tw_remote: HashMap<MapData, TwKey, u64>,
         tw_local: HashMap<MapData, TwKey, u64>,
+        tw_entries: PerCpuHashMap<MapData, u32, u64>,
     ) -> Result<Self, CensusError> {
         // link_create: prog_fd, target_fd, attach_type, flags.
         let link = bpf(
@@ -280,7 +300,16 @@ impl Census {
             config,
             tw_remote,
             tw_local,
+            tw_entries,
         })
+    }
+
+    /// Sockets that entered TIME_WAIT (went FIN_WAIT2 or CLOSING → CLOSE)
+    /// in the namespace with inode `inode` since the programs were loaded.
+    pub fn time_wait_entries(&self, inode: u64) -> u64 {
+        self.tw_entries
+            .get(&(inode as u32), 0)
+            .map_or(0, |per_cpu| per_cpu.iter().sum())
     }
 
     /// Counts every TCP socket of `netns`; lists the full sockets in the

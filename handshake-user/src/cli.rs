@@ -25,6 +25,38 @@ pub enum Command {
     Daemon(DaemonFlags),
     /// List recent and in-progress TCP handshakes with their phase timings.
     Conns(ConnsFlags),
+    /// Count every TCP socket by state, in each namespace the daemon
+    /// watches (a fresh census).
+    States(StatesFlags),
+    /// TIME_WAIT per namespace: count, entry rate, top remote endpoints and
+    /// the ephemeral-port exhaustion forecast per destination.
+    Timewait(TimewaitFlags),
+}
+
+#[derive(Debug, Args)]
+pub struct StatesFlags {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+
+    /// The daemon's API socket.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    pub api_socket: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct TimewaitFlags {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Remote endpoints and destinations listed per namespace.
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub top: usize,
+
+    /// The daemon's API socket.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    pub api_socket: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -106,6 +138,12 @@ pub struct DaemonFlags {
     /// Listening ports exported by `handshake_tcp_half_open` (most half-open first).
     #[arg(long, value_name = "N", default_value_t = 20)]
     pub half_open_top: usize,
+
+    /// How often the socket census (iter/tcp) counts every TCP socket of
+    /// the host's namespace and of --netns; `handshake states` and
+    /// `handshake timewait` also run one on demand.
+    #[arg(long, value_name = "DURATION", default_value = "1s")]
+    pub census_interval: String,
 
     /// Hook for received packets.
     #[arg(long, value_enum, default_value_t = IngressHook::Xdp)]

@@ -1,4 +1,5 @@
-//! The CLI side of the local API: `handshake conns`. Asks the daemon over
+//! The CLI side of the local API: `handshake conns`, `states` and
+//! `timewait`. Asks the daemon over
 //! its Unix socket and prints a table, or JSON with `--json`.
 
 use std::{
@@ -12,7 +13,9 @@ use anyhow::{Context as _, bail};
 
 use crate::{
     api::ConnView,
-    cli::{ConnsFlags, OutcomeFlag, RoleFlag},
+    census::STATES,
+    cli::{ConnsFlags, OutcomeFlag, RoleFlag, StatesFlags, TimewaitFlags},
+    states::{StatesView, TimeWaitView, state_name},
 };
 
 /// Sends one request and returns the daemon's answer.
@@ -75,6 +78,77 @@ pub fn conns(flags: &ConnsFlags) -> anyhow::Result<()> {
             v.syn_retransmits + v.synack_retransmits,
             v.age_s
         );
+    }
+    Ok(())
+}
+
+pub fn states(flags: &StatesFlags) -> anyhow::Result<()> {
+    let answer = request(&flags.api_socket, "states")?;
+    let views: Vec<StatesView> =
+        serde_json::from_str(&answer).context("decoding the daemon's answer")?;
+    if flags.json {
+        println!("{}", serde_json::to_string_pretty(&views)?);
+        return Ok(());
+    }
+    print!("{:<16}", "NETNS");
+    for state in STATES {
+        print!(" {:>11}", state_name(state));
+    }
+    println!();
+    for view in &views {
+        print!("{:<16}", view.netns);
+        for state in STATES {
+            print!(
+                " {:>11}",
+                view.states.get(state_name(state)).copied().unwrap_or(0)
+            );
+        }
+        println!();
+    }
+    Ok(())
+}
+
+pub fn timewait(flags: &TimewaitFlags) -> anyhow::Result<()> {
+    let answer = request(&flags.api_socket, &format!("timewait {}", flags.top))?;
+    let views: Vec<TimeWaitView> =
+        serde_json::from_str(&answer).context("decoding the daemon's answer")?;
+    if flags.json {
+        println!("{}", serde_json::to_string_pretty(&views)?);
+        return Ok(());
+    }
+    for view in &views {
+        let rate = view
+            .entries_per_second
+            .map_or_else(|| "-".to_owned(), |r| format!("{r:.1}/s"));
+        println!(
+            "{}: {} in TIME_WAIT, entering at {rate}, local ports {}-{}",
+            view.netns, view.count, view.port_range[0], view.port_range[1]
+        );
+        for endpoint in &view.top {
+            let port = if endpoint.remote_port == 0 {
+                "*".to_owned()
+            } else {
+                endpoint.remote_port.to_string()
+            };
+            println!(
+                "  {:>8}  to {} port {port}",
+                endpoint.count, endpoint.remote_addr
+            );
+        }
+        for f in view
+            .forecast
+            .iter()
+            .filter(|f| f.seconds_to_exhaustion.is_some())
+        {
+            println!(
+                "  ports towards {} port {} run out in {:.0}s ({} held, +{:.1}/s)",
+                f.remote_addr,
+                f.remote_port,
+                f.seconds_to_exhaustion.unwrap_or(f64::INFINITY),
+                f.time_wait,
+                f.growth_per_second
+            );
+        }
     }
     Ok(())
 }

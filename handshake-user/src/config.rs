@@ -24,6 +24,8 @@ pub struct DaemonConfig {
     pub tables: TableSizes,
     pub conn_history: usize,
     pub half_open_top: usize,
+    /// How often the socket census runs in each watched namespace.
+    pub census_interval: Duration,
 }
 
 /// Entries of the kernel's flow tables.
@@ -76,6 +78,18 @@ impl TryFrom<DaemonFlags> for DaemonConfig {
                 flags.handshake_timeout
             )
         })?;
+        let census_interval = parse_duration(&flags.census_interval).with_context(|| {
+            format!(
+                "--census-interval {:?} is not a duration such as 1s or 500ms",
+                flags.census_interval
+            )
+        })?;
+        if census_interval < Duration::from_millis(100) {
+            bail!(
+                "--census-interval {:?} is below 100ms",
+                flags.census_interval
+            );
+        }
         for (flag, value) in [
             ("--half-open-entries", flags.half_open_entries),
             ("--flow-entries", flags.flow_entries),
@@ -125,6 +139,7 @@ impl TryFrom<DaemonFlags> for DaemonConfig {
             },
             conn_history: flags.conn_history,
             half_open_top: flags.half_open_top,
+            census_interval,
         })
     }
 }

@@ -5,6 +5,7 @@
 //! SIGTERM, and detaches everything.
 
 use std::{
+    collections::BTreeMap,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -14,14 +15,18 @@ use handshake_common::flow::Flow;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    api, clock,
+    api,
+    census::{Census, CensusError, Snapshot},
+    clock,
     config::DaemonConfig,
     conntrack::{Conntrack, Expiry},
     events::EventReader,
     http,
     loader::Observer,
-    maps::{FlowStats, FlowTables},
+    maps::{Counters, FlowStats, FlowTables},
     metrics::{self, Report, SelfStats},
+    netns::Netns,
+    states::{NetnsView, state_name},
 };
 
 /// How often the flow tables are swept for timeouts and idle handshakes.
@@ -39,6 +44,80 @@ pub struct State {
     pub live: Vec<Flow>,
     pub flow_stats: FlowStats,
     pub self_stats: SelfStats,
+    /// The last census of each watched namespace (host first).
+    pub census: Vec<NetnsView>,
+    /// Host-wide state transitions per second, `from->to`, between the
+    /// last two censuses.
+    pub transitions_per_second: BTreeMap<String, f64>,
+}
+
+impl State {
+    /// Takes in one census round.
+    pub fn apply_census(&mut self, round: CensusRound) {
+        let now = clock::monotonic_ns();
+        for (name, result) in round {
+            match result {
+                Ok((snapshot, entries)) => match self.census.iter_mut().find(|v| v.name == name) {
+                    Some(view) => view.update(snapshot, entries, now),
+                    None => self
+                        .census
+                        .push(NetnsView::new(&name, snapshot, entries, now)),
+                },
+                Err(error) => {
+                    self.self_stats.census_errors += 1;
+                    tracing::error!(netns = %name, error = %format!("{:#}", anyhow::Error::new(error)), "census failed");
+                }
+            }
+        }
+    }
+}
+
+/// The census and the namespaces it watches: the host's, and the one of
+/// `--netns`. `&mut` serialises runs (they share the program's maps).
+#[derive(Debug)]
+pub struct CensusRunner {
+    census: Census,
+    watched: Vec<(Netns, u64)>,
+}
+
+/// One census of every watched namespace: per namespace, its snapshot and
+/// TIME_WAIT entries so far.
+pub type CensusRound = Vec<(String, Result<(Snapshot, u64), CensusError>)>;
+
+impl CensusRunner {
+    pub fn new(census: Census, netns: &Netns) -> anyhow::Result<Self> {
+        let mut watched = vec![(Netns::host(), Netns::host().inode()?)];
+        if netns.name() != "host" {
+            watched.push((netns.try_clone()?, netns.inode()?));
+        }
+        Ok(Self { census, watched })
+    }
+
+    pub fn run(&mut self) -> CensusRound {
+        let Self { census, watched } = self;
+        watched
+            .iter()
+            .map(|(netns, inode)| {
+                let result = census
+                    .run(netns, 0, 0)
+                    .map(|snapshot| (snapshot, census.time_wait_entries(*inode)));
+                (netns.name().to_owned(), result)
+            })
+            .collect()
+    }
+}
+
+/// Runs a census round off the async threads.
+pub async fn census_round(runner: &Arc<Mutex<CensusRunner>>) -> CensusRound {
+    let runner = Arc::clone(runner);
+    tokio::task::spawn_blocking(move || {
+        runner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .run()
+    })
+    .await
+    .unwrap_or_default()
 }
 
 fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
@@ -55,9 +134,15 @@ pub fn run(config: DaemonConfig) -> anyhow::Result<()> {
     let _socket_file = api::SocketFile(config.api_socket.clone());
 
     let mut observer = Observer::load_with(config.tables).context("loading the kernel programs")?;
-    let counters = observer.take_counters()?;
+    let counters = Arc::new(observer.take_counters()?);
     let tables = observer.take_flow_tables()?;
     let events = observer.take_events()?;
+    let census = observer
+        .take_census()
+        .map_err(|e| format!("{:#}", anyhow::Error::new(e)))
+        .and_then(|census| CensusRunner::new(census, &config.netns).map_err(|e| format!("{e:#}")));
+    observer.record_census(census.as_ref().map(|_| ()).map_err(Clone::clone));
+    let census = census.ok().map(|runner| Arc::new(Mutex::new(runner)));
     observer.attach_tracepoints();
     observer.attach_interfaces(
         &config.netns,
@@ -80,11 +165,14 @@ pub fn run(config: DaemonConfig) -> anyhow::Result<()> {
         live: Vec::new(),
         flow_stats: FlowStats::default(),
         self_stats: SelfStats::default(),
+        census: Vec::new(),
+        transitions_per_second: BTreeMap::new(),
     }));
     let attachments = observer.attachments().to_vec();
     let half_open_top = config.half_open_top;
     let render: http::Render = {
         let state = Arc::clone(&state);
+        let counters = Arc::clone(&counters);
         Arc::new(move || {
             let snapshot = counters.snapshot();
             let mut state = lock(&state);
@@ -97,6 +185,7 @@ pub fn run(config: DaemonConfig) -> anyhow::Result<()> {
                     flow_stats: state.flow_stats,
                     self_stats: state.self_stats,
                     half_open_top,
+                    census: &state.census,
                 })),
                 Err(error) => {
                     state.self_stats.map_read_errors += 1;
@@ -130,9 +219,10 @@ pub fn run(config: DaemonConfig) -> anyhow::Result<()> {
         let mut sigint = signal(SignalKind::interrupt())?;
         tokio::select! {
             () = http::serve(metrics_listener, render) => {}
-            () = api::serve(api_listener, Arc::clone(&state)) => {}
+            () = api::serve(api_listener, Arc::clone(&state), census.clone()) => {}
             result = read_events(events, &state) => result?,
             result = sweep(tables, expiry, &state) => result?,
+            () = census_loop(census.clone(), &counters, config.census_interval, &state) => {}
             _ = sigterm.recv() => tracing::info!("SIGTERM: detaching"),
             _ = sigint.recv() => tracing::info!("SIGINT: detaching"),
         }
@@ -144,6 +234,49 @@ pub fn run(config: DaemonConfig) -> anyhow::Result<()> {
         .context("detaching the kernel programs")?;
     tracing::info!("detached; exiting");
     served
+}
+
+/// Runs the census of every watched namespace every `every`, and derives
+/// the host-wide transition rates from the counters meanwhile.
+async fn census_loop(
+    runner: Option<Arc<Mutex<CensusRunner>>>,
+    counters: &Counters,
+    every: Duration,
+    state: &Mutex<State>,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last: Option<(u64, Vec<(u32, u32, u64)>)> = None;
+    loop {
+        tick.tick().await;
+        let round = match &runner {
+            Some(runner) => census_round(runner).await,
+            None => Vec::new(),
+        };
+        let now = clock::monotonic_ns();
+        let transitions = counters.snapshot().map(|s| s.transitions).ok();
+        let mut state = lock(state);
+        state.apply_census(round);
+        if let (Some((then, before)), Some(after)) = (&last, &transitions) {
+            let seconds = (now - then) as f64 / 1e9;
+            state.transitions_per_second = after
+                .iter()
+                .map(|&(from, to, count)| {
+                    let prior = before
+                        .iter()
+                        .find(|&&(f, t, _)| f == from && t == to)
+                        .map_or(0, |&(_, _, c)| c);
+                    (
+                        format!("{}->{}", state_name(from), state_name(to)),
+                        count.saturating_sub(prior) as f64 / seconds,
+                    )
+                })
+                .collect();
+        }
+        if let Some(after) = transitions {
+            last = Some((now, after));
+        }
+    }
 }
 
 /// Feeds decided handshakes from the ring buffer to conntrack.

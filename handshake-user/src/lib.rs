@@ -17,6 +17,7 @@ pub mod loader;
 pub mod maps;
 pub mod metrics;
 pub mod netns;
+pub mod states;
 
 /// The compiled kernel programs, embedded at build time.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/handshake"));

@@ -6,7 +6,7 @@ use std::{ffi::CString, os::fd::AsFd as _};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuHashMap, RingBuf},
     programs::{
         Iter, ProgramError, SchedClassifier, TcAttach, TcAttachType, TracePoint, Xdp, XdpMode,
         tc::{self, NlOptions},
@@ -87,9 +87,7 @@ impl Observer {
                 loader.override_global(name, value, true);
             }
         }
-        let mut ebpf = loader
-            .load(crate::EBPF_OBJECT)
-            .map_err(LoadError::Object)?;
+        let mut ebpf = loader.load(crate::EBPF_OBJECT).map_err(LoadError::Object)?;
         for name in [
             program::XDP_INGRESS,
             program::TC_INGRESS,
@@ -120,7 +118,9 @@ impl Observer {
     /// on without it and says so). Once only.
     pub fn take_census(&mut self) -> Result<Census, CensusError> {
         self.census.take().unwrap_or_else(|| {
-            Err(CensusError::Output("the census was taken already".to_owned()))
+            Err(CensusError::Output(
+                "the census was taken already".to_owned(),
+            ))
         })
     }
 
@@ -268,6 +268,29 @@ impl Observer {
         }
     }
 
+    /// Records whether the census could be loaded, as a probe of its own.
+    pub fn record_census(&mut self, result: Result<(), String>) {
+        let probe = program::ITER_TCP_CENSUS;
+        let attachment = match result {
+            Ok(()) => Attachment {
+                probe,
+                interface: None,
+                detail: "iter/tcp".to_owned(),
+                attached: true,
+            },
+            Err(detail) => {
+                tracing::warn!(probe, error = %detail, "socket census unavailable");
+                Attachment {
+                    probe,
+                    interface: None,
+                    detail,
+                    attached: false,
+                }
+            }
+        };
+        self.attachments.push(attachment);
+    }
+
     fn record(
         &mut self,
         probe: &'static str,
@@ -318,12 +341,14 @@ fn load_census(ebpf: &mut Ebpf) -> Result<Census, CensusError> {
             .ok_or_else(|| CensusError::Output(format!("the eBPF object has no map {name:?}")))
     };
     let map_error = |name| move |source| CensusError::Map { name, source };
-    let config = Array::try_from(take(ebpf, map::CENSUS_CONFIG)?)
-        .map_err(map_error(map::CENSUS_CONFIG))?;
+    let config =
+        Array::try_from(take(ebpf, map::CENSUS_CONFIG)?).map_err(map_error(map::CENSUS_CONFIG))?;
     let tw_remote =
         HashMap::try_from(take(ebpf, map::TW_REMOTE)?).map_err(map_error(map::TW_REMOTE))?;
     let tw_local =
         HashMap::try_from(take(ebpf, map::TW_LOCAL)?).map_err(map_error(map::TW_LOCAL))?;
+    let tw_entries = PerCpuHashMap::try_from(take(ebpf, map::TW_ENTRIES)?)
+        .map_err(map_error(map::TW_ENTRIES))?;
     let name = program::ITER_TCP_CENSUS;
     let program_error = |e: ProgramError| CensusError::Output(format!("{name}: {}", chain(e)));
     let prog: &mut Iter = ebpf
@@ -337,6 +362,7 @@ fn load_census(ebpf: &mut Ebpf) -> Result<Census, CensusError> {
         config,
         tw_remote,
         tw_local,
+        tw_entries,
     )
 }
 

@@ -19,6 +19,8 @@ fn main() -> ExitCode {
     let result = match args.command {
         cli::Command::Daemon(flags) => DaemonConfig::try_from(flags).and_then(daemon::run),
         cli::Command::Conns(flags) => client::conns(&flags),
+        cli::Command::States(flags) => client::states(&flags),
+        cli::Command::Timewait(flags) => client::timewait(&flags),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

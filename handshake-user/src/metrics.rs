@@ -6,7 +6,11 @@
 use std::collections::BTreeMap;
 
 use handshake_common::{
-    abi::{Direction, PacketKind, ParseError, tcp_state},
+    abi::{
+        Direction, PacketKind, ParseError,
+        census::{FAMILY_V4, FAMILY_V6},
+        tcp_state,
+    },
     flow::{Flow, ROLE_SERVER},
 };
 use prometheus::{
@@ -15,9 +19,11 @@ use prometheus::{
 };
 
 use crate::{
+    census::STATES,
     conntrack::{BUCKETS, Histogram, Outcome, Phase, Role, Totals},
     loader::Attachment,
     maps::{FlowStats, Snapshot, Table},
+    states::{self, NetnsView},
 };
 
 /// What the daemon itself counts, next to what the kernel counted.
@@ -27,6 +33,8 @@ pub struct SelfStats {
     pub map_read_errors: u64,
     /// Ring-buffer records of the wrong size.
     pub events_malformed: u64,
+    /// Census runs that failed.
+    pub census_errors: u64,
 }
 
 /// Everything one scrape shows.
@@ -41,6 +49,8 @@ pub struct Report<'a> {
     pub self_stats: SelfStats,
     /// How many listening ports `handshake_tcp_half_open` shows.
     pub half_open_top: usize,
+    /// The last census of each watched namespace.
+    pub census: &'a [NetnsView],
 }
 
 fn labels(pairs: &[(&str, &str)]) -> Vec<LabelPair> {
@@ -312,6 +322,7 @@ pub fn render(report: &Report<'_>) -> String {
         vec![counter(&[], stats.events_malformed)],
     ));
     handshake_families(report, &mut families);
+    census_families(report, &mut families);
 
     // The encoder rejects a family without samples (no transition seen
     // yet, no port half-open); Prometheus reads an absent series as none.
@@ -323,6 +334,85 @@ pub fn render(report: &Report<'_>) -> String {
         tracing::error!(%error, "encoding metrics failed");
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The socket census: states per namespace, TIME_WAIT and its forecast.
+fn census_families(report: &Report<'_>, families: &mut Vec<MetricFamily>) {
+    let mut sockets = Vec::new();
+    let mut time_wait = Vec::new();
+    let mut durations = Vec::new();
+    let mut exhaustion = Vec::new();
+    for view in report.census {
+        let netns = view.name.as_str();
+        for state in STATES {
+            for (family_index, family_name) in [(FAMILY_V4, "ipv4"), (FAMILY_V6, "ipv6")] {
+                sockets.push(gauge(
+                    &[
+                        ("netns", netns),
+                        ("state", states::state_name(state)),
+                        ("family", family_name),
+                    ],
+                    view.snapshot.count_family(family_index, state) as f64,
+                ));
+            }
+        }
+        time_wait.push(gauge(&[("netns", netns)], view.time_wait() as f64));
+        durations.push(gauge(
+            &[("netns", netns)],
+            view.snapshot.duration.as_secs_f64(),
+        ));
+        let soonest = view
+            .forecast()
+            .first()
+            .and_then(|f| f.seconds_to_exhaustion)
+            .unwrap_or(f64::INFINITY);
+        exhaustion.push(gauge(&[("netns", netns)], soonest));
+    }
+    families.push(family(
+        "handshake_tcp_sockets",
+        "TCP sockets per state and family at the last census (iter/tcp), as ss counts them: request sockets as syn_recv, closed sockets waiting for their peer's FIN as fin_wait2.",
+        MetricType::GAUGE,
+        sockets,
+    ));
+    families.push(family(
+        "handshake_tcp_time_wait_sockets",
+        "Sockets in TIME_WAIT at the last census.",
+        MetricType::GAUGE,
+        time_wait,
+    ));
+    families.push(family(
+        "handshake_census_duration_seconds",
+        "Wall time of the last census of the namespace: walk, read and map drain.",
+        MetricType::GAUGE,
+        durations,
+    ));
+    families.push(family(
+        "handshake_tcp_ephemeral_port_exhaustion_seconds",
+        "Seconds until the destination soonest to run out of local ports (ip_local_port_range against the TIME_WAIT sockets held towards it and their growth) has none free; +Inf when none is heading there.",
+        MetricType::GAUGE,
+        exhaustion,
+    ));
+    let entries = report
+        .snapshot
+        .transitions
+        .iter()
+        .filter(|&&(from, to, _)| {
+            to == tcp_state::CLOSE && (from == tcp_state::FIN_WAIT2 || from == tcp_state::CLOSING)
+        })
+        .map(|&(_, _, count)| count)
+        .sum();
+    families.push(family(
+        "handshake_tcp_time_wait_entries_total",
+        "Sockets that entered TIME_WAIT, host-wide: FIN_WAIT2 or CLOSING -> CLOSE as sock:inet_sock_set_state reports it (a minisock takes over).",
+        MetricType::COUNTER,
+        vec![counter(&[], entries)],
+    ));
+    families.push(family(
+        "handshake_census_errors_total",
+        "Census runs that failed (see the daemon's log).",
+        MetricType::COUNTER,
+        vec![counter(&[], report.self_stats.census_errors)],
+    ));
 }
 
 #[cfg(test)]
@@ -339,6 +429,7 @@ mod tests {
             flow_stats: FlowStats::default(),
             self_stats: SelfStats::default(),
             half_open_top: 5,
+            census: &[],
         });
         assert!(text.contains("handshake_packets_total{"));
         assert!(!text.contains("handshake_tcp_state_transitions_total"));
@@ -382,8 +473,10 @@ mod tests {
             self_stats: SelfStats {
                 map_read_errors: 1,
                 events_malformed: 0,
+                census_errors: 0,
             },
             half_open_top: 5,
+            census: &[],
         });
         for line in [
             "handshake_packets_total{direction=\"egress\",kind=\"syn_ack\"} 7",

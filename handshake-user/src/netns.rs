@@ -117,6 +117,23 @@ impl Netns {
         })
     }
 
+    /// The namespace's inode number, as the kernel's `ns.inum` has it.
+    pub fn inode(&self) -> io::Result<u64> {
+        use std::os::unix::fs::MetadataExt as _;
+        match &self.handle {
+            Some(file) => file.metadata().map(|m| m.ino()),
+            None => std::fs::metadata("/proc/self/ns/net").map(|m| m.ino()),
+        }
+    }
+
+    /// A second handle on the same namespace.
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(Self {
+            name: self.name.clone(),
+            handle: self.handle.as_ref().map(File::try_clone).transpose()?,
+        })
+    }
+
     /// Names of the interfaces that are up in this namespace, sorted.
     pub fn interfaces_up(&self) -> Result<Vec<String>, NetnsError> {
         self.run(interfaces_up_here)?

@@ -350,6 +350,22 @@ impl Daemon {
         serde_json::from_slice(&out.stdout).expect("conns --json prints a JSON array")
     }
 
+    /// `handshake SUBCOMMAND --json ARGS` against this daemon, parsed.
+    pub fn cli_json(&self, subcommand: &str, args: &[&str]) -> serde_json::Value {
+        let out = Command::new(handshake_bin())
+            .args([subcommand, "--json", "--api-socket"])
+            .arg(&self.api_socket)
+            .args(args)
+            .output()
+            .expect("run handshake");
+        assert!(
+            out.status.success(),
+            "handshake {subcommand} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("--json prints JSON")
+    }
+
     /// Sends `signal` and waits; returns the exit status.
     /// User plus system CPU time the daemon has used so far, in seconds
     /// (`/proc/PID/stat`, all its threads).
@@ -787,4 +803,55 @@ pub fn median_p99(values: &mut [f64]) -> (f64, f64) {
     }
     let at = |q: f64| values[((values.len() - 1) as f64 * q).round() as usize];
     (at(0.5), at(0.99))
+}
+
+/// An nftables rule in namespace `ns`, on the input hook, that drops what
+/// `expr` matches (e.g. `tcp sport 80 tcp flags & (syn | ack) == syn | ack`),
+/// for as long as the value lives.
+pub struct NftDrop {
+    ns: String,
+    table: String,
+}
+
+impl NftDrop {
+    pub fn input(ns: &str, expr: &str) -> Self {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let table = format!("handshake_test_{}", NEXT.fetch_add(1, Ordering::Relaxed));
+        let rules = format!(
+            "table inet {table} {{\n  chain input {{\n    type filter hook input priority 0;\n    {expr} drop\n  }}\n}}\n"
+        );
+        let mut nft = Command::new("ip")
+            .args(["netns", "exec", ns, "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("run nft");
+        nft.stdin
+            .take()
+            .expect("nft stdin")
+            .write_all(rules.as_bytes())
+            .expect("write nft rules");
+        let status = nft.wait().expect("wait for nft");
+        assert!(status.success(), "nft rule in {ns}:\n{rules}");
+        Self {
+            ns: ns.to_owned(),
+            table,
+        }
+    }
+}
+
+impl Drop for NftDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns,
+                "nft",
+                "delete",
+                "table",
+                "inet",
+                &self.table,
+            ])
+            .status();
+    }
 }

@@ -6,11 +6,13 @@ use std::{
     collections::BTreeMap,
     io::{Read as _, Write as _},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    sync::mpsc,
+    thread::JoinHandle,
     time::Duration,
 };
 
 use handshake_common::abi::{census::FAMILY_V4, census::FAMILY_V6, tcp_state};
-use handshake_tests::{NetnsPair, enter_netns, require_root, serial, sh, spawn_in};
+use handshake_tests::{Daemon, NetnsPair, NftDrop, require_root, serial, sh, spawn_in};
 use handshake_user::{census::STATES, loader::Observer, netns::Netns};
 
 /// `ss -tan` in `ns`, family `-4` or `-6`: sockets per state number.
@@ -53,7 +55,10 @@ fn census_equals_ss_for_time_wait_on_both_sides() {
     // Server: accepts; closes first on odd connections (TIME_WAIT on the
     // server side), waits for the client's close on even ones.
     let server = spawn_in(&pair.server, move || {
-        let listeners = [TcpListener::bind(v4).unwrap(), TcpListener::bind(v6).unwrap()];
+        let listeners = [
+            TcpListener::bind(v4).unwrap(),
+            TcpListener::bind(v6).unwrap(),
+        ];
         let mut held = Vec::new();
         for listener in &listeners {
             for i in 0..20 {
@@ -104,11 +109,257 @@ fn census_equals_ss_for_time_wait_on_both_sides() {
         }
         eprintln!(
             "{ns}: census {:?} in {:?}; TIME_WAIT remote {:?}",
-            snapshot.summary.sockets,
-            snapshot.duration,
-            snapshot.tw_remote
+            snapshot.summary.sockets, snapshot.duration, snapshot.tw_remote
         );
     }
     drop(listeners);
-    let _ = enter_netns;
+}
+
+/// The state names `handshake states --json` uses, by kernel number.
+fn json_name(state: u32) -> &'static str {
+    tcp_state::name(state).unwrap()
+}
+
+/// `handshake states --json` for namespace `ns`: sockets per state number.
+fn daemon_states(daemon: &Daemon, ns: &str) -> BTreeMap<u32, u64> {
+    let answer = daemon.cli_json("states", &[]);
+    let view = answer
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["netns"] == ns)
+        .unwrap_or_else(|| panic!("no namespace {ns} in {answer}"));
+    STATES
+        .iter()
+        .map(|s| (*s, view["states"][json_name(*s)].as_u64().unwrap()))
+        .collect()
+}
+
+fn addr(family: &str, host: &str, port: u16) -> SocketAddr {
+    if family == "-4" {
+        format!("{host}:{port}").parse().unwrap()
+    } else {
+        format!("[{host}]:{port}").parse().unwrap()
+    }
+}
+
+/// Every state a test can hold on purpose, in both namespaces and both
+/// families, then: `handshake states` equals `ss -tan` there, state by
+/// state, and so does `handshake_tcp_sockets` per family.
+#[test]
+fn states_equal_ss_in_every_state() {
+    require_root();
+    let _serial = serial();
+    let pair = NetnsPair::new();
+    let server_daemon = pair.server_daemon(&[]);
+    let client_daemon = pair.client_daemon(&[]);
+    let families = [("-4", NetnsPair::SERVER_V4), ("-6", NetnsPair::SERVER_V6)];
+    const PER: usize = 4;
+    let (tw_client, tw_server, half_closed, syn, closing) = (7101, 7102, 7103, 7104, 7105);
+
+    // Server side: every listener, for both families.
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let server = spawn_in(&pair.server, move || {
+        let mut listeners = Vec::new();
+        for (family, host) in families {
+            for port in [tw_client, tw_server, half_closed, syn, closing] {
+                listeners.push(TcpListener::bind(addr(family, host, port)).unwrap());
+            }
+        }
+        ready_tx.send(()).unwrap();
+        let mut held = Vec::new();
+        for listener in listeners.chunks(5) {
+            // Client closes first: read to EOF, then close.
+            for _ in 0..PER {
+                let (mut s, _) = listener[0].accept().unwrap();
+                let _ = s.read_to_end(&mut Vec::new());
+            }
+            // Server closes first.
+            for _ in 0..PER {
+                drop(listener[1].accept().unwrap());
+            }
+            // Never closes: CLOSE_WAIT once the client closed.
+            for _ in 0..PER {
+                held.push(listener[2].accept().unwrap().0);
+            }
+            // Simultaneous close.
+            held.push(listener[4].accept().unwrap().0);
+        }
+        (listeners, held)
+    });
+    ready_rx.recv().unwrap();
+
+    let (client_tx, client_rx) = mpsc::channel();
+    let client = spawn_in(&pair.client, move || {
+        let mut held = Vec::new();
+        for (family, host) in families {
+            for _ in 0..PER {
+                let mut s = TcpStream::connect(addr(family, host, tw_client)).unwrap();
+                s.write_all(b"x").unwrap();
+                s.shutdown(Shutdown::Write).unwrap();
+                let _ = s.read_to_end(&mut Vec::new());
+            }
+            for _ in 0..PER {
+                let mut s = TcpStream::connect(addr(family, host, tw_server)).unwrap();
+                let _ = s.read_to_end(&mut Vec::new());
+            }
+            for i in 0..PER {
+                let s = TcpStream::connect(addr(family, host, half_closed)).unwrap();
+                if i % 2 == 0 {
+                    // A full socket in FIN_WAIT2.
+                    s.shutdown(Shutdown::Write).unwrap();
+                    held.push(s);
+                } else {
+                    // Closed: a TIME_WAIT minisock in substate FIN_WAIT2.
+                    drop(s);
+                }
+            }
+            held.push(TcpStream::connect(addr(family, host, closing)).unwrap());
+        }
+        client_tx.send(held).unwrap();
+    });
+    let client_held = client_rx.recv().unwrap();
+    client.join().unwrap();
+
+    // Simultaneous close: both FINs dropped on the way in, both sides
+    // close, then the client's FIN is let through: the server, whose own
+    // FIN is still unacknowledged, goes CLOSING; the client stays in
+    // FIN_WAIT1 (everything towards it is still dropped).
+    let into_server = NftDrop::input(&pair.server, &format!("tcp dport {closing}"));
+    let into_client = NftDrop::input(&pair.client, &format!("tcp sport {closing}"));
+    let (listeners, server_held) = server.join().unwrap();
+    for s in server_held
+        .iter()
+        .filter(|s| s.local_addr().unwrap().port() == closing)
+    {
+        s.shutdown(Shutdown::Write).unwrap();
+    }
+    for s in client_held
+        .iter()
+        .filter(|s| s.peer_addr().unwrap().port() == closing)
+    {
+        s.shutdown(Shutdown::Write).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    drop(into_server);
+
+    // SYN_SENT on the client, SYN_RECV (request sockets) on the server:
+    // SYN-ACKs dropped on their way into the client.
+    let no_synacks = NftDrop::input(
+        &pair.client,
+        &format!("tcp sport {syn} tcp flags & (syn | ack) == syn | ack"),
+    );
+    let connecting: Vec<JoinHandle<()>> = families
+        .iter()
+        .flat_map(|&(family, host)| {
+            let ns = pair.client.clone();
+            (0..PER).map(move |_| {
+                spawn_in(&ns, move || {
+                    let _ = TcpStream::connect_timeout(
+                        &addr(family, host, syn),
+                        Duration::from_secs(20),
+                    );
+                })
+            })
+        })
+        .collect();
+
+    // Long enough for the client's FIN to be retransmitted into the
+    // server (RTO backoff) and for every SYN to be out.
+    std::thread::sleep(Duration::from_secs(3));
+    for (daemon, ns) in [
+        (&server_daemon, &pair.server),
+        (&client_daemon, &pair.client),
+    ] {
+        let census = daemon_states(daemon, ns);
+        let mut expected = ss_counts(ns, "-4");
+        for (state, count) in ss_counts(ns, "-6") {
+            *expected.entry(state).or_default() += count;
+        }
+        for state in STATES {
+            assert_eq!(
+                census[&state],
+                expected.get(&state).copied().unwrap_or(0),
+                "{ns}: {} differs: handshake states {census:?}, ss {expected:?}",
+                json_name(state)
+            );
+        }
+        // Per family, from the metrics of the same census.
+        let metrics = daemon.scrape();
+        for (family, flag) in [("ipv4", "-4"), ("ipv6", "-6")] {
+            let expected = ss_counts(ns, flag);
+            for state in STATES {
+                assert_eq!(
+                    metrics.get(
+                        "handshake_tcp_sockets",
+                        &[
+                            ("netns", ns),
+                            ("state", json_name(state)),
+                            ("family", family)
+                        ]
+                    ) as u64,
+                    expected.get(&state).copied().unwrap_or(0),
+                    "{ns} {family} {}",
+                    json_name(state)
+                );
+            }
+        }
+        eprintln!("{ns}: {census:?}");
+    }
+    // Every state the test meant to hold is there.
+    let server = daemon_states(&server_daemon, &pair.server);
+    let client = daemon_states(&client_daemon, &pair.client);
+    assert_eq!(server[&tcp_state::TIME_WAIT], 2 * PER as u64);
+    assert_eq!(client[&tcp_state::TIME_WAIT], 2 * PER as u64);
+    assert_eq!(server[&tcp_state::CLOSE_WAIT], 2 * PER as u64);
+    assert_eq!(client[&tcp_state::FIN_WAIT2], 2 * PER as u64);
+    assert_eq!(server[&tcp_state::SYN_RECV], 2 * PER as u64);
+    assert_eq!(client[&tcp_state::SYN_SENT], 2 * PER as u64);
+    assert_eq!(server[&tcp_state::CLOSING], 2);
+    assert_eq!(client[&tcp_state::FIN_WAIT1], 2);
+    assert_eq!(server[&tcp_state::LISTEN], 10);
+
+    // TIME_WAIT per remote endpoint: the client's towards the server's
+    // port, the server's towards the client's address (any port).
+    let timewait = client_daemon.cli_json("timewait", &["--top", "5"]);
+    let view = timewait
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["netns"] == pair.client.as_str())
+        .unwrap();
+    assert_eq!(view["count"], 2 * PER as u64);
+    let top = view["top"].as_array().unwrap();
+    for host in [NetnsPair::SERVER_V4, NetnsPair::SERVER_V6] {
+        assert!(
+            top.iter().any(|e| e["remote_addr"] == host
+                && e["remote_port"] == tw_client
+                && e["count"] == PER as u64),
+            "{host}:{tw_client} x{PER} missing from {view}"
+        );
+    }
+    let timewait = server_daemon.cli_json("timewait", &[]);
+    let view = timewait
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["netns"] == pair.server.as_str())
+        .unwrap();
+    assert!(
+        view["top"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["remote_addr"] == NetnsPair::CLIENT_V4
+                && e["remote_port"] == 0
+                && e["count"] == PER as u64),
+        "{view}"
+    );
+
+    drop(no_synacks);
+    drop(into_client);
+    for c in connecting {
+        c.join().unwrap();
+    }
+    drop((listeners, server_held, client_held));
 }

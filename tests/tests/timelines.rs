@@ -13,8 +13,8 @@ use std::{
 };
 
 use handshake_tests::{
-    Capture, NetnsPair, captured_handshakes, echo_clients, echo_server, median_p99, parse_capture,
-    require_root, serial, sh, spawn_in,
+    Capture, NetnsPair, NftDrop, captured_handshakes, echo_clients, echo_server, median_p99,
+    parse_capture, require_root, serial, sh, spawn_in,
 };
 use serde_json::Value;
 
@@ -214,44 +214,11 @@ fn phases_agree_with_tcpdump_on_both_roles() {
 }
 
 /// nftables in `ns`: drop incoming SYN-ACKs from `port` while it lives.
-struct DropSynAcks {
-    ns: String,
-}
-
-impl DropSynAcks {
-    fn new(ns: &str, port: u16) -> Self {
-        let rules = format!(
-            "table inet handshake_test {{\n  chain input {{\n    type filter hook input priority 0;\n    \
-             tcp sport {port} tcp flags & (syn | ack) == syn | ack drop\n  }}\n}}\n"
-        );
-        let mut nft = Command::new("ip")
-            .args(["netns", "exec", ns, "nft", "-f", "-"])
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .expect("run nft");
-        std::io::Write::write_all(&mut nft.stdin.take().expect("nft stdin"), rules.as_bytes())
-            .expect("write nft rules");
-        let status = nft.wait().expect("wait for nft");
-        assert!(status.success(), "nft rule in {ns}:\n{rules}");
-        Self { ns: ns.to_owned() }
-    }
-}
-
-impl Drop for DropSynAcks {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.ns,
-                "nft",
-                "delete",
-                "table",
-                "inet",
-                "handshake_test",
-            ])
-            .status();
-    }
+fn drop_synacks(ns: &str, port: u16) -> NftDrop {
+    NftDrop::input(
+        ns,
+        &format!("tcp sport {port} tcp flags & (syn | ack) == syn | ack"),
+    )
 }
 
 /// One row of each daemon for the connection from client port `port`.
@@ -336,7 +303,7 @@ fn refused_reset_and_timed_out_handshakes_on_both_roles() {
             drop(listener);
         });
         ready_rx.recv().unwrap();
-        let rule = DropSynAcks::new(&pair.client, timeout_port);
+        let rule = drop_synacks(&pair.client, timeout_port);
         let connecting = spawn_in(&pair.client, move || {
             TcpStream::connect_timeout(&target, Duration::from_millis(1500)).unwrap_err()
         });

@@ -299,7 +299,9 @@ mod churn {
                 .split(',')
                 .map(|name| {
                     Observer::parse(name).unwrap_or_else(|| {
-                        eprintln!("handshake-bench: unknown observer {name:?} (none, xdp, tc, tcpstates)");
+                        eprintln!(
+                            "handshake-bench: unknown observer {name:?} (none, xdp, tc, tcpstates)"
+                        );
                         std::process::exit(2)
                     })
                 })
@@ -348,7 +350,8 @@ mod churn {
                 let rate = round(&pair, server);
                 let cpu = daemon_cpu(&running) - cpu_before;
                 stop(running);
-                let own_cpu = if *observer == Observer::DaemonXdp || *observer == Observer::DaemonTc {
+                let own_cpu = if *observer == Observer::DaemonXdp || *observer == Observer::DaemonTc
+                {
                     format!(
                         "  daemon CPU {:.1} % of one core, {:.2} µs per connection",
                         cpu / ROUND.as_secs_f64() * 100.0,

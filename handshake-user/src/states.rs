@@ -1,0 +1,291 @@
+//! What the daemon keeps of the census, per watched namespace: the last
+//! snapshot, a short history of TIME_WAIT counts, and what is derived from
+//! them — entry rates and the ephemeral-port exhaustion forecast. Pure: the
+//! census loop feeds it, the API and metrics read it.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use handshake_common::abi::tcp_state;
+use serde::{Deserialize, Serialize};
+
+use crate::census::{STATES, Snapshot, addr};
+
+/// How far back rates look.
+const WINDOW_NS: u64 = 10_000_000_000;
+
+/// How long a socket stays in TIME_WAIT on Linux (`TCP_TIMEWAIT_LEN`).
+pub const TIME_WAIT_SECONDS: f64 = 60.0;
+
+/// (family, remote address, remote port): a destination this host connects
+/// to.
+type Destination = (u16, [u8; 16], u16);
+
+#[derive(Clone, Debug)]
+struct Sample {
+    at_ns: u64,
+    /// Sockets that entered TIME_WAIT in this namespace so far.
+    entries: u64,
+    per_destination: HashMap<Destination, u64>,
+}
+
+/// One watched namespace.
+#[derive(Clone, Debug)]
+pub struct NetnsView {
+    pub name: String,
+    pub snapshot: Snapshot,
+    pub taken_ns: u64,
+    history: VecDeque<Sample>,
+}
+
+impl NetnsView {
+    pub fn new(name: &str, snapshot: Snapshot, entries: u64, now_ns: u64) -> Self {
+        let mut view = Self {
+            name: name.to_owned(),
+            snapshot: snapshot.clone(),
+            taken_ns: now_ns,
+            history: VecDeque::new(),
+        };
+        view.update(snapshot, entries, now_ns);
+        view
+    }
+
+    /// Takes in a new census of this namespace.
+    pub fn update(&mut self, snapshot: Snapshot, entries: u64, now_ns: u64) {
+        let per_destination = snapshot
+            .tw_remote
+            .iter()
+            .filter(|(key, _)| key.port != 0)
+            .map(|(key, count)| ((key.family, key.addr, key.port), *count))
+            .collect();
+        self.history.push_back(Sample {
+            at_ns: now_ns,
+            entries,
+            per_destination,
+        });
+        // Keep one sample at or beyond the window, for a full-width rate.
+        while self.history.len() > 2 && now_ns - self.history[1].at_ns >= WINDOW_NS {
+            self.history.pop_front();
+        }
+        self.snapshot = snapshot;
+        self.taken_ns = now_ns;
+    }
+
+    fn span(&self) -> Option<(&Sample, &Sample, f64)> {
+        let (first, last) = (self.history.front()?, self.history.back()?);
+        let seconds = (last.at_ns - first.at_ns) as f64 / 1e9;
+        (seconds >= 0.5).then_some((first, last, seconds))
+    }
+
+    /// Sockets per second entering TIME_WAIT here, over the last window.
+    pub fn entries_per_second(&self) -> Option<f64> {
+        let (first, last, seconds) = self.span()?;
+        Some(last.entries.saturating_sub(first.entries) as f64 / seconds)
+    }
+
+    /// Per destination with TIME_WAIT sockets: seconds until every local
+    /// port of `ip_local_port_range` is held towards it, soonest first.
+    /// `None`: not heading for exhaustion (not growing, or growing too
+    /// slowly: at `r` per second TIME_WAIT levels off at `r × 60` sockets).
+    pub fn forecast(&self) -> Vec<Forecast> {
+        let (low, high) = self.snapshot.port_range;
+        let ports = f64::from(high.saturating_sub(low)) + 1.0;
+        let Some((first, last, seconds)) = self.span() else {
+            return Vec::new();
+        };
+        let mut out: Vec<Forecast> = last
+            .per_destination
+            .iter()
+            .map(|(dest, held)| {
+                let before = first.per_destination.get(dest).copied().unwrap_or(0);
+                let rate = held.saturating_sub(before) as f64 / seconds;
+                let held = *held as f64;
+                let seconds_to_exhaustion = if held >= ports {
+                    Some(0.0)
+                } else if rate > 0.0 && rate * TIME_WAIT_SECONDS > ports {
+                    Some((ports - held) / rate)
+                } else {
+                    None
+                };
+                Forecast {
+                    remote_addr: addr(dest.0, &dest.1),
+                    remote_port: dest.2,
+                    time_wait: held as u64,
+                    growth_per_second: rate,
+                    seconds_to_exhaustion,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| {
+            let key = |f: &Forecast| f.seconds_to_exhaustion.unwrap_or(f64::INFINITY);
+            key(a)
+                .total_cmp(&key(b))
+                .then(b.time_wait.cmp(&a.time_wait))
+        });
+        out
+    }
+
+    /// All eleven states, both families together, as `ss` counts them.
+    pub fn states(&self) -> BTreeMap<String, u64> {
+        STATES
+            .iter()
+            .map(|s| (state_name(*s).to_owned(), self.snapshot.count(*s)))
+            .collect()
+    }
+
+    pub fn time_wait(&self) -> u64 {
+        self.snapshot.count(tcp_state::TIME_WAIT)
+    }
+}
+
+pub fn state_name(state: u32) -> &'static str {
+    tcp_state::name(state).unwrap_or("unknown")
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Forecast {
+    pub remote_addr: String,
+    pub remote_port: u16,
+    pub time_wait: u64,
+    pub growth_per_second: f64,
+    pub seconds_to_exhaustion: Option<f64>,
+}
+
+/// `handshake states --json`: one per watched namespace.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StatesView {
+    pub netns: String,
+    pub states: BTreeMap<String, u64>,
+    /// Host-wide (the state tracepoint sees every namespace): per
+    /// `from->to`, over the daemon's last second or so.
+    pub transitions_per_second: BTreeMap<String, f64>,
+    pub census_seconds: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Endpoint {
+    pub remote_addr: String,
+    /// 0: all ports of that address (this host's TIME_WAIT sockets as a
+    /// server, whose local port is not ephemeral).
+    pub remote_port: u16,
+    pub count: u64,
+}
+
+/// `handshake timewait --json`: one per watched namespace.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TimeWaitView {
+    pub netns: String,
+    pub count: u64,
+    pub entries_per_second: Option<f64>,
+    pub port_range: [u16; 2],
+    pub top: Vec<Endpoint>,
+    pub top_local: Vec<Endpoint>,
+    pub forecast: Vec<Forecast>,
+}
+
+impl TimeWaitView {
+    pub fn of(view: &NetnsView, top: usize) -> Self {
+        let endpoints = |entries: &[(handshake_common::abi::census::TwKey, u64)]| {
+            entries
+                .iter()
+                .take(top)
+                .map(|(key, count)| Endpoint {
+                    remote_addr: addr(key.family, &key.addr),
+                    remote_port: key.port,
+                    count: *count,
+                })
+                .collect()
+        };
+        Self {
+            netns: view.name.clone(),
+            count: view.time_wait(),
+            entries_per_second: view.entries_per_second(),
+            port_range: [view.snapshot.port_range.0, view.snapshot.port_range.1],
+            top: endpoints(&view.snapshot.tw_remote),
+            top_local: endpoints(&view.snapshot.tw_local),
+            forecast: view.forecast().into_iter().take(top).collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use handshake_common::abi::{
+        AF_INET,
+        census::{Header, Summary, TwKey},
+    };
+
+    use super::*;
+
+    fn snapshot(tw_to_dest: u64) -> Snapshot {
+        let mut sockets = [[0; 16]; 2];
+        sockets[0][tcp_state::TIME_WAIT as usize] = tw_to_dest;
+        Snapshot {
+            summary: Summary {
+                header: Header::default(),
+                sockets,
+                tw_fin_wait2: [0; 2],
+                oldest_since_ns: [0; 16],
+                seen: tw_to_dest,
+                read_errors: 0,
+                sockets_written: 0,
+                sockets_dropped: 0,
+                tw_remote_overflow: 0,
+                tw_local_overflow: 0,
+            },
+            sockets: Vec::new(),
+            tw_remote: vec![(
+                TwKey {
+                    family: AF_INET,
+                    port: 80,
+                    addr: [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                },
+                tw_to_dest,
+            )],
+            tw_local: Vec::new(),
+            port_range: (40_000, 40_999),
+            duration: Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn a_steady_churn_forecasts_the_remaining_ports_over_its_rate() {
+        // 100 connections a second towards 10.0.0.1:80, 1000 ports: at
+        // 100 per second TIME_WAIT would level off at 6000 > 1000, so the
+        // ports run out (1000 - 400) / 100 = 6 s after the fourth second.
+        let mut view = NetnsView::new("host", snapshot(0), 0, 0);
+        for s in 1..=4u64 {
+            view.update(snapshot(100 * s), 100 * s, s * 1_000_000_000);
+        }
+        let forecast = view.forecast();
+        assert_eq!(forecast.len(), 1);
+        assert_eq!(forecast[0].remote_addr, "10.0.0.1");
+        assert_eq!(forecast[0].remote_port, 80);
+        let seconds = forecast[0].seconds_to_exhaustion.unwrap();
+        assert!((seconds - 6.0).abs() < 1e-9, "{seconds}");
+        assert!((view.entries_per_second().unwrap() - 100.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_slow_or_flat_churn_never_exhausts() {
+        // 10 per second levels off at 600 < 1000 ports.
+        let mut view = NetnsView::new("host", snapshot(0), 0, 0);
+        view.update(snapshot(20), 20, 2_000_000_000);
+        assert_eq!(view.forecast()[0].seconds_to_exhaustion, None);
+        let mut flat = NetnsView::new("host", snapshot(500), 0, 0);
+        flat.update(snapshot(500), 0, 2_000_000_000);
+        assert_eq!(flat.forecast()[0].seconds_to_exhaustion, None);
+    }
+
+    #[test]
+    fn history_keeps_a_bounded_window() {
+        let mut view = NetnsView::new("host", snapshot(0), 0, 0);
+        for s in 1..=100u64 {
+            view.update(snapshot(s), s, s * 1_000_000_000);
+        }
+        assert!(view.history.len() <= 12, "{}", view.history.len());
+        let rate = view.entries_per_second().unwrap();
+        assert!((rate - 1.0).abs() < 1e-9, "{rate}");
+    }
+}
