@@ -10,8 +10,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::census::{STATES, Snapshot, addr};
 
-/// How far back rates look.
+/// How much history is kept.
 const WINDOW_NS: u64 = 10_000_000_000;
+
+/// How far back rates look: short enough to follow a change of pace, long
+/// enough to span several censuses.
+const RATE_WINDOW_NS: u64 = 3_000_000_000;
 
 /// How long a socket stays in TIME_WAIT on Linux (`TCP_TIMEWAIT_LEN`).
 pub const TIME_WAIT_SECONDS: f64 = 60.0;
@@ -71,12 +75,19 @@ impl NetnsView {
     }
 
     fn span(&self) -> Option<(&Sample, &Sample, f64)> {
-        let (first, last) = (self.history.front()?, self.history.back()?);
+        let last = self.history.back()?;
+        // The latest sample at least RATE_WINDOW old, or the oldest.
+        let first = self
+            .history
+            .iter()
+            .rev()
+            .find(|s| last.at_ns - s.at_ns >= RATE_WINDOW_NS)
+            .or_else(|| self.history.front())?;
         let seconds = (last.at_ns - first.at_ns) as f64 / 1e9;
         (seconds >= 0.5).then_some((first, last, seconds))
     }
 
-    /// Sockets per second entering TIME_WAIT here, over the last window.
+    /// Sockets per second entering TIME_WAIT here, over the last seconds.
     pub fn entries_per_second(&self) -> Option<f64> {
         let (first, last, seconds) = self.span()?;
         Some(last.entries.saturating_sub(first.entries) as f64 / seconds)

@@ -363,3 +363,95 @@ fn states_equal_ss_in_every_state() {
     }
     drop((listeners, server_held, client_held));
 }
+
+/// Churn towards one destination at a steady rate, with a narrowed
+/// `ip_local_port_range`, until connect() finds no free port: the forecast
+/// read a few seconds in agrees with the time exhaustion really took.
+#[test]
+fn the_port_exhaustion_forecast_comes_true() {
+    require_root();
+    let _serial = serial();
+    let pair = NetnsPair::new();
+    const PORTS: u16 = 1000;
+    const RATE: f64 = 100.0;
+    let range = format!("40000 {}", 40000 + PORTS - 1);
+    sh(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &pair.client,
+            "sysctl",
+            "-qw",
+            &format!("net.ipv4.ip_local_port_range={range}"),
+        ],
+    );
+    let daemon = pair.client_daemon(&["--census-interval", "500ms"]);
+    let server_addr: SocketAddr = format!("{}:7200", NetnsPair::SERVER_V4).parse().unwrap();
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let _server = spawn_in(&pair.server, move || {
+        let listener = TcpListener::bind(server_addr).unwrap();
+        ready_tx.send(()).unwrap();
+        for stream in listener.incoming() {
+            // The client closes first (TIME_WAIT on its side); follow it.
+            let Ok(mut stream) = stream else { break };
+            let _ = stream.read_to_end(&mut Vec::new());
+        }
+    });
+    ready_rx.recv().unwrap();
+
+    // Connections at a steady pace until connect() fails; returns when.
+    let started = std::time::Instant::now();
+    let churn = spawn_in(&pair.client, move || {
+        let mut n = 0u32;
+        loop {
+            let due = Duration::from_secs_f64(f64::from(n) / RATE);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+            match TcpStream::connect(server_addr) {
+                Ok(stream) => drop(stream),
+                Err(error) => return (started.elapsed(), n, error.to_string()),
+            }
+            n += 1;
+            assert!(
+                n < 10 * u32::from(PORTS),
+                "no exhaustion after {n} connections"
+            );
+        }
+    });
+
+    std::thread::sleep(Duration::from_secs(4));
+    let asked = started.elapsed();
+    let answer = daemon.cli_json("timewait", &[]);
+    let view = answer
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["netns"] == pair.client.as_str())
+        .unwrap()
+        .clone();
+    let forecast = view["forecast"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["remote_addr"] == NetnsPair::SERVER_V4 && f["remote_port"] == 7200)
+        .unwrap_or_else(|| panic!("no forecast for the destination: {view}"))
+        .clone();
+    let predicted = forecast["seconds_to_exhaustion"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no exhaustion forecast: {forecast}"));
+    let (exhausted_at, made, error) = churn.join().unwrap();
+    let actual = (exhausted_at - asked).as_secs_f64();
+    eprintln!(
+        "forecast at {asked:?}: {predicted:.2} s left; connect() failed after {made} connections at {exhausted_at:?} ({error}): {actual:.2} s left; view {view}"
+    );
+    assert!(
+        (predicted - actual).abs() <= 0.2 * actual,
+        "forecast {predicted:.2} s, exhaustion came after {actual:.2} s"
+    );
+    let rate = view["entries_per_second"].as_f64().unwrap();
+    assert!((rate - RATE).abs() <= 0.2 * RATE, "entry rate {rate}");
+    let metrics = daemon.scrape();
+    assert!(metrics.get("handshake_tcp_time_wait_entries_total", &[]) >= f64::from(made));
+}
