@@ -171,16 +171,14 @@ fn find_member(
         let ty = btf.resolve_chained_type(member).ok()?;
         if name == field {
             return (member.bitfield_size().unwrap_or(0) == 0
-                && bits % 8 == 0
+                && bits.is_multiple_of(8)
                 && type_size(btf, ty) == Some(size))
             .then_some(bits / 8);
         }
-        if name.is_empty() {
-            if let Type::Struct(inner) | Type::Union(inner) = ty {
-                if let Some(off) = find_member(btf, &inner, field, size, bits) {
-                    return Some(off);
-                }
-            }
+        if let (true, Type::Struct(inner) | Type::Union(inner)) = (name.is_empty(), ty)
+            && let Some(off) = find_member(btf, &inner, field, size, bits)
+        {
+            return Some(off);
         }
     }
     None

@@ -246,7 +246,9 @@ async fn census_loop(
 ) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last: Option<(u64, Vec<(u32, u32, u64)>)> = None;
+    // (when, transition counts `(from, to, count)`) at the last tick.
+    type Counts = Vec<(u32, u32, u64)>;
+    let mut last: Option<(u64, Counts)> = None;
     loop {
         tick.tick().await;
         let round = match &runner {

@@ -8,7 +8,6 @@ use std::{
     collections::BTreeMap,
     io::Read as _,
     net::{SocketAddr, TcpListener, TcpStream},
-    process::Command,
     time::Duration,
 };
 

@@ -36,7 +36,10 @@ pub enum Needs {
 }
 
 /// Debian packages only the benchmarks use (command → package).
-const BENCH_PACKAGES: &[(&str, &str)] = &[("tcpstates", "libbpf-tools")];
+const BENCH_PACKAGES: &[(&str, &str)] = &[
+    ("tcpstates", "libbpf-tools"),
+    ("prometheus-node-exporter", "prometheus-node-exporter"),
+];
 
 pub struct Project {
     root: PathBuf,

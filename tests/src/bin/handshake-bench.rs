@@ -74,6 +74,9 @@ fn main() {
     if which == "all" || which == "churn" {
         churn::run(std::env::args().nth(2).as_deref());
     }
+    if which == "all" || which == "census" {
+        census::run();
+    }
 }
 
 fn xdp_cost() {
@@ -403,6 +406,214 @@ mod churn {
         }
         println!(
             "ratio = this observer's conns/s over the same round's no-observer conns/s, median over rounds"
+        );
+    }
+}
+
+mod census {
+    //! The socket census against `ss` and node_exporter's tcpstat collector
+    //! (both netlink sock_diag), on one namespace holding ~30,000 TIME_WAIT
+    //! sockets, in interleaved rounds; and the daemon's memory with and
+    //! without those sockets.
+
+    use std::{
+        fs::File,
+        io::Read as _,
+        net::{SocketAddr, TcpListener, TcpStream},
+        os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+        process::{Command, Stdio},
+        sync::{
+            Arc,
+            atomic::{AtomicBool, Ordering},
+        },
+        time::{Duration, Instant},
+    };
+
+    use handshake_common::abi::tcp_state;
+    use handshake_tests::{NetnsPair, free_port, http_get, spawn_in};
+    use handshake_user::{loader::Observer, netns::Netns};
+
+    const TARGET: u64 = 30_000;
+    const ROUNDS: usize = 7;
+
+    /// `program args` with its network namespace set to `ns` (no `ip netns
+    /// exec` in between, so only the tool itself is timed).
+    fn in_netns(ns: &str, program: &str, args: &[&str]) -> Command {
+        let handle = File::open(format!("/run/netns/{ns}")).expect("open netns");
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // SAFETY: setns in the forked child before exec; async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(handle.as_raw_fd(), libc::CLONE_NEWNET) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+        cmd
+    }
+
+    fn rss_kib(pid: i32) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    pub fn run() {
+        let pair = NetnsPair::new();
+        let mut observer = Observer::load().expect("load the kernel programs (run as root)");
+        let mut census = observer
+            .take_census()
+            .expect("the census loads on this kernel");
+        let netns = Netns::open(&pair.server).expect("server namespace");
+        let daemon = pair.server_daemon(&[]);
+        let rss_before = rss_kib(daemon.pid());
+
+        // TIME_WAIT on the server side: it closes first. Four server
+        // ports, because connect() reuses a client port as soon as its
+        // own side is closed, and a new SYN recycles the server's TIME_WAIT
+        // socket of the same four-tuple.
+        let servers: Vec<SocketAddr> = (7300..7304)
+            .map(|port| format!("{}:{port}", NetnsPair::SERVER_V4).parse().unwrap())
+            .collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let acceptors: Vec<_> = servers
+            .iter()
+            .map(|&server| {
+                let stop = Arc::clone(&stop);
+                let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+                let acceptor = spawn_in(&pair.server, move || {
+                    let listener = TcpListener::bind(server).unwrap();
+                    ready_tx.send(()).unwrap();
+                    for stream in listener.incoming() {
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        drop(stream);
+                    }
+                });
+                ready_rx.recv().unwrap();
+                acceptor
+            })
+            .collect();
+        let filler = {
+            let servers = servers.clone();
+            spawn_in(&pair.client, move || {
+                for i in 0..TARGET + TARGET / 3 {
+                    if let Ok(mut s) = TcpStream::connect(servers[i as usize % servers.len()]) {
+                        let _ = s.read(&mut [0u8; 1]);
+                    }
+                }
+            })
+        };
+        filler.join().unwrap();
+        std::thread::sleep(Duration::from_secs(1));
+        let held = census
+            .run(&netns, 0, 0)
+            .unwrap()
+            .count(tcp_state::TIME_WAIT);
+
+        // node_exporter with only tcpstat, inside the namespace.
+        let exporter_addr = format!("127.0.0.1:{}", free_port());
+        let mut exporter = in_netns(
+            &pair.server,
+            "prometheus-node-exporter",
+            &[
+                "--collector.disable-defaults",
+                "--collector.tcpstat",
+                &format!("--web.listen-address={exporter_addr}"),
+            ],
+        )
+        .spawn()
+        .expect("start prometheus-node-exporter (Debian package)");
+        let exporter_up = |addr: &str| {
+            // It listens inside the namespace: ask from a thread there.
+            let addr = addr.to_owned();
+            let ns = pair.server.clone();
+            spawn_in(&ns, move || http_get(&addr, "/metrics"))
+                .join()
+                .unwrap()
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while exporter_up(&exporter_addr).is_err() {
+            assert!(Instant::now() < deadline, "node_exporter did not answer");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+
+        let mut ours = Vec::new();
+        let mut ss = Vec::new();
+        let mut tcpstat = Vec::new();
+        for _ in 0..ROUNDS {
+            let t = Instant::now();
+            let snapshot = census.run(&netns, 0, 0).unwrap();
+            ours.push(t.elapsed().as_secs_f64());
+            assert!(snapshot.count(tcp_state::TIME_WAIT) + 100 >= held);
+
+            let t = Instant::now();
+            let status = in_netns(&pair.server, "ss", &["-tan", "state", "time-wait"])
+                .status()
+                .expect("run ss");
+            ss.push(t.elapsed().as_secs_f64());
+            assert!(status.success());
+
+            let t = Instant::now();
+            let body = exporter_up(&exporter_addr).expect("scrape node_exporter");
+            tcpstat.push(t.elapsed().as_secs_f64());
+            assert!(body.contains("node_tcp_connection_states"));
+        }
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(exporter.id() as i32, libc::SIGTERM) };
+        let _ = exporter.wait();
+
+        // The daemon has censused the namespace every second meanwhile.
+        let rss_after = rss_kib(daemon.pid());
+        drop(daemon);
+        stop.store(true, Ordering::Relaxed);
+        let _ = spawn_in(&pair.client, move || {
+            for server in servers {
+                let _ = TcpStream::connect(server);
+            }
+        })
+        .join();
+        for acceptor in acceptors {
+            acceptor.join().ok();
+        }
+
+        let median = |v: &mut Vec<f64>| super::median(v);
+        let (m_ours, m_ss, m_tcpstat) = (median(&mut ours), median(&mut ss), median(&mut tcpstat));
+        println!();
+        println!(
+            "Census of one namespace holding {held} TIME_WAIT sockets, {ROUNDS} interleaved rounds (median wall time)"
+        );
+        println!("{:<52} {:>10} {:>12}", "method", "ms", "vs census");
+        println!(
+            "{:<52} {:>10.2} {:>12}",
+            "handshake census (iter/tcp, aggregated in the kernel)",
+            m_ours * 1e3,
+            "1.00"
+        );
+        println!(
+            "{:<52} {:>10.2} {:>11.2}x",
+            "ss -tan state time-wait (netlink, whole process)",
+            m_ss * 1e3,
+            m_ss / m_ours
+        );
+        println!(
+            "{:<52} {:>10.2} {:>11.2}x",
+            "node_exporter tcpstat (scrape, netlink)",
+            m_tcpstat * 1e3,
+            m_tcpstat / m_ours
+        );
+        println!(
+            "daemon RSS: {rss_before} KiB before the sockets existed, {rss_after} KiB with {held} TIME_WAIT sockets censused every second"
         );
     }
 }
