@@ -336,18 +336,10 @@ impl Daemon {
 
     /// `handshake conns --json ARGS` against this daemon.
     pub fn conns(&self, args: &[&str]) -> Vec<serde_json::Value> {
-        let out = Command::new(handshake_bin())
-            .args(["conns", "--json", "--api-socket"])
-            .arg(&self.api_socket)
-            .args(args)
-            .output()
-            .expect("run handshake conns");
-        assert!(
-            out.status.success(),
-            "handshake conns failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("conns --json prints a JSON array")
+        match self.cli_json("conns", args) {
+            serde_json::Value::Array(rows) => rows,
+            other => panic!("conns --json prints a JSON array, not {other}"),
+        }
     }
 
     /// `handshake SUBCOMMAND --json ARGS` against this daemon, parsed.
@@ -366,7 +358,6 @@ impl Daemon {
         serde_json::from_slice(&out.stdout).expect("--json prints JSON")
     }
 
-    /// Sends `signal` and waits; returns the exit status.
     /// User plus system CPU time the daemon has used so far, in seconds
     /// (`/proc/PID/stat`, all its threads).
     pub fn cpu_seconds(&self) -> f64 {
@@ -381,6 +372,7 @@ impl Daemon {
         ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
     }
 
+    /// Sends `signal` and waits; returns the exit status.
     pub fn stop(mut self, signal: i32) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("daemon running");
         // SAFETY: kill on our own child's pid.
