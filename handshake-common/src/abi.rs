@@ -247,17 +247,6 @@ pub const fn transition_index(from: u32, to: u32) -> Option<u32> {
 /// Entries of [`map::TRANSITIONS`].
 pub const TRANSITIONS_LEN: u32 = STATE_SLOTS * STATE_SLOTS;
 
-/// Byte offsets in the `sock:inet_sock_set_state` tracepoint record
-/// (`/sys/kernel/tracing/events/sock/inet_sock_set_state/format`; a stable
-/// ABI since 4.16, checked on 6.18).
-pub mod inet_sock_set_state {
-    pub const SKADDR: usize = 8;
-    pub const OLDSTATE: usize = 16;
-    pub const NEWSTATE: usize = 20;
-    pub const FAMILY: usize = 28;
-    pub const PROTOCOL: usize = 30;
-}
-
 /// The socket census: an `iter/tcp` program walks every TCP socket of one
 /// network namespace (listeners, full sockets, TIME_WAIT minisocks and
 /// request sockets) and aggregates in the kernel. Its output, read from
@@ -381,6 +370,8 @@ pub mod census {
         pub const SKC_NET: &str = "OFF_SKC_NET";
         /// `struct net`: `ns.inum`, the namespace's inode number.
         pub const NET_NS_INUM: &str = "OFF_NET_NS_INUM";
+        /// `struct sock`
+        pub const SK_PROTOCOL: &str = "OFF_SK_PROTOCOL";
     }
 
     /// Entries of [`super::map::TW_ENTRIES`]: namespaces counted apart;
@@ -396,7 +387,8 @@ pub mod census {
     unsafe impl aya::Pod for TwKey {}
 
     /// Per-socket state kept by the state tracepoint in socket-local
-    /// storage: when the socket entered its current state and who opened it.
+    /// storage (`SK_AGE`): when the socket entered its current state and,
+    /// for connections this host opened, who called connect().
     #[repr(C)]
     #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
     pub struct SockAge {

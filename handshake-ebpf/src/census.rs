@@ -13,19 +13,23 @@
 use core::{ffi::c_void, mem::size_of, ptr};
 
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, seq_file},
+    bindings::{BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE, seq_file},
+    btf_maps::SkStorage,
     helpers::{
-        bpf_probe_read_kernel,
-        generated::{bpf_seq_write, bpf_skc_to_tcp_timewait_sock},
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel,
+        generated::{
+            bpf_ktime_get_ns, bpf_seq_write, bpf_sk_storage_delete, bpf_sk_storage_get,
+            bpf_skc_to_tcp_sock, bpf_skc_to_tcp_timewait_sock,
+        },
     },
-    macros::map,
+    macros::{btf_map, map},
     maps::{Array, HashMap, PerCpuHashMap},
 };
 use handshake_common::abi::{
-    AF_INET, AF_INET6,
+    AF_INET, AF_INET6, IPPROTO_TCP,
     census::{
-        Config, FAMILY_V4, FAMILY_V6, Header, RECORD_SOCKET, RECORD_SUMMARY, Socket, Summary,
-        TW_ENTRIES_NETNS, TW_LOCAL_ENTRIES, TW_REMOTE_ENTRIES, TwKey,
+        Config, FAMILY_V4, FAMILY_V6, Header, RECORD_SOCKET, RECORD_SUMMARY, SockAge, Socket,
+        Summary, TW_ENTRIES_NETNS, TW_LOCAL_ENTRIES, TW_REMOTE_ENTRIES, TwKey,
     },
     tcp_state,
 };
@@ -67,6 +71,72 @@ static OFF_TW_SUBSTATE: u32 = 0;
 static OFF_SKC_NET: u32 = 0;
 #[unsafe(no_mangle)]
 static OFF_NET_NS_INUM: u32 = 0;
+
+#[unsafe(no_mangle)]
+static OFF_SK_PROTOCOL: u32 = 0;
+
+/// Per socket: when it entered its current state, and who opened it.
+/// Socket-local storage: found through the socket, freed with it.
+#[btf_map]
+static SK_AGE: SkStorage<SockAge> = SkStorage::new();
+
+#[inline(always)]
+fn sk_age_map() -> *mut c_void {
+    ptr::from_ref(&SK_AGE).cast_mut().cast()
+}
+
+/// Whether `sk` (the tracepoint's `struct sock *`) is a TCP socket of
+/// either family.
+#[inline(always)]
+pub fn is_tcp(sk: *const u8) -> bool {
+    // SAFETY: `sk` is the tracepoint's BTF-typed socket; the offsets are its
+    // fields' (resolved from BTF, checked by the verifier).
+    let (protocol, family) = unsafe {
+        (
+            field::<u16>(sk, offset(&OFF_SK_PROTOCOL)),
+            field::<u16>(sk, offset(&OFF_SKC_FAMILY)),
+        )
+    };
+    protocol == IPPROTO_TCP && (family == AF_INET || family == AF_INET6)
+}
+
+/// A TCP socket changed state: note when, and on connect() who.
+#[inline(always)]
+pub fn state_change(sk: *const u8, old: u32, new: u32) {
+    if new == tcp_state::CLOSE {
+        if old == tcp_state::FIN_WAIT2 || old == tcp_state::CLOSING {
+            time_wait_entry(sk as u64);
+        }
+        // The socket is done; its storage goes now rather than with it.
+        // SAFETY: the map and the tracepoint's socket.
+        unsafe { bpf_sk_storage_delete(sk_age_map(), sk as *mut c_void) };
+        return;
+    }
+    // SAFETY: as above; with F_CREATE the kernel allocates a zeroed value.
+    let age = unsafe {
+        bpf_sk_storage_get(
+            sk_age_map(),
+            sk as *mut c_void,
+            ptr::null_mut(),
+            u64::from(BPF_SK_STORAGE_GET_F_CREATE),
+        )
+    }
+    .cast::<SockAge>();
+    if age.is_null() {
+        return;
+    }
+    // SAFETY: this socket's storage; state changes of one socket are
+    // serialised by its lock.
+    let age = unsafe { &mut *age };
+    // SAFETY: a helper without preconditions.
+    age.since_ns = unsafe { bpf_ktime_get_ns() };
+    age.state = new;
+    if old == tcp_state::CLOSE && new == tcp_state::SYN_SENT {
+        // connect(): the process is the current task.
+        age.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        age.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    }
+}
 
 #[map]
 static TW_ENTRIES: PerCpuHashMap<u32, u64> = PerCpuHashMap::with_max_entries(TW_ENTRIES_NETNS, 0);
@@ -189,8 +259,9 @@ fn emit_if_asked(sk: *const u8, seq: *mut seq_file, acc: *mut Summary, config: &
     if (family == AF_INET || family == AF_INET6)
         && config.socket_states & (1 << (state & 0x1f)) != 0
     {
+        let age = age_of(sk, state);
         // SAFETY: as in `count`.
-        emit(sk, seq, unsafe { &mut *acc }, config, family, state);
+        emit(sk, seq, unsafe { &mut *acc }, config, family, state, age);
     }
 }
 
@@ -234,9 +305,40 @@ fn count(sk: *const u8, seq: *mut seq_file, acc: *mut Summary, config: &Config) 
         s => s,
     };
     acc.sockets[fam][(state & 0xf) as usize] += 1;
-    if config.socket_states & (1 << (state & 0x1f)) != 0 {
-        emit(sk, seq, acc, config, family, state);
+    let age = age_of(sk, state);
+    if let Some(age) = age {
+        let oldest = &mut acc.oldest_since_ns[(state & 0xf) as usize];
+        if *oldest == 0 || age.since_ns < *oldest {
+            *oldest = age.since_ns;
+        }
     }
+    if config.socket_states & (1 << (state & 0x1f)) != 0 {
+        emit(sk, seq, acc, config, family, state, age);
+    }
+}
+
+/// What the state tracepoint noted of a full socket, if it saw it enter
+/// the state it is in now.
+#[inline(always)]
+fn age_of(sk: *const u8, state: u32) -> Option<SockAge> {
+    if state == tcp_state::SYN_RECV || state == tcp_state::LISTEN {
+        // Request sockets have no storage; listeners are not stuck.
+        return None;
+    }
+    // SAFETY: the helper checks the socket is a full TCP socket.
+    let tcp = unsafe { bpf_skc_to_tcp_sock(sk as *mut c_void) };
+    if tcp.is_null() {
+        return None;
+    }
+    // SAFETY: a full socket; no F_CREATE, so nothing is allocated.
+    let age = unsafe { bpf_sk_storage_get(sk_age_map(), tcp.cast(), ptr::null_mut(), 0) }
+        .cast::<SockAge>();
+    if age.is_null() {
+        return None;
+    }
+    // SAFETY: this socket's storage, read once.
+    let age = unsafe { *age };
+    (age.state == state).then_some(age)
 }
 
 #[inline(always)]
@@ -320,6 +422,7 @@ fn emit(
     config: &Config,
     family: u16,
     state: u32,
+    age: Option<SockAge>,
 ) {
     if acc.sockets_written >= u64::from(config.max_sockets) {
         acc.sockets_dropped += 1;
@@ -342,10 +445,10 @@ fn emit(
         remote_port,
         local_addr: local,
         remote_addr: remote,
-        since_ns: 0,
-        pid: 0,
+        since_ns: age.map_or(0, |a| a.since_ns),
+        pid: age.map_or(0, |a| a.pid),
         _pad: 0,
-        comm: [0; 16],
+        comm: age.map_or([0; 16], |a| a.comm),
     };
     // SAFETY: `seq` is the iterator's seq_file; the record is on the stack.
     let written = unsafe {

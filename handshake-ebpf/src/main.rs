@@ -20,15 +20,15 @@ use aya_ebpf::{
         TC_ACT_OK, xdp_action::XDP_PASS,
     },
     helpers::generated::{bpf_ktime_get_ns, bpf_xdp_load_bytes},
-    macros::{classifier, map, tracepoint, xdp},
+    macros::{btf_tracepoint, classifier, map, tracepoint, xdp},
     maps::{LruHashMap, PerCpuArray, RingBuf},
-    programs::{TcContext, TracePointContext, XdpContext},
+    programs::{BtfTracePointContext, TcContext, TracePointContext, XdpContext},
 };
 use handshake_common::{
     abi::{
         self, AF_INET, AF_INET6, Direction, EVENTS_BYTES, EVENTS_WAKEUP_BYTES, FLOWS_ENTRIES,
         FlowStat, HALF_OPEN_ENTRIES, IPPROTO_TCP, PACKET_COUNTS_LEN, PacketKind, ParseError,
-        TRANSITIONS_LEN, inet_sock_set_state as tp, tcp_state,
+        TRANSITIONS_LEN,
     },
     flow::{Flow, FlowKey, Step},
     packet::{Packet, TcpSegment, parse_tcp, tcp_flags},
@@ -290,36 +290,24 @@ pub fn tc_eg_handshake(ctx: TcContext) -> i32 {
     TC_ACT_OK
 }
 
-/// `sock:inet_sock_set_state`: one count per (old, new) state of a TCP
-/// socket, both families.
-#[tracepoint]
-pub fn tp_sock_state(ctx: TracePointContext) -> u32 {
-    // The record is read in place: a tracepoint program may load from its
-    // context directly, which spares four bpf_probe_read_kernel calls per
-    // state change (~1 % of CPU under connection churn on 6.18).
-    let record = ctx.as_ptr().cast::<u8>().cast_const();
-    // SAFETY: offsets and sizes come from the tracepoint's format file, a
-    // stable ABI, and lie inside the record; the reads are aligned.
-    let (protocol, family, old, new) = unsafe {
-        (
-            *record.add(tp::PROTOCOL).cast::<u16>(),
-            *record.add(tp::FAMILY).cast::<u16>(),
-            *record.add(tp::OLDSTATE).cast::<i32>(),
-            *record.add(tp::NEWSTATE).cast::<i32>(),
-        )
-    };
-    if protocol != IPPROTO_TCP || (family != AF_INET && family != AF_INET6) {
+/// `sock:inet_sock_set_state`, as a BTF tracepoint: the kernel passes the
+/// socket itself (no record to fill, cheaper than the classic tracepoint),
+/// which socket-local storage needs. Per TCP state change: one count per
+/// (old, new) state, the socket's age in its new state, and entries into
+/// TIME_WAIT per namespace (`census`).
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn tp_sock_state(ctx: BtfTracePointContext) -> i32 {
+    let sk: *const u8 = ctx.arg(0);
+    let old: i32 = ctx.arg(1);
+    let new: i32 = ctx.arg(2);
+    let (old, new) = (old as u32, new as u32);
+    if !census::is_tcp(sk) {
         return 0;
     }
-    if let Some(index) = abi::transition_index(old as u32, new as u32) {
+    if let Some(index) = abi::transition_index(old, new) {
         bump(&TRANSITIONS, index);
     }
-    if new as u32 == tcp_state::CLOSE
-        && (old as u32 == tcp_state::FIN_WAIT2 || old as u32 == tcp_state::CLOSING)
-    {
-        // SAFETY: as above.
-        census::time_wait_entry(unsafe { *record.add(tp::SKADDR).cast::<u64>() });
-    }
+    census::state_change(sk, old, new);
     0
 }
 

@@ -24,12 +24,15 @@ use crate::{
     clock,
     conntrack::{Phase, Role, outcome_name, phases},
     daemon::{self, CensusRunner, State},
-    states::{StatesView, TimeWaitView},
+    states::{SocketView, StatesView, TimeWaitView, state_by_name, state_name},
 };
 
 pub const DEFAULT_SOCKET: &str = "/run/handshake/handshake.sock";
 
 const MAX_REQUEST_BYTES: u64 = 1024;
+
+/// At most this many sockets per namespace in a `sockets STATE` answer.
+const MAX_LISTED: u32 = 65_536;
 
 /// One connection as `handshake conns --json` prints it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -194,43 +197,73 @@ async fn answer(
             let views = conns(&state.lock().unwrap_or_else(|p| p.into_inner()));
             serde_json::to_string(&views).map_err(io::Error::other)?
         }
-        "states" | "timewait" => match census {
+        "states" | "timewait" | "sockets" => match census {
             None => error_body(
                 "the socket census is not available (see the daemon's log and handshake_probe_attached{probe=\"iter_tcp_census\"})",
             ),
-            Some(census) => {
-                // A fresh census, so that the answer is exact now.
-                let round = daemon::census_round(census).await;
-                let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
-                state.apply_census(round);
-                if request == "states" {
-                    let views: Vec<StatesView> = state
-                        .census
-                        .iter()
-                        .map(|v| StatesView {
-                            netns: v.name.clone(),
-                            states: v.states(),
-                            transitions_per_second: state.transitions_per_second.clone(),
-                            census_seconds: v.snapshot.duration.as_secs_f64(),
-                        })
-                        .collect();
-                    serde_json::to_string(&views).map_err(io::Error::other)?
-                } else {
-                    let top = words.next().and_then(|n| n.parse().ok()).unwrap_or(10);
-                    let views: Vec<TimeWaitView> = state
-                        .census
-                        .iter()
-                        .map(|v| TimeWaitView::of(v, top))
-                        .collect();
-                    serde_json::to_string(&views).map_err(io::Error::other)?
-                }
-            }
+            Some(census) => census_answer(request, words.next(), census, state).await?,
         },
         other => error_body(&format!("unknown request {other:?}")),
     };
     write.write_all(body.as_bytes()).await?;
     write.write_all(b"\n").await?;
     write.shutdown().await
+}
+
+/// `states`, `timewait [TOP]` and `sockets STATE`, each from a fresh
+/// census, so that the answer is exact now.
+async fn census_answer(
+    request: &str,
+    argument: Option<&str>,
+    census: &Arc<Mutex<CensusRunner>>,
+    state: &Mutex<State>,
+) -> io::Result<String> {
+    let listed = argument.and_then(state_by_name);
+    let round = match (request, listed) {
+        ("sockets", None) => return Ok(error_body("sockets needs a TCP state, e.g. close_wait")),
+        ("sockets", Some(listed)) => daemon::census_round(census, 1 << listed, MAX_LISTED).await,
+        _ => daemon::census_round(census, daemon::stuck_mask(), daemon::STUCK_RECORDS).await,
+    };
+    let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
+    state.apply_census(round);
+    let json = match (request, listed) {
+        ("sockets", Some(listed)) => {
+            let mut views: Vec<SocketView> = state
+                .census
+                .iter()
+                .flat_map(|v| v.oldest(listed, usize::MAX))
+                .collect();
+            SocketView::sort(&mut views);
+            serde_json::to_string(&views)
+        }
+        ("states", _) => {
+            let views: Vec<StatesView> = state
+                .census
+                .iter()
+                .map(|v| StatesView {
+                    netns: v.name.clone(),
+                    states: v.states(),
+                    transitions_per_second: state.transitions_per_second.clone(),
+                    census_seconds: v.snapshot.duration.as_secs_f64(),
+                    oldest: daemon::STUCK_STATES
+                        .iter()
+                        .map(|s| (state_name(*s).to_owned(), v.oldest(*s, 5)))
+                        .collect(),
+                })
+                .collect();
+            serde_json::to_string(&views)
+        }
+        _ => {
+            let top = argument.and_then(|n| n.parse().ok()).unwrap_or(10);
+            let views: Vec<TimeWaitView> = state
+                .census
+                .iter()
+                .map(|v| TimeWaitView::of(v, top))
+                .collect();
+            serde_json::to_string(&views)
+        }
+    };
+    json.map_err(io::Error::other)
 }
 
 fn error_body(message: &str) -> String {

@@ -86,7 +86,7 @@ pub enum CensusError {
 /// program's globals want them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Offsets {
-    pub values: [(&'static str, u32); 11],
+    pub values: [(&'static str, u32); 12],
 }
 
 impl Offsets {
@@ -119,6 +119,7 @@ impl Offsets {
                 field(sc, "skc_v6_rcv_saddr", 16, offsets::SKC_V6_RCV_SADDR)?,
                 field("inet_timewait_sock", "tw_substate", 1, offsets::TW_SUBSTATE)?,
                 field(sc, "skc_net", 8, offsets::SKC_NET)?,
+                field("sock", "sk_protocol", 2, offsets::SK_PROTOCOL)?,
                 (
                     offsets::NET_NS_INUM,
                     field("net", "ns", size_of_struct(&btf, "ns_common")?, "")?.1

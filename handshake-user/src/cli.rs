@@ -73,6 +73,13 @@ pub struct ConnsFlags {
     #[arg(long, value_enum)]
     pub role: Option<RoleFlag>,
 
+    /// List live sockets in this TCP state instead (close_wait, fin_wait2,
+    /// syn_sent, established, ...), in every watched namespace, oldest
+    /// first, with how long they have been in it and, for connections this
+    /// host opened, the process that opened them.
+    #[arg(long, value_name = "STATE")]
+    pub state: Option<String>,
+
     /// Only handshakes with this outcome.
     #[arg(long, value_enum)]
     pub outcome: Option<OutcomeFlag>,

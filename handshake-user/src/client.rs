@@ -15,7 +15,7 @@ use crate::{
     api::ConnView,
     census::STATES,
     cli::{ConnsFlags, OutcomeFlag, RoleFlag, StatesFlags, TimewaitFlags},
-    states::{StatesView, TimeWaitView, state_name},
+    states::{SocketView, StatesView, TimeWaitView, state_by_name, state_name},
 };
 
 /// Sends one request and returns the daemon's answer.
@@ -39,6 +39,9 @@ pub fn request(socket: &Path, request: &str) -> anyhow::Result<String> {
 }
 
 pub fn conns(flags: &ConnsFlags) -> anyhow::Result<()> {
+    if let Some(state) = &flags.state {
+        return sockets(flags, state);
+    }
     let answer = request(&flags.api_socket, "conns")?;
     let mut views: Vec<ConnView> =
         serde_json::from_str(&answer).context("decoding the daemon's answer")?;
@@ -77,6 +80,53 @@ pub fn conns(flags: &ConnsFlags) -> anyhow::Result<()> {
             us(v.synack_to_ack_us),
             v.syn_retransmits + v.synack_retransmits,
             v.age_s
+        );
+    }
+    Ok(())
+}
+
+/// `conns --state S`: live sockets in one state, from a fresh census.
+fn sockets(flags: &ConnsFlags, state: &str) -> anyhow::Result<()> {
+    let Some(state) = state_by_name(state) else {
+        bail!(
+            "--state {state:?} is not a TCP state (one of {})",
+            STATES.map(state_name).join(", ")
+        );
+    };
+    let answer = request(&flags.api_socket, &format!("sockets {}", state_name(state)))?;
+    let mut views: Vec<SocketView> =
+        serde_json::from_str(&answer).context("decoding the daemon's answer")?;
+    views.retain(|v| {
+        flags
+            .port
+            .is_none_or(|p| v.local_port == p || v.remote_port == p)
+    });
+    if flags.json {
+        println!("{}", serde_json::to_string_pretty(&views)?);
+        return Ok(());
+    }
+    println!(
+        "{:<16} {:<11} {:<41} {:<41} {:>9} {:>8} COMM",
+        "NETNS", "STATE", "LOCAL", "REMOTE", "AGE", "PID"
+    );
+    for v in &views {
+        let endpoint = |addr: &str, port: u16| {
+            if v.family == "ipv6" {
+                format!("[{addr}]:{port}")
+            } else {
+                format!("{addr}:{port}")
+            }
+        };
+        println!(
+            "{:<16} {:<11} {:<41} {:<41} {:>9} {:>8} {}",
+            v.netns,
+            v.state,
+            endpoint(&v.local_addr, v.local_port),
+            endpoint(&v.remote_addr, v.remote_port),
+            v.state_age_s
+                .map_or_else(|| "-".to_owned(), |a| format!("{a:.1}s")),
+            v.pid.map_or_else(|| "-".to_owned(), |p| p.to_string()),
+            v.comm.as_deref().unwrap_or("-")
         );
     }
     Ok(())

@@ -93,13 +93,16 @@ impl CensusRunner {
         Ok(Self { census, watched })
     }
 
-    pub fn run(&mut self) -> CensusRound {
+    /// Counts every watched namespace, listing the full sockets in the
+    /// states of `socket_states` (bit `1 << state`), at most `max_sockets`
+    /// per namespace.
+    pub fn run(&mut self, socket_states: u32, max_sockets: u32) -> CensusRound {
         let Self { census, watched } = self;
         watched
             .iter()
             .map(|(netns, inode)| {
                 let result = census
-                    .run(netns, 0, 0)
+                    .run(netns, socket_states, max_sockets)
                     .map(|snapshot| (snapshot, census.time_wait_entries(*inode)));
                 (netns.name().to_owned(), result)
             })
@@ -107,14 +110,36 @@ impl CensusRunner {
     }
 }
 
-/// Runs a census round off the async threads.
-pub async fn census_round(runner: &Arc<Mutex<CensusRunner>>) -> CensusRound {
+/// The states whose sockets the regular census lists, to find the
+/// oldest: an application that never closes (CLOSE_WAIT), a peer that never
+/// closes (FIN_WAIT2), a peer that never answers (SYN_SENT).
+pub const STUCK_STATES: [u32; 3] = [
+    handshake_common::abi::tcp_state::CLOSE_WAIT,
+    handshake_common::abi::tcp_state::FIN_WAIT2,
+    handshake_common::abi::tcp_state::SYN_SENT,
+];
+
+/// Socket records the regular census lists per namespace.
+pub const STUCK_RECORDS: u32 = 1024;
+
+/// Bit mask of [`STUCK_STATES`].
+pub fn stuck_mask() -> u32 {
+    STUCK_STATES.iter().fold(0, |mask, s| mask | 1 << s)
+}
+
+/// Runs a census round off the async threads; lists sockets in
+/// `socket_states` (bit `1 << state`).
+pub async fn census_round(
+    runner: &Arc<Mutex<CensusRunner>>,
+    socket_states: u32,
+    max_sockets: u32,
+) -> CensusRound {
     let runner = Arc::clone(runner);
     tokio::task::spawn_blocking(move || {
         runner
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .run()
+            .run(socket_states, max_sockets)
     })
     .await
     .unwrap_or_default()
@@ -252,7 +277,7 @@ async fn census_loop(
     loop {
         tick.tick().await;
         let round = match &runner {
-            Some(runner) => census_round(runner).await,
+            Some(runner) => census_round(runner, stuck_mask(), STUCK_RECORDS).await,
             None => Vec::new(),
         };
         let now = clock::monotonic_ns();

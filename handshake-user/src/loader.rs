@@ -8,7 +8,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuHashMap, RingBuf},
     programs::{
-        Iter, ProgramError, SchedClassifier, TcAttach, TcAttachType, TracePoint, Xdp, XdpMode,
+        BtfTracePoint, Iter, ProgramError, SchedClassifier, TcAttach, TcAttachType, TracePoint,
+        Xdp, XdpMode,
         tc::{self, NlOptions},
     },
 };
@@ -45,6 +46,10 @@ pub enum LoadError {
     },
     #[error(transparent)]
     Netns(#[from] NetnsError),
+    #[error(
+        "this kernel's BTF is needed (the state tracepoint and the census read kernel structs)"
+    )]
+    Btf(#[source] CensusError),
 }
 
 /// One hook we tried to attach, and how it went.
@@ -75,17 +80,21 @@ impl Observer {
     }
 
     pub fn load_with(tables: TableSizes) -> Result<Self, LoadError> {
-        // The census reads kernel structs at offsets only the running
-        // kernel's BTF knows; without them it is not loaded at all.
-        let offsets = Offsets::resolve(census::KERNEL_BTF);
+        // The state tracepoint and the census read kernel structs at offsets
+        // only the running kernel's BTF knows.
+        let offsets = Offsets::resolve(census::KERNEL_BTF).map_err(LoadError::Btf)?;
+        let btf = aya::Btf::from_sys_fs().map_err(|e| {
+            LoadError::Btf(CensusError::Btf {
+                path: census::KERNEL_BTF.to_owned(),
+                reason: e.to_string(),
+            })
+        })?;
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(map::HALF_OPEN, tables.half_open)
             .map_max_entries(map::FLOWS, tables.flows);
-        if let Ok(offsets) = &offsets {
-            for (name, value) in &offsets.values {
-                loader.override_global(name, value, true);
-            }
+        for (name, value) in &offsets.values {
+            loader.override_global(name, value, true);
         }
         let mut ebpf = loader.load(crate::EBPF_OBJECT).map_err(LoadError::Object)?;
         for name in [
@@ -102,11 +111,12 @@ impl Observer {
                 aya::programs::Program::Xdp(p) => p.load(),
                 aya::programs::Program::SchedClassifier(p) => p.load(),
                 aya::programs::Program::TracePoint(p) => p.load(),
+                aya::programs::Program::BtfTracePoint(p) => p.load("inet_sock_set_state", &btf),
                 _ => Err(ProgramError::UnexpectedProgramType),
             };
             loaded.map_err(|source| LoadError::Program { name, source })?;
         }
-        let census = offsets.and_then(|_| load_census(&mut ebpf));
+        let census = load_census(&mut ebpf, &btf);
         Ok(Self {
             ebpf,
             attachments: Vec::new(),
@@ -153,25 +163,25 @@ impl Observer {
         &self.attachments
     }
 
-    /// The host-wide tracepoints: `sock:inet_sock_set_state` and
-    /// `tcp:tcp_retransmit_synack`.
+    /// The host-wide tracepoints: `inet_sock_set_state` (BTF tracepoint)
+    /// and `tcp:tcp_retransmit_synack`.
     pub fn attach_tracepoints(&mut self) {
-        for (name, category, event) in [
-            (program::TP_SOCK_SET_STATE, "sock", "inet_sock_set_state"),
-            (
-                program::TP_RETRANSMIT_SYNACK,
-                "tcp",
-                "tcp_retransmit_synack",
-            ),
-        ] {
-            let result = self
-                .ebpf
-                .program_mut(name)
-                .ok_or(ProgramError::UnexpectedProgramType)
-                .and_then(<&mut TracePoint>::try_from)
-                .and_then(|p| p.attach(category, event));
-            self.record(name, None, result.map(|_| "tracepoint".to_owned()));
-        }
+        let name = program::TP_SOCK_SET_STATE;
+        let result = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(ProgramError::UnexpectedProgramType)
+            .and_then(<&mut BtfTracePoint>::try_from)
+            .and_then(BtfTracePoint::attach);
+        self.record(name, None, result.map(|_| "tp_btf".to_owned()));
+        let name = program::TP_RETRANSMIT_SYNACK;
+        let result = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(ProgramError::UnexpectedProgramType)
+            .and_then(<&mut TracePoint>::try_from)
+            .and_then(|p| p.attach("tcp", "tcp_retransmit_synack"));
+        self.record(name, None, result.map(|_| "tracepoint".to_owned()));
     }
 
     /// Ingress and egress hooks on each interface of `netns`.
@@ -331,11 +341,7 @@ impl Observer {
 
 /// Loads the `iter/tcp` program against the kernel's BTF, links it and
 /// takes its maps.
-fn load_census(ebpf: &mut Ebpf) -> Result<Census, CensusError> {
-    let btf = aya::Btf::from_sys_fs().map_err(|e| CensusError::Btf {
-        path: census::KERNEL_BTF.to_owned(),
-        reason: e.to_string(),
-    })?;
+fn load_census(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<Census, CensusError> {
     let take = |ebpf: &mut Ebpf, name: &'static str| {
         ebpf.take_map(name)
             .ok_or_else(|| CensusError::Output(format!("the eBPF object has no map {name:?}")))
@@ -356,7 +362,7 @@ fn load_census(ebpf: &mut Ebpf) -> Result<Census, CensusError> {
         .ok_or_else(|| CensusError::Output(format!("the eBPF object has no program {name:?}")))?
         .try_into()
         .map_err(program_error)?;
-    prog.load("tcp", &btf).map_err(program_error)?;
+    prog.load("tcp", btf).map_err(program_error)?;
     Census::new(
         prog.fd().map_err(program_error)?.as_fd(),
         config,

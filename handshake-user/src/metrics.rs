@@ -304,7 +304,7 @@ pub fn render(report: &Report<'_>) -> String {
         .collect();
     families.push(family(
         "handshake_probe_attached",
-        "1 when the probe is attached (mode: xdp-native, xdp-skb, tcx, tc-clsact, tracepoint), 0 when attaching it failed (see the daemon's log).",
+        "1 when the probe is attached (mode: xdp-native, xdp-skb, tcx, tc-clsact, tracepoint, tp_btf, iter/tcp), 0 when attaching it failed (see the daemon's log).",
         MetricType::GAUGE,
         probes,
     ));
@@ -342,8 +342,15 @@ fn census_families(report: &Report<'_>, families: &mut Vec<MetricFamily>) {
     let mut time_wait = Vec::new();
     let mut durations = Vec::new();
     let mut exhaustion = Vec::new();
+    let mut oldest = Vec::new();
     for view in report.census {
         let netns = view.name.as_str();
+        for state in crate::daemon::STUCK_STATES {
+            oldest.push(gauge(
+                &[("netns", netns), ("state", states::state_name(state))],
+                view.oldest_seconds(state),
+            ));
+        }
         for state in STATES {
             for (family_index, family_name) in [(FAMILY_V4, "ipv4"), (FAMILY_V6, "ipv6")] {
                 sockets.push(gauge(
@@ -373,6 +380,12 @@ fn census_families(report: &Report<'_>, families: &mut Vec<MetricFamily>) {
         "TCP sockets per state and family at the last census (iter/tcp), as ss counts them: request sockets as syn_recv, closed sockets waiting for their peer's FIN as fin_wait2.",
         MetricType::GAUGE,
         sockets,
+    ));
+    families.push(family(
+        "handshake_tcp_state_oldest_seconds",
+        "Seconds the oldest socket in close_wait (the application never closed it), fin_wait2 (the peer never closed) or syn_sent (the peer never answered) has been in that state; 0 when none.",
+        MetricType::GAUGE,
+        oldest,
     ));
     families.push(family(
         "handshake_tcp_time_wait_sockets",

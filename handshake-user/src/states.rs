@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use handshake_common::abi::tcp_state;
+use handshake_common::abi::{AF_INET, census::Socket, tcp_state};
 use serde::{Deserialize, Serialize};
 
 use crate::census::{STATES, Snapshot, addr};
@@ -135,6 +135,29 @@ impl NetnsView {
         out
     }
 
+    /// Seconds the oldest full socket in `state` has been in it (0: none,
+    /// or none the state tracepoint saw enter it).
+    pub fn oldest_seconds(&self, state: u32) -> f64 {
+        match self.snapshot.summary.oldest_since_ns[state as usize] {
+            0 => 0.0,
+            since => self.taken_ns.saturating_sub(since) as f64 / 1e9,
+        }
+    }
+
+    /// The listed sockets in `state`, oldest first, at most `top`.
+    pub fn oldest(&self, state: u32, top: usize) -> Vec<SocketView> {
+        let mut views: Vec<SocketView> = self
+            .snapshot
+            .sockets
+            .iter()
+            .filter(|s| u32::from(s.state) == state)
+            .map(|s| SocketView::of(&self.name, s, self.taken_ns))
+            .collect();
+        SocketView::sort(&mut views);
+        views.truncate(top);
+        views
+    }
+
     /// All eleven states, both families together, as `ss` counts them.
     pub fn states(&self) -> BTreeMap<String, u64> {
         STATES
@@ -150,6 +173,72 @@ impl NetnsView {
 
 pub fn state_name(state: u32) -> &'static str {
     tcp_state::name(state).unwrap_or("unknown")
+}
+
+/// A state by the name `ss` or this tool prints (`close_wait`,
+/// `CLOSE-WAIT`, `estab`...).
+pub fn state_by_name(name: &str) -> Option<u32> {
+    let bare = |s: &str| s.to_ascii_lowercase().replace(['-', '_'], "");
+    let name = match bare(name).as_str() {
+        "estab" => "established".to_owned(),
+        other => other.to_owned(),
+    };
+    STATES
+        .iter()
+        .copied()
+        .find(|s| bare(state_name(*s)) == name)
+}
+
+/// One full socket from a census listing.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SocketView {
+    pub netns: String,
+    pub family: String,
+    pub state: String,
+    pub local_addr: String,
+    pub local_port: u16,
+    pub remote_addr: String,
+    pub remote_port: u16,
+    /// Seconds in this state; `null` when the socket entered it before the
+    /// daemon started.
+    pub state_age_s: Option<f64>,
+    /// The process that called connect(), for connections this host opened.
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+}
+
+impl SocketView {
+    pub fn of(netns: &str, socket: &Socket, now_ns: u64) -> Self {
+        let comm_len = socket.comm.iter().position(|b| *b == 0).unwrap_or(16);
+        Self {
+            netns: netns.to_owned(),
+            family: if socket.family == AF_INET {
+                "ipv4"
+            } else {
+                "ipv6"
+            }
+            .to_owned(),
+            state: state_name(u32::from(socket.state)).to_owned(),
+            local_addr: addr(socket.family, &socket.local_addr),
+            local_port: socket.local_port,
+            remote_addr: addr(socket.family, &socket.remote_addr),
+            remote_port: socket.remote_port,
+            state_age_s: (socket.since_ns != 0)
+                .then(|| now_ns.saturating_sub(socket.since_ns) as f64 / 1e9),
+            pid: (socket.pid != 0).then_some(socket.pid),
+            comm: (comm_len > 0)
+                .then(|| String::from_utf8_lossy(&socket.comm[..comm_len]).into_owned()),
+        }
+    }
+
+    /// Oldest first; unknown ages last.
+    pub fn sort(views: &mut [Self]) {
+        views.sort_by(|a, b| {
+            b.state_age_s
+                .unwrap_or(-1.0)
+                .total_cmp(&a.state_age_s.unwrap_or(-1.0))
+        });
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -170,6 +259,9 @@ pub struct StatesView {
     /// `from->to`, over the daemon's last second or so.
     pub transitions_per_second: BTreeMap<String, f64>,
     pub census_seconds: f64,
+    /// For close_wait, fin_wait2 and syn_sent: the oldest sockets, oldest
+    /// first (a leak, a peer that never closes, a peer that never answers).
+    pub oldest: BTreeMap<String, Vec<SocketView>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -287,6 +379,15 @@ mod tests {
         let mut flat = NetnsView::new("host", snapshot(500), 0, 0);
         flat.update(snapshot(500), 0, 2_000_000_000);
         assert_eq!(flat.forecast()[0].seconds_to_exhaustion, None);
+    }
+
+    #[test]
+    fn states_are_found_by_any_usual_spelling() {
+        assert_eq!(state_by_name("FIN-WAIT-2"), Some(tcp_state::FIN_WAIT2));
+        assert_eq!(state_by_name("close_wait"), Some(tcp_state::CLOSE_WAIT));
+        assert_eq!(state_by_name("ESTAB"), Some(tcp_state::ESTABLISHED));
+        assert_eq!(state_by_name("SYN-SENT"), Some(tcp_state::SYN_SENT));
+        assert_eq!(state_by_name("half-open"), None);
     }
 
     #[test]

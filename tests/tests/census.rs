@@ -455,3 +455,122 @@ fn the_port_exhaustion_forecast_comes_true() {
     let metrics = daemon.scrape();
     assert!(metrics.get("handshake_tcp_time_wait_entries_total", &[]) >= f64::from(made));
 }
+
+/// Sockets stuck in CLOSE_WAIT (a server that never closes), FIN_WAIT2 (its
+/// peer, half-closed) and SYN_SENT (SYN-ACKs dropped): `conns --state`
+/// lists each with its age in that state, within 1 s of the truth, and the
+/// process that opened the connections this host opened.
+#[test]
+fn stuck_sockets_show_their_age_and_opener() {
+    require_root();
+    let _serial = serial();
+    let pair = NetnsPair::new();
+    let server_daemon = pair.server_daemon(&[]);
+    let client_daemon = pair.client_daemon(&[]);
+    let (held_port, syn_port) = (7400, 7401);
+    let families = [("-4", NetnsPair::SERVER_V4), ("-6", NetnsPair::SERVER_V6)];
+
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let server = spawn_in(&pair.server, move || {
+        let mut listeners = Vec::new();
+        for (family, host) in families {
+            listeners.push(TcpListener::bind(addr(family, host, held_port)).unwrap());
+            listeners.push(TcpListener::bind(addr(family, host, syn_port)).unwrap());
+        }
+        ready_tx.send(()).unwrap();
+        // Accepted and never closed.
+        let held: Vec<TcpStream> = listeners
+            .iter()
+            .step_by(2)
+            .map(|l| l.accept().unwrap().0)
+            .collect();
+        (listeners, held)
+    });
+    ready_rx.recv().unwrap();
+    let client = spawn_in(&pair.client, move || {
+        families
+            .iter()
+            .map(|&(family, host)| {
+                let s = TcpStream::connect(addr(family, host, held_port)).unwrap();
+                s.shutdown(Shutdown::Write).unwrap();
+                s
+            })
+            .collect::<Vec<_>>()
+    });
+    let half_closed = client.join().unwrap();
+    let closed_at = std::time::Instant::now();
+    let (listeners, held) = server.join().unwrap();
+
+    let no_synacks = NftDrop::input(
+        &pair.client,
+        &format!("tcp sport {syn_port} tcp flags & (syn | ack) == syn | ack"),
+    );
+    let connect_at = std::time::Instant::now();
+    let connecting: Vec<JoinHandle<()>> = families
+        .iter()
+        .map(|&(family, host)| {
+            spawn_in(&pair.client, move || {
+                let _ = TcpStream::connect_timeout(
+                    &addr(family, host, syn_port),
+                    Duration::from_secs(20),
+                );
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(3));
+
+    let check = |daemon: &Daemon, state: &str, since: std::time::Instant, opened_here: bool| {
+        let rows = daemon.conns(&["--state", state]);
+        let truth = since.elapsed().as_secs_f64();
+        assert_eq!(rows.len(), 2, "{state}: {rows:?}");
+        for row in &rows {
+            let age = row["state_age_s"]
+                .as_f64()
+                .unwrap_or_else(|| panic!("no age: {row}"));
+            assert!(
+                (age - truth).abs() <= 1.0,
+                "{state}: age {age:.2} s, truth {truth:.2} s: {row}"
+            );
+            if opened_here {
+                assert_eq!(row["pid"], std::process::id(), "{row}");
+                assert!(!row["comm"].as_str().unwrap_or("").is_empty(), "{row}");
+            } else {
+                assert!(row["pid"].is_null(), "{row}");
+            }
+        }
+        eprintln!("{state}: {rows:?} (truth {truth:.2} s)");
+    };
+    check(&server_daemon, "close_wait", closed_at, false);
+    check(&client_daemon, "FIN-WAIT-2", closed_at, true);
+    check(&client_daemon, "syn_sent", connect_at, true);
+
+    // The same ages in the metrics, right after a fresh census.
+    let _ = server_daemon.cli_json("states", &[]);
+    let oldest = server_daemon.scrape().get(
+        "handshake_tcp_state_oldest_seconds",
+        &[("netns", &pair.server), ("state", "close_wait")],
+    );
+    let truth = closed_at.elapsed().as_secs_f64();
+    assert!(
+        (oldest - truth).abs() <= 1.0,
+        "oldest close_wait {oldest:.2} s, truth {truth:.2} s"
+    );
+
+    // A state name the CLI does not know is one line and a non-zero exit.
+    let out = std::process::Command::new(handshake_tests::handshake_bin())
+        .args(["conns", "--state", "half-open", "--api-socket"])
+        .arg(&client_daemon.api_socket)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim().lines().count(),
+        1
+    );
+
+    drop(no_synacks);
+    for c in connecting {
+        c.join().unwrap();
+    }
+    drop((listeners, held, half_closed));
+}
