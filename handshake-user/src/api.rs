@@ -224,6 +224,11 @@ async fn census_answer(
         ("sockets", Some(listed)) => daemon::census_round(census, 1 << listed, MAX_LISTED).await,
         _ => daemon::census_round(census, daemon::stuck_mask(), daemon::STUCK_RECORDS).await,
     };
+    let source = census
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .source()
+        .name();
     let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
     state.apply_census(round);
     let json = match (request, listed) {
@@ -244,6 +249,7 @@ async fn census_answer(
                     netns: v.name.clone(),
                     states: v.states(),
                     transitions_per_second: state.transitions_per_second.clone(),
+                    census_source: source.to_owned(),
                     census_seconds: v.snapshot.duration.as_secs_f64(),
                     oldest: daemon::STUCK_STATES
                         .iter()

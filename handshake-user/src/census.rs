@@ -10,7 +10,7 @@ use std::{
     fs::File,
     io::{self, Read as _},
     net::{Ipv4Addr, Ipv6Addr},
-    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+    os::fd::{AsFd, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
     path::Path,
     time::{Duration, Instant},
 };
@@ -235,9 +235,27 @@ impl Snapshot {
     }
 }
 
-/// The loaded census program's link and maps.
+/// How the census counts: the `iter/tcp` program, or sock_diag netlink
+/// where the program cannot be loaded (or on request).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    Iter,
+    Netlink,
+}
+
+impl Source {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Iter => "iter/tcp",
+            Self::Netlink => "sock_diag",
+        }
+    }
+}
+
+/// The census maps, and the loaded program's link when it could be loaded.
 pub struct Census {
-    link: OwnedFd,
+    /// `None`: sock_diag netlink instead.
+    link: Option<OwnedFd>,
     config: Array<MapData, Config>,
     tw_remote: HashMap<MapData, TwKey, u64>,
     tw_local: HashMap<MapData, TwKey, u64>,
@@ -277,14 +295,25 @@ fn max_output(config: &Config) -> usize {
 }
 
 impl Census {
-    /// Links the loaded `iter/tcp` program (`prog`) and keeps the maps.
+    /// Keeps the maps; counts with sock_diag until [`Self::link`].
     pub fn new(
-        prog: BorrowedFd<'_>,
         config: Array<MapData, Config>,
         tw_remote: HashMap<MapData, TwKey, u64>,
         tw_local: HashMap<MapData, TwKey, u64>,
         tw_entries: PerCpuHashMap<MapData, u32, u64>,
-    ) -> Result<Self, CensusError> {
+    ) -> Self {
+        Self {
+            link: None,
+            config,
+            tw_remote,
+            tw_local,
+            tw_entries,
+        }
+    }
+
+    /// Links the loaded `iter/tcp` program (`prog`): the census uses it
+    /// from now on.
+    pub fn link(&mut self, prog: BorrowedFd<'_>) -> Result<(), CensusError> {
         // link_create: prog_fd, target_fd, attach_type, flags.
         let link = bpf(
             BPF_LINK_CREATE,
@@ -294,13 +323,21 @@ impl Census {
             call: "bpf_link_create (iter/tcp)",
             source,
         })?;
-        Ok(Self {
-            link,
-            config,
-            tw_remote,
-            tw_local,
-            tw_entries,
-        })
+        self.link = Some(link);
+        Ok(())
+    }
+
+    /// Counts with sock_diag netlink from now on.
+    pub fn use_netlink(&mut self) {
+        self.link = None;
+    }
+
+    pub const fn source(&self) -> Source {
+        if self.link.is_some() {
+            Source::Iter
+        } else {
+            Source::Netlink
+        }
     }
 
     /// Sockets that entered TIME_WAIT (went FIN_WAIT2 or CLOSING → CLOSE)
@@ -320,7 +357,9 @@ impl Census {
         max_sockets: u32,
     ) -> Result<Snapshot, CensusError> {
         let started = Instant::now();
-        let link = self.link.as_fd();
+        let Some(link) = self.link.as_ref().map(AsFd::as_fd) else {
+            return netlink_run(netns, socket_states, max_sockets, started);
+        };
         let (port_range, iter) = netns.run(|| {
             let range = port_range().map_err(|source| CensusError::PortRange {
                 path: PORT_RANGE,
@@ -369,6 +408,47 @@ impl Census {
     }
 }
 
+/// The census through sock_diag, inside `netns`.
+fn netlink_run(
+    netns: &Netns,
+    socket_states: u32,
+    max_sockets: u32,
+    started: Instant,
+) -> Result<Snapshot, CensusError> {
+    let (port_range, dump) = netns.run(|| {
+        let range = port_range().map_err(|source| CensusError::PortRange {
+            path: PORT_RANGE,
+            netns: netns.name().to_owned(),
+            source,
+        })?;
+        let dump = crate::sockdiag::dump(socket_states, max_sockets, range).map_err(|source| {
+            CensusError::Syscall {
+                call: "sock_diag dump",
+                source,
+            }
+        })?;
+        Ok::<_, CensusError>((range, dump))
+    })??;
+    let sorted = |map: std::collections::HashMap<TwKey, u64>| {
+        let mut entries: Vec<(TwKey, u64)> = map.into_iter().collect();
+        sort_entries(&mut entries);
+        entries
+    };
+    Ok(Snapshot {
+        summary: dump.summary,
+        sockets: dump.sockets,
+        tw_remote: sorted(dump.tw_remote),
+        tw_local: sorted(dump.tw_local),
+        port_range,
+        duration: started.elapsed(),
+    })
+}
+
+/// Most first, then by address.
+fn sort_entries(entries: &mut [(TwKey, u64)]) {
+    entries.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.addr.cmp(&b.0.addr)));
+}
+
 const PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
 
 /// `ip_local_port_range` of the calling thread's namespace.
@@ -398,7 +478,7 @@ fn drain(
         let _ = map.remove(key);
     }
     let mut entries = entries;
-    entries.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.addr.cmp(&b.0.addr)));
+    sort_entries(&mut entries);
     Ok(entries)
 }
 

@@ -33,6 +33,13 @@ pub enum Command {
     Timewait(TimewaitFlags),
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CensusSourceFlag {
+    Auto,
+    Iter,
+    Netlink,
+}
+
 #[derive(Debug, Args)]
 pub struct StatesFlags {
     /// Print JSON instead of a table.
@@ -151,6 +158,11 @@ pub struct DaemonFlags {
     /// `handshake timewait` also run one on demand.
     #[arg(long, value_name = "DURATION", default_value = "1s")]
     pub census_interval: String,
+
+    /// How the census counts: `auto` is the iter/tcp program, or sock_diag
+    /// netlink (what `ss` uses) where the program cannot be loaded.
+    #[arg(long, value_enum, default_value_t = CensusSourceFlag::Auto)]
+    pub census_source: CensusSourceFlag,
 
     /// Hook for received packets.
     #[arg(long, value_enum, default_value_t = IngressHook::Xdp)]

@@ -7,7 +7,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use anyhow::{Context as _, bail};
 
 use crate::{
-    cli::{DaemonFlags, IngressHook, XdpModeFlag},
+    cli::{CensusSourceFlag, DaemonFlags, IngressHook, XdpModeFlag},
     netns::Netns,
 };
 
@@ -26,6 +26,7 @@ pub struct DaemonConfig {
     pub half_open_top: usize,
     /// How often the socket census runs in each watched namespace.
     pub census_interval: Duration,
+    pub census_source: CensusSourceFlag,
 }
 
 /// Entries of the kernel's flow tables.
@@ -140,6 +141,7 @@ impl TryFrom<DaemonFlags> for DaemonConfig {
             conn_history: flags.conn_history,
             half_open_top: flags.half_open_top,
             census_interval,
+            census_source: flags.census_source,
         })
     }
 }

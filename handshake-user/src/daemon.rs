@@ -16,7 +16,8 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     api,
-    census::{Census, CensusError, Snapshot},
+    census::{Census, CensusError, Snapshot, Source},
+    cli::CensusSourceFlag,
     clock,
     config::DaemonConfig,
     conntrack::{Conntrack, Expiry},
@@ -85,6 +86,11 @@ pub struct CensusRunner {
 pub type CensusRound = Vec<(String, Result<(Snapshot, u64), CensusError>)>;
 
 impl CensusRunner {
+    /// How the census counts: `iter/tcp`, or sock_diag netlink.
+    pub const fn source(&self) -> Source {
+        self.census.source()
+    }
+
     pub fn new(census: Census, netns: &Netns) -> anyhow::Result<Self> {
         let mut watched = vec![(Netns::host(), Netns::host().inode()?)];
         if netns.name() != "host" {
@@ -165,8 +171,27 @@ pub fn run(config: DaemonConfig) -> anyhow::Result<()> {
     let census = observer
         .take_census()
         .map_err(|e| format!("{:#}", anyhow::Error::new(e)))
-        .and_then(|census| CensusRunner::new(census, &config.netns).map_err(|e| format!("{e:#}")));
-    observer.record_census(census.as_ref().map(|_| ()).map_err(Clone::clone));
+        .and_then(|mut census| {
+            match config.census_source {
+                CensusSourceFlag::Netlink => census.use_netlink(),
+                CensusSourceFlag::Iter if census.source() != Source::Iter => {
+                    return Err("--census-source iter: the iter/tcp program could not be loaded (see the warning above)".to_owned());
+                }
+                _ => {}
+            }
+            CensusRunner::new(census, &config.netns).map_err(|e| format!("{e:#}"))
+        });
+    observer.record_census(
+        census
+            .as_ref()
+            .map(CensusRunner::source)
+            .map_err(Clone::clone),
+    );
+    if config.census_source == CensusSourceFlag::Iter
+        && let Err(reason) = &census
+    {
+        bail!("{reason}");
+    }
     let census = census.ok().map(|runner| Arc::new(Mutex::new(runner)));
     observer.attach_tracepoints();
     observer.attach_interfaces(

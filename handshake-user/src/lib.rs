@@ -17,6 +17,7 @@ pub mod loader;
 pub mod maps;
 pub mod metrics;
 pub mod netns;
+pub mod sockdiag;
 pub mod states;
 
 /// The compiled kernel programs, embedded at build time.

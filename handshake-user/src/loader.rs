@@ -17,7 +17,7 @@ use handshake_common::abi::{map, program};
 use thiserror::Error;
 
 use crate::{
-    census::{self, Census, CensusError, Offsets},
+    census::{self, Census, CensusError, Offsets, Source},
     cli::{IngressHook, XdpModeFlag},
     config::TableSizes,
     maps::{Counters, FlowTables},
@@ -278,27 +278,32 @@ impl Observer {
         }
     }
 
-    /// Records whether the census could be loaded, as a probe of its own.
-    pub fn record_census(&mut self, result: Result<(), String>) {
-        let probe = program::ITER_TCP_CENSUS;
-        let attachment = match result {
-            Ok(()) => Attachment {
-                probe,
-                interface: None,
-                detail: "iter/tcp".to_owned(),
-                attached: true,
-            },
+    /// Records how the census counts, as a probe of its own: the
+    /// `iter/tcp` program, or (`sock_diag_census`) netlink instead.
+    pub fn record_census(&mut self, result: Result<Source, String>) {
+        let iter = program::ITER_TCP_CENSUS;
+        let attachments = match result {
+            Ok(Source::Iter) => vec![(iter, "iter/tcp".to_owned(), true)],
+            Ok(Source::Netlink) => {
+                tracing::warn!("counting sockets through sock_diag netlink, not iter/tcp");
+                vec![
+                    (iter, "sock_diag netlink instead".to_owned(), false),
+                    ("sock_diag_census", "netlink".to_owned(), true),
+                ]
+            }
             Err(detail) => {
-                tracing::warn!(probe, error = %detail, "socket census unavailable");
-                Attachment {
-                    probe,
-                    interface: None,
-                    detail,
-                    attached: false,
-                }
+                tracing::warn!(probe = iter, error = %detail, "socket census unavailable");
+                vec![(iter, detail, false)]
             }
         };
-        self.attachments.push(attachment);
+        for (probe, detail, attached) in attachments {
+            self.attachments.push(Attachment {
+                probe,
+                interface: None,
+                detail,
+                attached,
+            });
+        }
     }
 
     fn record(
@@ -355,21 +360,22 @@ fn load_census(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<Census, CensusError> {
         HashMap::try_from(take(ebpf, map::TW_LOCAL)?).map_err(map_error(map::TW_LOCAL))?;
     let tw_entries = PerCpuHashMap::try_from(take(ebpf, map::TW_ENTRIES)?)
         .map_err(map_error(map::TW_ENTRIES))?;
+    let mut census = Census::new(config, tw_remote, tw_local, tw_entries);
     let name = program::ITER_TCP_CENSUS;
     let program_error = |e: ProgramError| CensusError::Output(format!("{name}: {}", chain(e)));
-    let prog: &mut Iter = ebpf
+    let linked = ebpf
         .program_mut(name)
-        .ok_or_else(|| CensusError::Output(format!("the eBPF object has no program {name:?}")))?
-        .try_into()
-        .map_err(program_error)?;
-    prog.load("tcp", btf).map_err(program_error)?;
-    Census::new(
-        prog.fd().map_err(program_error)?.as_fd(),
-        config,
-        tw_remote,
-        tw_local,
-        tw_entries,
-    )
+        .ok_or_else(|| CensusError::Output(format!("the eBPF object has no program {name:?}")))
+        .and_then(|prog| <&mut Iter>::try_from(prog).map_err(program_error))
+        .and_then(|prog| {
+            prog.load("tcp", btf).map_err(program_error)?;
+            census.link(prog.fd().map_err(program_error)?.as_fd())
+        });
+    if let Err(error) = linked {
+        // Counted through sock_diag instead; the daemon says so.
+        tracing::warn!(error = %format!("{:#}", anyhow::Error::new(error)), "iter/tcp census unavailable: counting sockets through sock_diag netlink");
+    }
+    Ok(census)
 }
 
 /// An interface name for aya, which resolves it in the calling thread's

@@ -258,6 +258,8 @@ pub struct StatesView {
     /// Host-wide (the state tracepoint sees every namespace): per
     /// `from->to`, over the daemon's last second or so.
     pub transitions_per_second: BTreeMap<String, f64>,
+    /// `iter/tcp`, or `sock_diag` (netlink) where the program is unavailable.
+    pub census_source: String,
     pub census_seconds: f64,
     /// For close_wait, fin_wait2 and syn_sent: the oldest sockets, oldest
     /// first (a leak, a peer that never closes, a peer that never answers).

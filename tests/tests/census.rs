@@ -148,11 +148,30 @@ fn addr(family: &str, host: &str, port: u16) -> SocketAddr {
 /// state, and so does `handshake_tcp_sockets` per family.
 #[test]
 fn states_equal_ss_in_every_state() {
+    every_state("iter");
+}
+
+/// The same through the sock_diag fallback.
+#[test]
+fn states_equal_ss_in_every_state_through_netlink() {
+    every_state("netlink");
+}
+
+fn every_state(source: &str) {
     require_root();
     let _serial = serial();
     let pair = NetnsPair::new();
-    let server_daemon = pair.server_daemon(&[]);
-    let client_daemon = pair.client_daemon(&[]);
+    let server_daemon = pair.server_daemon(&["--census-source", source]);
+    let client_daemon = pair.client_daemon(&["--census-source", source]);
+    let expected_source = if source == "iter" {
+        "iter/tcp"
+    } else {
+        "sock_diag"
+    };
+    assert_eq!(
+        server_daemon.cli_json("states", &[])[0]["census_source"],
+        expected_source
+    );
     let families = [("-4", NetnsPair::SERVER_V4), ("-6", NetnsPair::SERVER_V6)];
     const PER: usize = 4;
     let (tw_client, tw_server, half_closed, syn, closing) = (7101, 7102, 7103, 7104, 7105);
