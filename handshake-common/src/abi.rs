@@ -300,7 +300,7 @@ pub mod census {
     /// FIN_WAIT2 for a closed socket waiting for its peer's FIN);
     /// `tw_fin_wait2` tells how many of the FIN_WAIT2 ones are minisocks.
     #[repr(C)]
-    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
     pub struct Summary {
         pub header: Header,
         pub sockets: [[u64; 16]; 2],

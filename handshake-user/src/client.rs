@@ -61,13 +61,7 @@ pub fn conns(flags: &ConnsFlags) -> anyhow::Result<()> {
         "ROLE", "OUTCOME", "LOCAL", "REMOTE", "CONNECT", "SYN>SYNACK", "SYNACK>ACK", "RETX", "AGE"
     );
     for v in &views {
-        let endpoint = |addr: &str, port: u16| {
-            if v.family == "ipv6" {
-                format!("[{addr}]:{port}")
-            } else {
-                format!("{addr}:{port}")
-            }
-        };
+        let endpoint = |addr: &str, port: u16| endpoint(&v.family, addr, port);
         let us = |d: Option<f64>| d.map_or_else(|| "-".to_owned(), |d| format!("{d:.0}us"));
         println!(
             "{:<6} {:<11} {:<41} {:<41} {:>10} {:>10} {:>10} {:>5} {:>7.1}s",
@@ -110,13 +104,7 @@ fn sockets(flags: &ConnsFlags, state: &str) -> anyhow::Result<()> {
         "NETNS", "STATE", "LOCAL", "REMOTE", "AGE", "PID"
     );
     for v in &views {
-        let endpoint = |addr: &str, port: u16| {
-            if v.family == "ipv6" {
-                format!("[{addr}]:{port}")
-            } else {
-                format!("{addr}:{port}")
-            }
-        };
+        let endpoint = |addr: &str, port: u16| endpoint(&v.family, addr, port);
         println!(
             "{:<16} {:<11} {:<41} {:<41} {:>9} {:>8} {}",
             v.netns,
@@ -201,6 +189,15 @@ pub fn timewait(flags: &TimewaitFlags) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `addr:port`, or `[addr]:port` for IPv6.
+fn endpoint(family: &str, addr: &str, port: u16) -> String {
+    if family == "ipv6" {
+        format!("[{addr}]:{port}")
+    } else {
+        format!("{addr}:{port}")
+    }
 }
 
 const fn role_name(role: RoleFlag) -> &'static str {

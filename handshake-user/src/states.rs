@@ -318,7 +318,7 @@ mod tests {
 
     use handshake_common::abi::{
         AF_INET,
-        census::{Header, Summary, TwKey},
+        census::{Summary, TwKey},
     };
 
     use super::*;
@@ -328,16 +328,9 @@ mod tests {
         sockets[0][tcp_state::TIME_WAIT as usize] = tw_to_dest;
         Snapshot {
             summary: Summary {
-                header: Header::default(),
                 sockets,
-                tw_fin_wait2: [0; 2],
-                oldest_since_ns: [0; 16],
                 seen: tw_to_dest,
-                read_errors: 0,
-                sockets_written: 0,
-                sockets_dropped: 0,
-                tw_remote_overflow: 0,
-                tw_local_overflow: 0,
+                ..Summary::default()
             },
             sockets: Vec::new(),
             tw_remote: vec![(
