@@ -12,6 +12,7 @@ pub mod config;
 pub mod conntrack;
 pub mod daemon;
 pub mod events;
+pub mod fingerprint;
 pub mod http;
 pub mod loader;
 pub mod maps;

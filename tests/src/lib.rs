@@ -5,6 +5,8 @@
 //!
 //! Everything is real: the kernel programs, the traffic, the tools.
 
+pub mod capture_file;
+
 use std::{
     collections::BTreeMap,
     io::{BufRead as _, BufReader, Read as _, Write as _},
