@@ -37,6 +37,14 @@ pub mod map {
     pub const TW_REMOTE: &str = "TW_REMOTE";
     /// Hash [`super::census::TwKey`] (port 0) → count: per local address.
     pub const TW_LOCAL: &str = "TW_LOCAL";
+    /// Ring buffer of TLS hello bytes ([`super::tls_capture::TlsChunk`]).
+    pub const TLS_EVENTS: &str = "TLS_EVENTS";
+    /// LRU hash [`super::tls_capture::TlsKey`] → [`super::tls_capture::TlsPending`].
+    pub const TLS_PENDING: &str = "TLS_PENDING";
+    /// One u32: non-zero while [`TLS_PENDING`] may hold entries; packets of
+    /// other flows skip its lookup when it is zero. Set by the hooks,
+    /// cleared by the daemon when the table is empty.
+    pub const TLS_ACTIVE: &str = "TLS_ACTIVE";
     /// Hash network namespace inode → sockets that went FIN_WAIT2 or
     /// CLOSING → CLOSE there (the kernel's way into TIME_WAIT).
     pub const TW_ENTRIES: &str = "TW_ENTRIES";
@@ -64,10 +72,14 @@ pub enum FlowStat {
     InsertFailures = 5,
     /// `tcp:tcp_retransmit_synack` hits.
     SynAckRetransmits = 6,
+    /// TLS hello records lost because their ring buffer was full.
+    TlsEventsDropped = 7,
+    /// TLS pending-table inserts the kernel refused.
+    TlsPendingFailures = 8,
 }
 
 impl FlowStat {
-    pub const COUNT: u32 = 7;
+    pub const COUNT: u32 = 9;
 }
 
 /// Which way a packet crossed the interface.
@@ -399,6 +411,123 @@ pub mod census {
     }
 }
 
+/// TLS hello capture: the packet hooks copy the first bytes of each TLS
+/// ClientHello and ServerHello (across segments, up to [`tls_capture::MAX_HELLO`])
+/// and mark the client's first record after the ServerHello, through their
+/// own ring buffer; the daemon reassembles and parses.
+pub mod tls_capture {
+    use crate::packet::{Family, TcpSegment};
+
+    /// Bytes of one hello the kernel copies at most.
+    pub const MAX_HELLO: u32 = 4096;
+    /// Payload bytes per ring-buffer record.
+    pub const CHUNK: usize = 1024;
+    /// Records one segment may produce (a GSO segment on egress can hold a
+    /// whole hello).
+    pub const CHUNKS_PER_SEGMENT: usize = 4;
+    pub const EVENTS_BYTES: u32 = 2 << 20;
+    /// Ask for a wakeup once this much is waiting.
+    pub const EVENTS_WAKEUP_BYTES: u64 = 64 * 1024;
+    /// Entries of the pending table: hellos still arriving, and
+    /// connections waiting for the client's first record after the
+    /// ServerHello.
+    pub const PENDING_ENTRIES: u32 = 8192;
+
+    pub const KIND_CLIENT_HELLO: u8 = 1;
+    pub const KIND_SERVER_HELLO: u8 = 2;
+    /// The client's first record after the ServerHello that is not
+    /// ChangeCipherSpec (TLS 1.3: the encrypted Finished). No data.
+    pub const KIND_CLIENT_FINISHED: u8 = 3;
+
+    /// One direction of a TCP connection on one interface.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+    pub struct TlsKey {
+        pub src_addr: [u8; 16],
+        pub dst_addr: [u8; 16],
+        pub ifindex: u32,
+        pub src_port: u16,
+        pub dst_port: u16,
+        /// 4 or 6.
+        pub family: u8,
+        pub _pad: [u8; 3],
+    }
+
+    impl TlsKey {
+        #[inline(always)]
+        pub fn of(seg: &TcpSegment, ifindex: u32) -> Self {
+            Self {
+                src_addr: seg.src_addr,
+                dst_addr: seg.dst_addr,
+                ifindex,
+                src_port: seg.src_port,
+                dst_port: seg.dst_port,
+                family: if matches!(seg.family, Family::Ipv4) {
+                    4
+                } else {
+                    6
+                },
+                _pad: [0; 3],
+            }
+        }
+
+        /// The other direction.
+        #[inline(always)]
+        pub fn reversed(&self) -> Self {
+            Self {
+                src_addr: self.dst_addr,
+                dst_addr: self.src_addr,
+                src_port: self.dst_port,
+                dst_port: self.src_port,
+                ..*self
+            }
+        }
+    }
+
+    /// What the kernel still expects on one direction.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct TlsPending {
+        pub ts_ns: u64,
+        /// Sequence number of the hello's first byte.
+        pub start_seq: u32,
+        /// Capture up to here (exclusive).
+        pub end_seq: u32,
+        pub kind: u8,
+        pub _pad: [u8; 7],
+    }
+
+    /// One ring-buffer record: up to [`CHUNK`] bytes of a hello, or a
+    /// marker (`len` 0).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug)]
+    pub struct TlsChunk {
+        pub ts_ns: u64,
+        pub key: TlsKey,
+        pub kind: u8,
+        /// For [`KIND_CLIENT_FINISHED`]: the record's content type.
+        pub record_type: u8,
+        /// Bytes of `data` used.
+        pub len: u16,
+        /// Offset of `data[0]` from the hello's first byte.
+        pub offset: u32,
+        /// Bytes of this hello the kernel captures in all.
+        pub target: u32,
+        /// Sequence number of the hello's first byte: names the hello.
+        pub hello_seq: u32,
+        /// [`crate::abi::Direction`] of the hook that saw it.
+        pub direction: u32,
+        pub data: [u8; CHUNK],
+    }
+
+    // SAFETY: `repr(C)` plain integers and byte arrays, padding written out.
+    #[cfg(feature = "user")]
+    unsafe impl aya::Pod for TlsKey {}
+    // SAFETY: as above.
+    #[cfg(feature = "user")]
+    unsafe impl aya::Pod for TlsPending {}
+}
+
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 pub const IPPROTO_TCP: u16 = 6;
@@ -422,6 +551,9 @@ mod tests {
             map::TW_REMOTE,
             map::TW_LOCAL,
             map::TW_ENTRIES,
+            map::TLS_EVENTS,
+            map::TLS_PENDING,
+            map::TLS_ACTIVE,
             map::HALF_OPEN,
             map::FLOWS,
             map::EVENTS,

@@ -10,6 +10,7 @@
 #![no_main]
 
 mod census;
+mod tls;
 
 use core::{ffi::c_void, mem::MaybeUninit};
 
@@ -19,16 +20,15 @@ use aya_ebpf::{
         __sk_buff, BPF_F_NO_COMMON_LRU, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
         TC_ACT_OK, xdp_action::XDP_PASS,
     },
-    helpers::generated::{bpf_ktime_get_ns, bpf_xdp_load_bytes},
+    helpers::generated::{bpf_ktime_get_ns, bpf_skb_load_bytes, bpf_xdp_load_bytes},
     macros::{btf_tracepoint, classifier, map, tracepoint, xdp},
     maps::{LruHashMap, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, TcContext, TracePointContext, XdpContext},
 };
 use handshake_common::{
     abi::{
-        self, AF_INET, AF_INET6, Direction, EVENTS_BYTES, EVENTS_WAKEUP_BYTES, FLOWS_ENTRIES,
-        FlowStat, HALF_OPEN_ENTRIES, IPPROTO_TCP, PACKET_COUNTS_LEN, PacketKind, ParseError,
-        TRANSITIONS_LEN,
+        self, Direction, EVENTS_BYTES, EVENTS_WAKEUP_BYTES, FLOWS_ENTRIES, FlowStat,
+        HALF_OPEN_ENTRIES, PACKET_COUNTS_LEN, PacketKind, ParseError, TRANSITIONS_LEN,
     },
     flow::{Flow, FlowKey, Step},
     packet::{Packet, TcpSegment, parse_tcp, tcp_flags},
@@ -66,7 +66,7 @@ static FLOW_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(FlowStat::CO
 static SCRATCH: PerCpuArray<Flow> = PerCpuArray::with_max_entries(1, 0);
 
 #[inline(always)]
-fn stat(which: FlowStat) {
+pub(crate) fn stat(which: FlowStat) {
     bump(&FLOW_STATS, which as u32);
 }
 
@@ -132,6 +132,23 @@ impl Packet for Xdp<'_> {
         };
         // SAFETY: a zero return means all N bytes were written.
         (ret == 0).then(|| unsafe { buf.assume_init() })
+    }
+}
+
+impl tls::CopyBytes for Xdp<'_> {
+    #[inline(always)]
+    fn copy_to(&self, offset: u32, dst: *mut c_void, len: u32) -> bool {
+        // SAFETY: the caller bounds `len` by the size of `dst`; the helper
+        // checks the frame's bounds, frags included.
+        unsafe { bpf_xdp_load_bytes(self.0.ctx, offset, dst, len) == 0 }
+    }
+}
+
+impl tls::CopyBytes for Skb<'_> {
+    #[inline(always)]
+    fn copy_to(&self, offset: u32, dst: *mut c_void, len: u32) -> bool {
+        // SAFETY: as above, for the whole skb.
+        unsafe { bpf_skb_load_bytes(self.0.as_ptr().cast_const(), offset, dst, len) == 0 }
     }
 }
 
@@ -237,7 +254,7 @@ fn track(segment: &TcpSegment, direction: Direction, ifindex: u32) {
 /// Counts one frame and follows its handshake; whatever happens, the
 /// caller passes the frame on.
 #[inline(always)]
-fn observe<P: Packet>(packet: &P, direction: Direction, ifindex: u32) {
+fn observe<P: Packet + tls::CopyBytes>(packet: &P, direction: Direction, ifindex: u32) {
     let segment = match parse_tcp(packet) {
         Ok(Some(segment)) => segment,
         Ok(None) => return,
@@ -258,10 +275,14 @@ fn observe<P: Packet>(packet: &P, direction: Direction, ifindex: u32) {
     if segment.has(tcp_flags::RST) {
         count(PacketKind::Rst);
     }
-    match segment.tls_hello(packet) {
+    let hello = segment.tls_hello(packet);
+    match hello {
         Some(HelloKind::Client) => count(PacketKind::ClientHello),
         Some(HelloKind::Server) => count(PacketKind::ServerHello),
         None => {}
+    }
+    if segment.payload_len > 0 {
+        tls::on_payload(packet, &segment, hello, direction, ifindex);
     }
     track(&segment, direction, ifindex);
 }

@@ -25,6 +25,7 @@ use crate::{
     conntrack::{Phase, Role, outcome_name, phases},
     daemon::{self, CensusRunner, State},
     states::{SocketView, StatesView, TimeWaitView, state_by_name, state_name},
+    tlsconn::TlsView,
 };
 
 pub const DEFAULT_SOCKET: &str = "/run/handshake/handshake.sock";
@@ -58,6 +59,11 @@ pub struct ConnView {
     pub ifindex: u32,
     /// Seconds since the first SYN.
     pub age_s: f64,
+    /// From the connection's ClientHello, when it carried TLS.
+    pub sni: Option<String>,
+    pub ja4: Option<String>,
+    /// Negotiated, from the ServerHello.
+    pub tls_version: Option<String>,
 }
 
 fn addr(family: u8, bytes: &[u8; 16]) -> String {
@@ -114,6 +120,9 @@ impl ConnView {
             },
             ifindex: flow.ifindex,
             age_s: now.saturating_sub(flow.ts_syn) as f64 / 1e9,
+            sni: None,
+            ja4: None,
+            tls_version: None,
         }
     }
 }
@@ -197,6 +206,14 @@ async fn answer(
             let views = conns(&state.lock().unwrap_or_else(|p| p.into_inner()));
             serde_json::to_string(&views).map_err(io::Error::other)?
         }
+        "tls" => {
+            let views = state
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .tls
+                .views(clock::monotonic_ns());
+            serde_json::to_string(&views).map_err(io::Error::other)?
+        }
         "states" | "timewait" | "sockets" => match census {
             None => error_body(
                 "the socket census is not available (see the daemon's log and handshake_probe_attached{probe=\"iter_tcp_census\"})",
@@ -276,10 +293,47 @@ fn error_body(message: &str) -> String {
     serde_json::json!({ "error": message }).to_string()
 }
 
-/// Recent decided handshakes and those still in progress, oldest first.
+/// Recent decided handshakes and those still in progress, oldest first,
+/// with what their TLS ClientHello and ServerHello said.
 pub fn conns(state: &State) -> Vec<ConnView> {
     let now = clock::monotonic_ns();
+    let tls: std::collections::HashMap<(String, u16, String, u16), TlsView> = state
+        .tls
+        .views(now)
+        .into_iter()
+        .map(|v| {
+            let key = (
+                v.client_addr.clone(),
+                v.client_port,
+                v.server_addr.clone(),
+                v.server_port,
+            );
+            (key, v)
+        })
+        .collect();
     let mut flows: Vec<&Flow> = state.conntrack.recent().chain(state.live.iter()).collect();
     flows.sort_by_key(|f| f.ts_syn);
-    flows.iter().map(|f| ConnView::of(f, now)).collect()
+    flows
+        .iter()
+        .map(|f| {
+            let mut view = ConnView::of(f, now);
+            let (client, server) = if view.role == "client" {
+                (
+                    (&view.local_addr, view.local_port),
+                    (&view.remote_addr, view.remote_port),
+                )
+            } else {
+                (
+                    (&view.remote_addr, view.remote_port),
+                    (&view.local_addr, view.local_port),
+                )
+            };
+            if let Some(t) = tls.get(&(client.0.clone(), client.1, server.0.clone(), server.1)) {
+                view.sni = t.sni.clone();
+                view.ja4 = Some(t.ja4.clone());
+                view.tls_version = t.version.clone();
+            }
+            view
+        })
+        .collect()
 }

@@ -28,6 +28,9 @@ pub enum Command {
     /// Count every TCP socket by state, in each namespace the daemon
     /// watches (a fresh census).
     States(StatesFlags),
+    /// Recent TLS ClientHellos: SNI, ALPN, JA4, JA3, negotiated version and
+    /// cipher, phase timings; or, with --top, the most frequent (SNI, JA4).
+    Tls(TlsFlags),
     /// TIME_WAIT per namespace: count, entry rate, top remote endpoints and
     /// the ephemeral-port exhaustion forecast per destination.
     Timewait(TimewaitFlags),
@@ -38,6 +41,29 @@ pub enum CensusSourceFlag {
     Auto,
     Iter,
     Netlink,
+}
+
+#[derive(Debug, Args)]
+pub struct TlsFlags {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Only ClientHellos with this SNI.
+    #[arg(long, value_name = "NAME")]
+    pub sni: Option<String>,
+
+    /// Only ClientHellos with this JA4 fingerprint.
+    #[arg(long, value_name = "FINGERPRINT")]
+    pub ja4: Option<String>,
+
+    /// Instead, the N most frequent (SNI, JA4) pairs with their counts.
+    #[arg(long, value_name = "N")]
+    pub top: Option<usize>,
+
+    /// The daemon's API socket.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    pub api_socket: PathBuf,
 }
 
 #[derive(Debug, Args)]

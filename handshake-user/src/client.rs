@@ -14,8 +14,9 @@ use anyhow::{Context as _, bail};
 use crate::{
     api::ConnView,
     census::STATES,
-    cli::{ConnsFlags, OutcomeFlag, RoleFlag, StatesFlags, TimewaitFlags},
+    cli::{ConnsFlags, OutcomeFlag, RoleFlag, StatesFlags, TimewaitFlags, TlsFlags},
     states::{SocketView, StatesView, TimeWaitView, state_by_name, state_name},
+    tlsconn::TlsView,
 };
 
 /// Sends one request and returns the daemon's answer.
@@ -115,6 +116,75 @@ fn sockets(flags: &ConnsFlags, state: &str) -> anyhow::Result<()> {
                 .map_or_else(|| "-".to_owned(), |a| format!("{a:.1}s")),
             v.pid.map_or_else(|| "-".to_owned(), |p| p.to_string()),
             v.comm.as_deref().unwrap_or("-")
+        );
+    }
+    Ok(())
+}
+
+/// One (SNI, JA4) pair and how often it was seen.
+#[derive(Debug, serde::Serialize)]
+struct TopPair {
+    sni: Option<String>,
+    ja4: String,
+    count: usize,
+}
+
+pub fn tls(flags: &TlsFlags) -> anyhow::Result<()> {
+    let answer = request(&flags.api_socket, "tls")?;
+    let mut views: Vec<TlsView> =
+        serde_json::from_str(&answer).context("decoding the daemon's answer")?;
+    views.retain(|v| {
+        flags.sni.as_ref().is_none_or(|s| v.sni.as_ref() == Some(s))
+            && flags.ja4.as_ref().is_none_or(|j| &v.ja4 == j)
+    });
+    if let Some(top) = flags.top {
+        let mut counts: std::collections::HashMap<(Option<String>, String), usize> =
+            std::collections::HashMap::new();
+        for v in &views {
+            *counts.entry((v.sni.clone(), v.ja4.clone())).or_default() += 1;
+        }
+        let mut pairs: Vec<TopPair> = counts
+            .into_iter()
+            .map(|((sni, ja4), count)| TopPair { sni, ja4, count })
+            .collect();
+        pairs.sort_by(|a, b| b.count.cmp(&a.count).then(a.ja4.cmp(&b.ja4)));
+        pairs.truncate(top);
+        if flags.json {
+            println!("{}", serde_json::to_string_pretty(&pairs)?);
+        } else {
+            println!("{:>7}  {:<36} SNI", "COUNT", "JA4");
+            for p in &pairs {
+                println!(
+                    "{:>7}  {:<36} {}",
+                    p.count,
+                    p.ja4,
+                    p.sni.as_deref().unwrap_or("-")
+                );
+            }
+        }
+        return Ok(());
+    }
+    if flags.json {
+        println!("{}", serde_json::to_string_pretty(&views)?);
+        return Ok(());
+    }
+    println!(
+        "{:<6} {:<41} {:<41} {:<30} {:<9} {:<36} {:>7} {:>10} {:>10}",
+        "ROLE", "CLIENT", "SERVER", "SNI", "ALPN", "JA4", "VERSION", "CH>SH", "SH>FIN"
+    );
+    let us = |d: Option<f64>| d.map_or_else(|| "-".to_owned(), |d| format!("{d:.0}us"));
+    for v in &views {
+        println!(
+            "{:<6} {:<41} {:<41} {:<30} {:<9} {:<36} {:>7} {:>10} {:>10}",
+            v.role,
+            endpoint(&v.family, &v.client_addr, v.client_port),
+            endpoint(&v.family, &v.server_addr, v.server_port),
+            v.sni.as_deref().unwrap_or("-"),
+            v.alpn.first().map_or("-", String::as_str),
+            v.ja4,
+            v.version.as_deref().unwrap_or("-"),
+            us(v.client_hello_to_server_hello_us),
+            us(v.server_hello_to_client_finished_us)
         );
     }
     Ok(())

@@ -24,11 +24,13 @@ use crate::{
     events::EventReader,
     http,
     loader::Observer,
-    maps::{Counters, FlowStats, FlowTables},
+    maps::{Counters, FlowStats, FlowTables, TlsMaps},
     metrics::{self, Report, SelfStats},
     netns::Netns,
     states::{NetnsView, state_name},
+    tlsconn::TlsTracker,
 };
+use handshake_common::abi::tls_capture::TlsChunk;
 
 /// How often the flow tables are swept for timeouts and idle handshakes.
 const SWEEP_EVERY: Duration = Duration::from_millis(200);
@@ -47,6 +49,8 @@ pub struct State {
     pub self_stats: SelfStats,
     /// The last census of each watched namespace (host first).
     pub census: Vec<NetnsView>,
+    /// TLS handshakes from the hooks' hello records.
+    pub tls: TlsTracker,
     /// Host-wide state transitions per second, `from->to`, between the
     /// last two censuses.
     pub transitions_per_second: BTreeMap<String, f64>,
@@ -168,6 +172,7 @@ pub fn run(config: DaemonConfig) -> anyhow::Result<()> {
     let counters = Arc::new(observer.take_counters()?);
     let tables = observer.take_flow_tables()?;
     let events = observer.take_events()?;
+    let (tls_events, tls_maps) = observer.take_tls()?;
     let census = observer
         .take_census()
         .map_err(|e| format!("{:#}", anyhow::Error::new(e)))
@@ -216,6 +221,7 @@ pub fn run(config: DaemonConfig) -> anyhow::Result<()> {
         flow_stats: FlowStats::default(),
         self_stats: SelfStats::default(),
         census: Vec::new(),
+        tls: TlsTracker::new(config.conn_history),
         transitions_per_second: BTreeMap::new(),
     }));
     let attachments = observer.attachments().to_vec();
@@ -236,6 +242,7 @@ pub fn run(config: DaemonConfig) -> anyhow::Result<()> {
                     self_stats: state.self_stats,
                     half_open_top,
                     census: &state.census,
+                    tls: &state.tls.totals,
                 })),
                 Err(error) => {
                     state.self_stats.map_read_errors += 1;
@@ -258,6 +265,8 @@ pub fn run(config: DaemonConfig) -> anyhow::Result<()> {
         let metrics_listener = tokio::net::TcpListener::from_std(metrics_listener)?;
         let api_listener = tokio::net::UnixListener::from_std(api_listener)?;
         let events = EventReader::new(events).context("polling the event ring buffer")?;
+        let tls_events =
+            EventReader::<TlsChunk>::new(tls_events).context("polling the TLS ring buffer")?;
         tracing::info!(
             metrics = %config.metrics_addr,
             api = %config.api_socket.display(),
@@ -271,7 +280,8 @@ pub fn run(config: DaemonConfig) -> anyhow::Result<()> {
             () = http::serve(metrics_listener, render) => {}
             () = api::serve(api_listener, Arc::clone(&state), census.clone()) => {}
             result = read_events(events, &state) => result?,
-            result = sweep(tables, expiry, &state) => result?,
+            result = sweep(tables, tls_maps, expiry, &state) => result?,
+            result = read_tls(tls_events, &state) => result?,
             () = census_loop(census.clone(), &counters, config.census_interval, &state) => {}
             _ = sigterm.recv() => tracing::info!("SIGTERM: detaching"),
             _ = sigint.recv() => tracing::info!("SIGINT: detaching"),
@@ -350,9 +360,33 @@ async fn read_events(mut events: EventReader, state: &Mutex<State>) -> anyhow::R
     }
 }
 
+/// Feeds TLS hello records to the TLS tracker.
+async fn read_tls(mut events: EventReader<TlsChunk>, state: &Mutex<State>) -> anyhow::Result<()> {
+    let mut batch = Vec::new();
+    loop {
+        events
+            .next_batch(&mut batch)
+            .await
+            .context("reading the TLS ring buffer")?;
+        if batch.is_empty() {
+            continue;
+        }
+        let mut state = lock(state);
+        for chunk in batch.drain(..) {
+            state.tls.record(&chunk);
+        }
+        state.self_stats.tls_events_malformed = events.malformed;
+    }
+}
+
 /// Decides timed-out and idle handshakes, and refreshes the live view and
-/// the table counters.
-async fn sweep(mut tables: FlowTables, expiry: Expiry, state: &Mutex<State>) -> anyhow::Result<()> {
+/// the table counters; gives up stale TLS captures.
+async fn sweep(
+    mut tables: FlowTables,
+    mut tls_maps: TlsMaps,
+    expiry: Expiry,
+    state: &Mutex<State>,
+) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(SWEEP_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -361,7 +395,13 @@ async fn sweep(mut tables: FlowTables, expiry: Expiry, state: &Mutex<State>) -> 
         let result = tables
             .sweep(|flow| expiry.expire(flow, now))
             .and_then(|sweep| Ok((sweep, tables.stats()?)));
+        let tls_result = tls_maps.maintain(now);
         let mut state = lock(state);
+        state.tls.sweep(now);
+        if let Err(error) = tls_result {
+            state.self_stats.map_read_errors += 1;
+            tracing::error!(%error, "maintaining the TLS capture table failed");
+        }
         match result {
             Ok((sweep, stats)) => {
                 for flow in sweep.decided {

@@ -1,33 +1,46 @@
-//! The ring buffer of decided handshakes: waiting for it without spinning,
-//! and decoding its records. The kernel batches wakeups, so the reader also
+//! The ring buffers (decided handshakes, TLS hello bytes): waiting for
+//! them without spinning, and decoding their records. The kernel batches wakeups, so the reader also
 //! drains on a short timer: a batch never waits longer than `DRAIN_EVERY`.
 
 use std::time::Duration;
 
 use aya::maps::{MapData, RingBuf};
-use handshake_common::flow::Flow;
+use handshake_common::{abi::tls_capture::TlsChunk, flow::Flow};
 use tokio::io::unix::AsyncFd;
 
 /// How long a record may wait for a wakeup before the reader looks anyway.
 pub const DRAIN_EVERY: Duration = Duration::from_millis(50);
 
-/// Decodes one ring-buffer record; `None` if its size is not a `Flow`'s.
-pub fn decode(bytes: &[u8]) -> Option<Flow> {
-    if bytes.len() != size_of::<Flow>() {
+/// A ring-buffer record type: `repr(C)` plain data, valid for any bit
+/// pattern.
+///
+/// # Safety
+/// Implement only for such types.
+pub unsafe trait Record: Copy {}
+
+// SAFETY: `repr(C)` integers and byte arrays.
+unsafe impl Record for Flow {}
+// SAFETY: as above.
+unsafe impl Record for TlsChunk {}
+
+/// Decodes one ring-buffer record; `None` if its size is not a `T`'s.
+pub fn decode<T: Record>(bytes: &[u8]) -> Option<T> {
+    if bytes.len() != size_of::<T>() {
         return None;
     }
-    // SAFETY: the length was checked, `Flow` is `repr(C)` plain data valid
-    // for any bit pattern, and read_unaligned has no alignment requirement.
-    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<Flow>()) })
+    // SAFETY: the length was checked, `T: Record` is valid for any bit
+    // pattern, and read_unaligned has no alignment requirement.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
 }
 
-pub struct EventReader {
+pub struct EventReader<T = Flow> {
     ring: AsyncFd<RingBuf<MapData>>,
     /// Records of the wrong size (a kernel/user mismatch; should stay 0).
     pub malformed: u64,
+    record: std::marker::PhantomData<T>,
 }
 
-impl std::fmt::Debug for EventReader {
+impl<T> std::fmt::Debug for EventReader<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EventReader")
             .field("malformed", &self.malformed)
@@ -35,18 +48,22 @@ impl std::fmt::Debug for EventReader {
     }
 }
 
-impl EventReader {
+impl<T: Record> EventReader<T> {
     /// Must be called inside a tokio runtime.
     pub fn new(ring: RingBuf<MapData>) -> std::io::Result<Self> {
         // SAFETY: the ring buffer owns its map fd, which stays open and
         // unchanged for as long as the AsyncFd (which owns the ring) lives.
         let ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }?;
-        Ok(Self { ring, malformed: 0 })
+        Ok(Self {
+            ring,
+            malformed: 0,
+            record: std::marker::PhantomData,
+        })
     }
 
     /// Waits for a wakeup or `DRAIN_EVERY`, then appends every waiting
     /// record to `out`.
-    pub async fn next_batch(&mut self, out: &mut Vec<Flow>) -> std::io::Result<()> {
+    pub async fn next_batch(&mut self, out: &mut Vec<T>) -> std::io::Result<()> {
         if let Ok(guard) = tokio::time::timeout(DRAIN_EVERY, self.ring.readable_mut()).await {
             guard?.clear_ready();
         }
@@ -79,7 +96,7 @@ mod tests {
             std::slice::from_raw_parts((&raw const flow).cast::<u8>(), size_of::<Flow>())
         };
         assert_eq!(decode(bytes), Some(flow));
-        assert_eq!(decode(&bytes[1..]), None);
-        assert_eq!(decode(&[]), None);
+        assert_eq!(decode::<Flow>(&bytes[1..]), None);
+        assert_eq!(decode::<Flow>(&[]), None);
     }
 }

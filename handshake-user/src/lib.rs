@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod netns;
 pub mod sockdiag;
 pub mod states;
+pub mod tlsconn;
 
 /// The compiled kernel programs, embedded at build time.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/handshake"));

@@ -20,7 +20,7 @@ use crate::{
     census::{self, Census, CensusError, Offsets, Source},
     cli::{IngressHook, XdpModeFlag},
     config::TableSizes,
-    maps::{Counters, FlowTables},
+    maps::{Counters, FlowTables, TlsMaps},
     netns::{Netns, NetnsError},
 };
 
@@ -147,6 +147,17 @@ impl Observer {
     /// Takes the flow tables out of the object, for the sweep.
     pub fn take_flow_tables(&mut self) -> Result<FlowTables, LoadError> {
         FlowTables::take_from(&mut self.ebpf)
+    }
+
+    /// Takes the TLS hello ring buffer and the capture's pending table.
+    pub fn take_tls(&mut self) -> Result<(RingBuf<MapData>, TlsMaps), LoadError> {
+        let name = map::TLS_EVENTS;
+        let events = self
+            .ebpf
+            .take_map(name)
+            .ok_or(LoadError::MissingMap(name))?;
+        let events = RingBuf::try_from(events).map_err(|source| LoadError::Map { name, source })?;
+        Ok((events, TlsMaps::take_from(&mut self.ebpf)?))
     }
 
     /// Takes the ring buffer of decided handshakes.

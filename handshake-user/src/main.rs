@@ -20,6 +20,7 @@ fn main() -> ExitCode {
         cli::Command::Daemon(flags) => DaemonConfig::try_from(flags).and_then(daemon::run),
         cli::Command::Conns(flags) => client::conns(&flags),
         cli::Command::States(flags) => client::states(&flags),
+        cli::Command::Tls(flags) => client::tls(&flags),
         cli::Command::Timewait(flags) => client::timewait(&flags),
     };
     match result {

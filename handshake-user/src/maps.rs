@@ -4,10 +4,13 @@
 
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray},
 };
 use handshake_common::{
-    abi::{self, Direction, FlowStat, PacketKind, ParseError, STATE_SLOTS, map as names},
+    abi::{
+        self, Direction, FlowStat, PacketKind, ParseError, STATE_SLOTS, map as names,
+        tls_capture::{TlsKey, TlsPending},
+    },
     flow::{Flow, FlowKey},
 };
 
@@ -145,6 +148,10 @@ pub struct Sweep {
 pub struct FlowStats {
     pub events_dropped: u64,
     pub insert_failures: u64,
+    /// TLS hello records lost to a full ring buffer.
+    pub tls_events_dropped: u64,
+    /// TLS pending-table inserts the kernel refused.
+    pub tls_pending_failures: u64,
     pub synack_retransmits_kernel: u64,
     /// LRU evictions per [`Table`], derived (see [`FlowTables::sweep`]).
     pub evictions: [u64; 2],
@@ -173,6 +180,8 @@ impl FlowTables {
         Ok(FlowStats {
             events_dropped: self.stat(FlowStat::EventsDropped)?,
             insert_failures: self.stat(FlowStat::InsertFailures)?,
+            tls_events_dropped: self.stat(FlowStat::TlsEventsDropped)?,
+            tls_pending_failures: self.stat(FlowStat::TlsPendingFailures)?,
             synack_retransmits_kernel: self.stat(FlowStat::SynAckRetransmits)?,
             evictions: self.evictions,
         })
@@ -228,5 +237,68 @@ impl FlowTables {
             self.evictions[t] = self.evictions[t].max(estimate);
         }
         Ok(sweep)
+    }
+}
+
+/// The TLS capture's pending table and its "may hold entries" flag.
+pub struct TlsMaps {
+    pending: HashMap<MapData, TlsKey, TlsPending>,
+    active: Array<MapData, u32>,
+}
+
+impl std::fmt::Debug for TlsMaps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsMaps").finish_non_exhaustive()
+    }
+}
+
+/// A pending capture older than this is given up (its hello will not
+/// complete, or the client never sent another record).
+const TLS_PENDING_TIMEOUT_NS: u64 = 10_000_000_000;
+
+impl TlsMaps {
+    pub(crate) fn take_from(ebpf: &mut Ebpf) -> Result<Self, LoadError> {
+        let map = |ebpf: &mut Ebpf, name: &'static str| {
+            ebpf.take_map(name).ok_or(LoadError::MissingMap(name))
+        };
+        Ok(Self {
+            pending: HashMap::try_from(map(ebpf, names::TLS_PENDING)?).map_err(|source| {
+                LoadError::Map {
+                    name: names::TLS_PENDING,
+                    source,
+                }
+            })?,
+            active: Array::try_from(map(ebpf, names::TLS_ACTIVE)?).map_err(|source| {
+                LoadError::Map {
+                    name: names::TLS_ACTIVE,
+                    source,
+                }
+            })?,
+        })
+    }
+
+    /// Gives up stale captures and, when none is left, lets the hooks skip
+    /// the table again. The flag is cleared before the table is checked,
+    /// and set again if it is not empty, so a capture the hooks start
+    /// meanwhile always leaves the flag set.
+    pub fn maintain(&mut self, now_ns: u64) -> Result<(), MapError> {
+        let stale: Vec<TlsKey> = self
+            .pending
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, p)| now_ns.saturating_sub(p.ts_ns) >= TLS_PENDING_TIMEOUT_NS)
+            .map(|(k, _)| k)
+            .collect();
+        for key in &stale {
+            let _ = self.pending.remove(key);
+        }
+        if self.active.get(&0, 0)? == 0 {
+            return Ok(());
+        }
+        self.active.set(0, &0, 0)?;
+        if self.pending.keys().next().is_some() {
+            self.active.set(0, &1, 0)?;
+        }
+        Ok(())
     }
 }

@@ -24,6 +24,7 @@ use crate::{
     loader::Attachment,
     maps::{FlowStats, Snapshot, Table},
     states::{self, NetnsView},
+    tlsconn::{TlsPhase, TlsTotals},
 };
 
 /// What the daemon itself counts, next to what the kernel counted.
@@ -35,6 +36,8 @@ pub struct SelfStats {
     pub events_malformed: u64,
     /// Census runs that failed.
     pub census_errors: u64,
+    /// TLS ring-buffer records of the wrong size.
+    pub tls_events_malformed: u64,
 }
 
 /// Everything one scrape shows.
@@ -51,6 +54,7 @@ pub struct Report<'a> {
     pub half_open_top: usize,
     /// The last census of each watched namespace.
     pub census: &'a [NetnsView],
+    pub tls: &'a TlsTotals,
 }
 
 fn labels(pairs: &[(&str, &str)]) -> Vec<LabelPair> {
@@ -323,6 +327,7 @@ pub fn render(report: &Report<'_>) -> String {
     ));
     handshake_families(report, &mut families);
     census_families(report, &mut families);
+    tls_families(report, &mut families);
 
     // The encoder rejects a family without samples (no transition seen
     // yet, no port half-open); Prometheus reads an absent series as none.
@@ -334,6 +339,64 @@ pub fn render(report: &Report<'_>) -> String {
         tracing::error!(%error, "encoding metrics failed");
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// TLS handshakes from the hooks' hello records.
+fn tls_families(report: &Report<'_>, families: &mut Vec<MetricFamily>) {
+    let tls = report.tls;
+    let mut durations = Vec::new();
+    for role in Role::ALL {
+        for phase in TlsPhase::ALL {
+            let empty = Histogram::default();
+            let h = tls.durations.get(&(role, phase)).unwrap_or(&empty);
+            durations.push(histogram(
+                &[("role", role.name()), ("phase", phase.name())],
+                h,
+            ));
+        }
+    }
+    families.push(family(
+        "handshake_tls_handshake_duration_seconds",
+        "TLS handshake phases seen on the wire: client_hello_to_server_hello (ClientHello to ServerHello), server_hello_to_client_finished (ServerHello to the client's next record that is not ChangeCipherSpec).",
+        MetricType::HISTOGRAM,
+        durations,
+    ));
+    families.push(family(
+        "handshake_tls_handshakes_total",
+        "TLS handshakes whose ServerHello was seen, by this host's role and the negotiated version.",
+        MetricType::COUNTER,
+        tls.handshakes
+            .iter()
+            .map(|((role, version), n)| counter(&[("role", role.name()), ("version", version)], *n))
+            .collect(),
+    ));
+    families.push(family(
+        "handshake_tls_client_hellos_total",
+        "ClientHellos by the highest version offered and the first ALPN (h2, http/1.1, h3, http/1.0, acme-tls/1, other, none).",
+        MetricType::COUNTER,
+        tls.client_hellos
+            .iter()
+            .map(|((version, alpn), n)| counter(&[("version", version), ("alpn", alpn)], *n))
+            .collect(),
+    ));
+    families.push(family(
+        "handshake_tls_parse_errors_total",
+        "TLS hellos the daemon could not use, by reason (truncated, bad_length, wrong_type, incomplete: bytes stopped arriving, server_hello_without_client_hello, too_many_in_flight).",
+        MetricType::COUNTER,
+        tls.parse_errors
+            .iter()
+            .map(|(reason, n)| counter(&[("reason", reason)], *n))
+            .collect(),
+    ));
+    families.push(family(
+        "handshake_tls_ringbuf_dropped_total",
+        "TLS hello records lost to a full ring buffer, and pending-capture inserts the kernel refused.",
+        MetricType::COUNTER,
+        vec![
+            counter(&[("what", "records")], report.flow_stats.tls_events_dropped),
+            counter(&[("what", "pending_inserts")], report.flow_stats.tls_pending_failures),
+        ],
+    ));
 }
 
 /// The socket census: states per namespace, TIME_WAIT and its forecast.
@@ -443,6 +506,7 @@ mod tests {
             self_stats: SelfStats::default(),
             half_open_top: 5,
             census: &[],
+            tls: &TlsTotals::default(),
         });
         assert!(text.contains("handshake_packets_total{"));
         assert!(!text.contains("handshake_tcp_state_transitions_total"));
@@ -487,9 +551,11 @@ mod tests {
                 map_read_errors: 1,
                 events_malformed: 0,
                 census_errors: 0,
+                tls_events_malformed: 0,
             },
             half_open_top: 5,
             census: &[],
+            tls: &TlsTotals::default(),
         });
         for line in [
             "handshake_packets_total{direction=\"egress\",kind=\"syn_ack\"} 7",

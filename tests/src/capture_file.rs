@@ -144,3 +144,22 @@ pub fn first_handshake_messages(frames: &[Frame]) -> BTreeMap<StreamKey, Vec<u8>
     }
     out
 }
+
+/// Writes `frames` as an Ethernet pcap, for tcpreplay.
+pub fn write_ethernet_pcap(path: &Path, frames: &[Frame]) {
+    let file = File::create(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let header = pcap_file::pcap::PcapHeader {
+        snaplen: 262_144,
+        ..Default::default()
+    };
+    let mut writer = pcap_file::pcap::PcapWriter::with_header(file, header).expect("pcap header");
+    for frame in frames {
+        writer
+            .write_packet(&pcap_file::pcap::PcapPacket::new(
+                frame.timestamp,
+                frame.bytes.len() as u32,
+                &frame.bytes,
+            ))
+            .expect("write frame");
+    }
+}

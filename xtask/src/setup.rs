@@ -23,6 +23,7 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("openssl", "openssl"),
     ("tcpdump", "tcpdump"),
     ("nft", "nftables"),
+    ("tcpreplay", "tcpreplay"),
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq)]
