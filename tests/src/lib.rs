@@ -849,3 +849,116 @@ impl Drop for NftDrop {
             .status();
     }
 }
+
+/// Waits until something listens on TCP `port` in namespace `ns`.
+pub fn wait_listening(ns: &str, port: u16) {
+    for _ in 0..100 {
+        let out = sh(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                ns,
+                "ss",
+                "-Hltn",
+                &format!("sport = :{port}"),
+            ],
+        );
+        if !out.trim().is_empty() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("nothing listens on port {port} in {ns}");
+}
+
+/// A directory of this test process's own under the temp dir.
+pub fn tempdir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("handshake-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+/// A self-signed P-256 certificate for `name` and its key, in `dir`.
+pub fn self_signed_cert(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    sh(
+        "openssl",
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-subj",
+            &format!("/CN={name}"),
+            "-days",
+            "1",
+            "-keyout",
+            key.to_str().unwrap(),
+            "-out",
+            cert.to_str().unwrap(),
+        ],
+    );
+    (cert, key)
+}
+
+/// `tcpdump -w FILE` on an interface inside a namespace, until dropped or
+/// [`PcapFile::finish`]ed.
+pub struct PcapFile {
+    child: Child,
+    pub path: PathBuf,
+}
+
+impl PcapFile {
+    pub fn start(ns: &str, iface: &str, path: &Path, filter: &str) -> Self {
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                ns,
+                "tcpdump",
+                "-i",
+                iface,
+                "-U",
+                "--immediate-mode",
+                "-w",
+            ])
+            .arg(path)
+            .args(filter.split_whitespace())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start tcpdump");
+        let mut capture = Self {
+            child,
+            path: path.to_owned(),
+        };
+        // tcpdump says "listening on" once the capture runs.
+        let stderr = capture.child.stderr.take().expect("tcpdump stderr");
+        let mut line = String::new();
+        BufReader::new(stderr)
+            .read_line(&mut line)
+            .expect("tcpdump starts");
+        capture
+    }
+
+    /// Stops the capture, letting tcpdump write out what it holds.
+    pub fn finish(mut self) -> PathBuf {
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let _ = self.child.wait();
+        self.path.clone()
+    }
+}
+
+impl Drop for PcapFile {
+    fn drop(&mut self) {
+        // SAFETY: as above; harmless if it has exited.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let _ = self.child.wait();
+    }
+}

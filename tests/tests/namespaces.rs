@@ -6,14 +6,13 @@
 
 use std::{
     net::SocketAddr,
-    path::Path,
     process::{Command, Stdio},
     time::Duration,
 };
 
 use handshake_tests::{
     Capture, Metrics, NetnsPair, echo_clients, echo_server, flag_counts, handshake_bin,
-    require_root, serial, sh, tcx_programs,
+    require_root, self_signed_cert, serial, sh, tcx_programs, tempdir, wait_listening,
 };
 
 const PLAIN_V4: usize = 120;
@@ -92,27 +91,7 @@ fn counters_equal_what_was_sent_and_what_tcpdump_saw() {
 
     // TLS 1.2 and 1.3, with and without SNI, both families.
     let dir = tempdir();
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    sh(
-        "openssl",
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-subj",
-            "/CN=test.example",
-            "-days",
-            "1",
-            "-keyout",
-            key.to_str().unwrap(),
-            "-out",
-            cert.to_str().unwrap(),
-        ],
-    );
+    let (cert, key) = self_signed_cert(&dir, "test.example");
     let tls_runs: Vec<(&str, &str, Option<&str>)> = [
         (NetnsPair::SERVER_V4, "-tls1_2", Some("test.example")),
         (NetnsPair::SERVER_V4, "-tls1_3", Some("test.example")),
@@ -360,32 +339,4 @@ fn bad_interface_or_namespace_is_one_line_and_non_zero() {
     );
     // Nothing was attached by the failed starts.
     assert!(!attachments(&pair).contains("handshake"));
-}
-
-fn wait_listening(ns: &str, port: u16) {
-    for _ in 0..100 {
-        let out = sh(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                ns,
-                "ss",
-                "-Hltn",
-                &format!("sport = :{port}"),
-            ],
-        );
-        if !out.trim().is_empty() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("nothing listens on port {port} in {ns}");
-}
-
-fn tempdir() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("handshake-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    assert!(Path::new(&dir).is_dir());
-    dir
 }

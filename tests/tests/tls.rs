@@ -118,3 +118,448 @@ fn replayed_reference_captures_give_their_published_ja4_and_sni() {
         0.0
     );
 }
+
+/// All values of `key` anywhere under `v`, in document order (arrays from
+/// `--no-duplicate-keys` flattened).
+fn find_all<'a>(v: &'a serde_json::Value, key: &str, out: &mut Vec<&'a serde_json::Value>) {
+    match v {
+        serde_json::Value::Object(map) => {
+            for (k, child) in map {
+                if k == key {
+                    match child {
+                        serde_json::Value::Array(items) => out.extend(items.iter()),
+                        other => out.push(other),
+                    }
+                } else {
+                    find_all(child, key, out);
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|i| find_all(i, key, out)),
+        _ => {}
+    }
+}
+
+fn strings(v: &serde_json::Value, key: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    find_all(v, key, &mut out);
+    out.iter()
+        .filter_map(|s| s.as_str().map(str::to_owned))
+        .collect()
+}
+
+/// The object of the extension of type `kind` under a handshake.
+fn extension(hello: &serde_json::Value, kind: u16) -> Option<&serde_json::Value> {
+    hello.as_object()?.iter().find_map(|(k, v)| {
+        (k.starts_with("Extension: ")
+            && v["tls.handshake.extension.type"].as_str() == Some(&kind.to_string()))
+        .then_some(v)
+    })
+}
+
+fn hex16(s: &str) -> u16 {
+    u16::from_str_radix(s.trim_start_matches("0x"), 16).unwrap()
+}
+
+const fn grease(v: u16) -> bool {
+    v & 0x0f0f == 0x0a0a && (v >> 8) == (v & 0xff)
+}
+
+/// JA4 computed from tshark's dissection of a ClientHello (its own parser,
+/// not ours): the check is independent of the daemon's.
+fn ja4_from_tshark(hello: &serde_json::Value) -> String {
+    use std::fmt::Write as _;
+    let ciphers: Vec<u16> = strings(hello, "tls.handshake.ciphersuite")
+        .iter()
+        .map(|c| hex16(c))
+        .filter(|c| !grease(*c))
+        .collect();
+    let exts: Vec<u16> = hello
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| k.starts_with("Extension: "))
+        .filter_map(|(_, v)| v["tls.handshake.extension.type"].as_str()?.parse().ok())
+        .filter(|t| !grease(*t))
+        .collect();
+    let versions: Vec<u16> = extension(hello, 43)
+        .map(|e| strings(e, "tls.handshake.extensions.supported_version"))
+        .unwrap_or_default()
+        .iter()
+        .map(|v| hex16(v))
+        .filter(|v| !grease(*v))
+        .collect();
+    let legacy = hex16(hello["tls.handshake.version"].as_str().unwrap());
+    let version = match versions.iter().copied().max().unwrap_or(legacy) {
+        0x0304 => "13",
+        0x0303 => "12",
+        0x0302 => "11",
+        0x0301 => "10",
+        _ => "00",
+    };
+    let sni = if extension(hello, 0).is_some() {
+        'd'
+    } else {
+        'i'
+    };
+    let alpn = extension(hello, 16)
+        .map(|e| strings(e, "tls.handshake.extensions_alpn_str"))
+        .and_then(|a| a.first().cloned())
+        .map_or_else(
+            || "00".to_owned(),
+            |a| {
+                let b = a.as_bytes();
+                format!("{}{}", b[0] as char, b[b.len() - 1] as char)
+            },
+        );
+    let sigs: Vec<u16> = extension(hello, 13)
+        .map(|e| strings(e, "tls.handshake.sig_hash_alg"))
+        .unwrap_or_default()
+        .iter()
+        .map(|s| hex16(s))
+        .collect();
+    let join = |v: &[u16]| {
+        v.iter().fold(String::new(), |mut s, x| {
+            if !s.is_empty() {
+                s.push(',');
+            }
+            let _ = write!(s, "{x:04x}");
+            s
+        })
+    };
+    let mut sorted_ciphers = ciphers.clone();
+    sorted_ciphers.sort_unstable();
+    let mut sorted_exts: Vec<u16> = exts
+        .iter()
+        .copied()
+        .filter(|e| *e != 0 && *e != 16)
+        .collect();
+    sorted_exts.sort_unstable();
+    let mut c = join(&sorted_exts);
+    if !sigs.is_empty() {
+        c.push('_');
+        c.push_str(&join(&sigs));
+    }
+    let sha12 = |text: &str| {
+        let out = sh_stdin("sha256sum", text);
+        out[..12].to_owned()
+    };
+    format!(
+        "t{version}{sni}{:02}{:02}{alpn}_{}_{}",
+        ciphers.len().min(99),
+        exts.len().min(99),
+        sha12(&join(&sorted_ciphers)),
+        sha12(&c)
+    )
+}
+
+/// Runs `program` with `input` on stdin; its stdout.
+fn sh_stdin(program: &str, input: &str) -> String {
+    use std::io::Write as _;
+    let mut child = Command::new(program)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap()
+}
+
+/// Real clients (openssl s_client with TLS 1.2 and 1.3, with and without
+/// SNI and ALPN, over IPv4 and IPv6; curl) against openssl s_server across
+/// namespaces; then the same with a 256-byte MTU on the client's side, so
+/// that each ClientHello spans several segments. For every connection the
+/// daemon's SNI, ALPN, JA3 (string and hash) and negotiated version equal
+/// tshark's dissection of a capture of the same traffic, and its JA4 the
+/// one computed from that dissection.
+#[test]
+fn real_clients_agree_with_tshark() {
+    use handshake_tests::{PcapFile, self_signed_cert, sh, tempdir, wait_listening};
+    require_root();
+    let _serial = serial();
+    let pair = NetnsPair::new();
+    let daemon = pair.server_daemon(&[]);
+    let dir = tempdir().join("tls-real");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = self_signed_cert(&dir, "tls.test");
+    const PORT: u16 = 4443;
+    let clients: Vec<Vec<String>> = {
+        let s = |args: &[&str]| args.iter().map(|a| (*a).to_owned()).collect::<Vec<_>>();
+        let v4 = format!("{}:{PORT}", NetnsPair::SERVER_V4);
+        let v6 = format!("[{}]:{PORT}", NetnsPair::SERVER_V6);
+        vec![
+            s(&[
+                "openssl",
+                "s_client",
+                "-connect",
+                &v4,
+                "-tls1_3",
+                "-servername",
+                "a.tls.test",
+                "-alpn",
+                "h2",
+            ]),
+            s(&[
+                "openssl",
+                "s_client",
+                "-connect",
+                &v4,
+                "-tls1_2",
+                "-servername",
+                "b.tls.test",
+                "-alpn",
+                "http/1.1",
+            ]),
+            s(&[
+                "openssl",
+                "s_client",
+                "-connect",
+                &v4,
+                "-tls1_3",
+                "-noservername",
+            ]),
+            s(&[
+                "openssl",
+                "s_client",
+                "-connect",
+                &v6,
+                "-tls1_2",
+                "-servername",
+                "c.tls.test",
+                "-alpn",
+                "h2,http/1.1",
+            ]),
+            s(&[
+                "openssl",
+                "s_client",
+                "-connect",
+                &v6,
+                "-tls1_3",
+                "-servername",
+                "d.tls.test",
+            ]),
+            s(&[
+                "curl",
+                "-sk",
+                "--http1.1",
+                "--resolve",
+                &format!("e.tls.test:{PORT}:{}", NetnsPair::SERVER_V4),
+                &format!("https://e.tls.test:{PORT}/"),
+            ]),
+        ]
+    };
+    let runs = 2 * clients.len();
+    let mut server = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &pair.server,
+            "openssl",
+            "s_server",
+            "-quiet",
+            "-www",
+        ])
+        .args(["-accept", &PORT.to_string(), "-naccept", &runs.to_string()])
+        .args(["-alpn", "h2,http/1.1", "-cert"])
+        .arg(&cert)
+        .arg("-key")
+        .arg(&key)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start openssl s_server");
+    wait_listening(&pair.server, PORT);
+    let capture = PcapFile::start(
+        &pair.server,
+        &pair.server_if,
+        &dir.join("real.pcap"),
+        &format!("tcp port {PORT}"),
+    );
+    for small_mtu in [false, true] {
+        if small_mtu {
+            // One MSS per packet: without gso_max_segs 1 the stack hands
+            // veth one GSO packet that is never cut into segments.
+            sh(
+                "ip",
+                &[
+                    "-n",
+                    &pair.client,
+                    "link",
+                    "set",
+                    &pair.client_if,
+                    "mtu",
+                    "256",
+                    "gso_max_segs",
+                    "1",
+                ],
+            );
+        }
+        for client in clients
+            .iter()
+            .filter(|c| !small_mtu || !c.iter().any(|a| a.contains('[')))
+        {
+            let out = Command::new("ip")
+                .args(["netns", "exec", &pair.client])
+                .args(client)
+                .stdin(std::process::Stdio::null())
+                .output()
+                .expect("run the TLS client");
+            assert!(
+                out.status.success() || client[0] == "openssl",
+                "{client:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let pcap = capture.finish();
+    let _ = server.kill();
+    let _ = server.wait();
+
+    let json = Command::new("tshark")
+        .args(["-r"])
+        .arg(&pcap)
+        .args([
+            "-Y",
+            "tls.handshake.type == 1",
+            "-T",
+            "json",
+            "--no-duplicate-keys",
+        ])
+        .output()
+        .expect("run tshark (Debian package tshark)");
+    let packets: serde_json::Value = serde_json::from_slice(&json.stdout).expect("tshark JSON");
+    let seen = daemon.cli_json("tls", &[]);
+    let seen = seen.as_array().unwrap();
+    let mut checked = 0;
+    let mut spanning = 0;
+    for packet in packets.as_array().unwrap() {
+        let layers = &packet["_source"]["layers"];
+        // tshark reassembled this hello from several TCP segments.
+        if layers["tcp.segments"].is_object() {
+            spanning += 1;
+        }
+        let (src, dst) = if layers["ip"].is_object() {
+            (&layers["ip"]["ip.src"], &layers["ip"]["ip.dst"])
+        } else {
+            (&layers["ipv6"]["ipv6.src"], &layers["ipv6"]["ipv6.dst"])
+        };
+        let sport: u16 = layers["tcp"]["tcp.srcport"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let dport: u16 = layers["tcp"]["tcp.dstport"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let mut hellos = Vec::new();
+        find_all(&layers["tls"], "tls.handshake", &mut hellos);
+        let hello = hellos
+            .into_iter()
+            .find(|h| h["tls.handshake.type"] == "1")
+            .expect("a ClientHello in the packet");
+        let view = seen
+            .iter()
+            .find(|v| {
+                v["client_addr"] == *src
+                    && v["client_port"] == sport
+                    && v["server_addr"] == *dst
+                    && v["server_port"] == dport
+            })
+            .unwrap_or_else(|| {
+                panic!(
+                    "no ClientHello {src}:{sport} in {}",
+                    serde_json::Value::Array(seen.clone())
+                )
+            });
+        let sni = extension(hello, 0)
+            .map(|e| strings(e, "tls.handshake.extensions_server_name")[0].clone());
+        assert_eq!(view["sni"].as_str().map(str::to_owned), sni, "{view}");
+        let alpn = extension(hello, 16)
+            .map(|e| strings(e, "tls.handshake.extensions_alpn_str"))
+            .unwrap_or_default();
+        assert_eq!(view["alpn"], serde_json::json!(alpn), "{view}");
+        assert_eq!(
+            view["ja3"].as_str(),
+            hello["tls.handshake.ja3_full"].as_str(),
+            "{view}"
+        );
+        assert_eq!(
+            view["ja3_hash"].as_str(),
+            hello["tls.handshake.ja3"].as_str(),
+            "{view}"
+        );
+        assert_eq!(
+            view["ja4"].as_str().unwrap(),
+            ja4_from_tshark(hello),
+            "{view}"
+        );
+        assert!(view["version"].is_string(), "no ServerHello seen: {view}");
+        assert!(
+            view["client_hello_to_server_hello_us"].as_f64().unwrap() > 0.0,
+            "{view}"
+        );
+        checked += 1;
+    }
+    // Negotiated versions against tshark's ServerHellos.
+    let out = Command::new("tshark")
+        .arg("-r")
+        .arg(&pcap)
+        .args([
+            "-Y",
+            "tls.handshake.type == 2",
+            "-T",
+            "fields",
+            "-e",
+            "tcp.dstport",
+        ])
+        .args([
+            "-e",
+            "tls.handshake.extensions.supported_version",
+            "-e",
+            "tls.handshake.version",
+        ])
+        .output()
+        .unwrap();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let fields: Vec<&str> = line.split('\t').collect();
+        let port: u16 = fields[0].parse().unwrap();
+        let version = if fields[1].is_empty() {
+            fields[2]
+        } else {
+            fields[1]
+        };
+        let expected = match version {
+            "0x0304" => "1.3",
+            "0x0303" => "1.2",
+            other => panic!("unexpected version {other}"),
+        };
+        let view = seen.iter().find(|v| v["client_port"] == port).unwrap();
+        assert_eq!(view["version"], expected, "{view}");
+    }
+    let multi = seen
+        .iter()
+        .filter(|v| v["client_hello_to_server_hello_us"].is_number())
+        .count();
+    eprintln!(
+        "{checked} ClientHellos agree with tshark ({multi} with a ServerHello, {spanning} spanning several segments)"
+    );
+    assert!(
+        spanning >= 3,
+        "only {spanning} ClientHellos spanned several segments"
+    );
+    assert_eq!(
+        checked,
+        clients.len() + clients.len() - 2,
+        "every client connected twice (IPv6 once)"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -24,6 +24,8 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("tcpdump", "tcpdump"),
     ("nft", "nftables"),
     ("tcpreplay", "tcpreplay"),
+    ("tshark", "tshark"),
+    ("curl", "curl"),
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq)]
