@@ -207,11 +207,7 @@ async fn answer(
             serde_json::to_string(&views).map_err(io::Error::other)?
         }
         "tls" => {
-            let views = state
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .tls
-                .views(clock::monotonic_ns());
+            let views = tls(&state.lock().unwrap_or_else(|p| p.into_inner()));
             serde_json::to_string(&views).map_err(io::Error::other)?
         }
         "states" | "timewait" | "sockets" => match census {
@@ -291,6 +287,41 @@ async fn census_answer(
 
 fn error_body(message: &str) -> String {
     serde_json::json!({ "error": message }).to_string()
+}
+
+/// Recent TLS handshakes, oldest first, with the total from the TCP
+/// handshake's first SYN where the hooks saw that too.
+pub fn tls(state: &State) -> Vec<TlsView> {
+    let now = clock::monotonic_ns();
+    let syns: std::collections::HashMap<(String, u16, String, u16), u64> = state
+        .conntrack
+        .recent()
+        .chain(state.live.iter())
+        .map(|f| {
+            let v = ConnView::of(f, now);
+            let key = if v.role == "client" {
+                (v.local_addr, v.local_port, v.remote_addr, v.remote_port)
+            } else {
+                (v.remote_addr, v.remote_port, v.local_addr, v.local_port)
+            };
+            (key, f.ts_syn)
+        })
+        .collect();
+    let mut views = state.tls.views(now);
+    for v in &mut views {
+        let key = (
+            v.client_addr.clone(),
+            v.client_port,
+            v.server_addr.clone(),
+            v.server_port,
+        );
+        if let (Some(syn), Some(done)) = (syns.get(&key), v.ts_client_finished)
+            && done > *syn
+        {
+            v.total_from_syn_us = Some((done - syn) as f64 / 1e3);
+        }
+    }
+    views
 }
 
 /// Recent decided handshakes and those still in progress, oldest first,

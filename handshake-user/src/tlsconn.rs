@@ -90,6 +90,9 @@ pub struct TlsView {
     pub cipher: Option<String>,
     pub client_hello_to_server_hello_us: Option<f64>,
     pub server_hello_to_client_finished_us: Option<f64>,
+    /// From the connection's first SYN to the client's first record after
+    /// the ServerHello, when the TCP handshake was seen too.
+    pub total_from_syn_us: Option<f64>,
     /// Kernel clock of the ClientHello, to join with the TCP handshake.
     #[serde(skip)]
     pub ts_client_hello: u64,
@@ -279,6 +282,7 @@ impl TlsTracker {
             cipher: None,
             client_hello_to_server_hello_us: None,
             server_hello_to_client_finished_us: None,
+            total_from_syn_us: None,
             ts_client_hello: assembly.ts_first,
             ts_client_finished: None,
             ifindex: key.ifindex,

@@ -503,10 +503,19 @@ fn real_clients_agree_with_tshark() {
             "{view}"
         );
         assert!(view["version"].is_string(), "no ServerHello seen: {view}");
-        assert!(
-            view["client_hello_to_server_hello_us"].as_f64().unwrap() > 0.0,
-            "{view}"
+        // Phases: ClientHello -> ServerHello -> the client's next record,
+        // and the whole from the TCP handshake's first SYN.
+        let phase = |name: &str| {
+            view[name]
+                .as_f64()
+                .unwrap_or_else(|| panic!("no {name}: {view}"))
+        };
+        let (first, second) = (
+            phase("client_hello_to_server_hello_us"),
+            phase("server_hello_to_client_finished_us"),
         );
+        assert!(first > 0.0 && second > 0.0, "{view}");
+        assert!(phase("total_from_syn_us") > first + second, "{view}");
         checked += 1;
     }
     // Negotiated versions against tshark's ServerHellos.

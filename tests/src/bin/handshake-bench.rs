@@ -77,6 +77,9 @@ fn main() {
     if which == "all" || which == "census" {
         census::run();
     }
+    if which == "all" || which == "tls" {
+        tls::run();
+    }
 }
 
 fn xdp_cost() {
@@ -95,6 +98,16 @@ fn xdp_cost() {
         (
             "bare ACK (IPv4, data frame)",
             FrameBuilder::v4().tcp_options(12).tcp(ACK, &[]).build(),
+        ),
+        (
+            "data, 512 B of HTTP (IPv4)",
+            FrameBuilder::v4()
+                .tcp_options(12)
+                .tcp(
+                    ACK | PSH,
+                    &[b"GET / HTTP/1.1\r\nHost: x\r\n".as_slice(), &[b'a'; 485]].concat(),
+                )
+                .build(),
         ),
         (
             "SYN (IPv4, 20 B options)",
@@ -614,6 +627,125 @@ mod census {
         );
         println!(
             "daemon RSS: {rss_before} KiB before the sockets existed, {rss_after} KiB with {held} TIME_WAIT sockets censused every second"
+        );
+    }
+}
+
+mod tls {
+    //! Full TLS handshakes per second between two namespaces (openssl
+    //! s_time against s_server, TLS 1.3, ECDSA P-256), with and without the
+    //! daemon attached to the server side, in interleaved rounds.
+
+    use std::{
+        process::{Command, Stdio},
+        time::{Duration, Instant},
+    };
+
+    use handshake_tests::{NetnsPair, self_signed_cert, tempdir, wait_listening};
+
+    const ROUNDS: usize = 9;
+    const SECONDS: u32 = 3;
+    const PORT: u16 = 4444;
+
+    /// Handshakes per second over one s_time run.
+    fn round(pair: &NetnsPair) -> f64 {
+        let started = Instant::now();
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &pair.client,
+                "openssl",
+                "s_time",
+                "-new",
+                "-connect",
+            ])
+            .arg(format!("{}:{PORT}", NetnsPair::SERVER_V4))
+            .args(["-time", &SECONDS.to_string()])
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .output()
+            .expect("run openssl s_time");
+        let seconds = started.elapsed().as_secs_f64();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let count: f64 = text
+            .lines()
+            .find_map(|l| l.split(" connections in ").next()?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("s_time printed no count:\n{text}"));
+        count / seconds
+    }
+
+    pub fn run() {
+        let pair = NetnsPair::new();
+        let dir = tempdir().join("tls-bench");
+        std::fs::create_dir_all(&dir).unwrap();
+        let (cert, key) = self_signed_cert(&dir, "bench.test");
+        let mut server = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &pair.server,
+                "openssl",
+                "s_server",
+                "-quiet",
+            ])
+            .args(["-accept", &PORT.to_string(), "-cert"])
+            .arg(&cert)
+            .arg("-key")
+            .arg(&key)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start openssl s_server");
+        wait_listening(&pair.server, PORT);
+        println!();
+        println!(
+            "Full TLS 1.3 handshakes between two namespaces (openssl s_time -new, {SECONDS} s rounds, {ROUNDS} interleaved rounds)"
+        );
+        let (mut none, mut ours, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        for r in 0..ROUNDS {
+            let mut rates = [0.0; 2];
+            // Alternate which goes first.
+            for k in 0..2 {
+                let with_daemon = (k + r) % 2 == 1;
+                let daemon = with_daemon.then(|| pair.server_daemon(&[]));
+                std::thread::sleep(Duration::from_millis(300));
+                let rate = round(&pair);
+                if let Some(daemon) = daemon {
+                    let seen: f64 = daemon.scrape().get(
+                        "handshake_tls_handshakes_total",
+                        &[("role", "server"), ("version", "1.3")],
+                    );
+                    assert!(seen > 0.0, "the daemon saw no TLS handshake");
+                }
+                println!(
+                    "  round {} {:<24} {:>9.0} handshakes/s",
+                    r + 1,
+                    if with_daemon {
+                        "handshake daemon"
+                    } else {
+                        "no observer"
+                    },
+                    rate
+                );
+                rates[usize::from(with_daemon)] = rate;
+            }
+            none.push(rates[0]);
+            ours.push(rates[1]);
+            ratios.push(rates[1] / rates[0]);
+        }
+        let _ = server.kill();
+        let _ = server.wait();
+        let _ = std::fs::remove_dir_all(&dir);
+        let (min, max) = ratios
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
+        println!(
+            "no observer {:.0}/s, daemon {:.0}/s (medians); ratio median {:.3}, min {min:.3}, max {max:.3}",
+            super::median(&mut none),
+            super::median(&mut ours),
+            super::median(&mut ratios)
         );
     }
 }
