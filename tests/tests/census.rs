@@ -54,11 +54,13 @@ fn census_equals_ss_for_time_wait_on_both_sides() {
     let v6: SocketAddr = format!("[{}]:7100", NetnsPair::SERVER_V6).parse().unwrap();
     // Server: accepts; closes first on odd connections (TIME_WAIT on the
     // server side), waits for the client's close on even ones.
+    let (ready_tx, ready_rx) = mpsc::channel();
     let server = spawn_in(&pair.server, move || {
         let listeners = [
             TcpListener::bind(v4).unwrap(),
             TcpListener::bind(v6).unwrap(),
         ];
+        ready_tx.send(()).unwrap();
         let mut held = Vec::new();
         for listener in &listeners {
             for i in 0..20 {
@@ -75,6 +77,7 @@ fn census_equals_ss_for_time_wait_on_both_sides() {
         drop(held);
         listeners
     });
+    ready_rx.recv().unwrap();
     let client = spawn_in(&pair.client, move || {
         for addr in [v4, v6] {
             for i in 0..20 {

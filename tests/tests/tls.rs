@@ -271,7 +271,7 @@ fn sh_stdin(program: &str, input: &str) -> String {
 }
 
 /// Real clients (openssl s_client with TLS 1.2 and 1.3, with and without
-/// SNI and ALPN, over IPv4 and IPv6; curl) against openssl s_server across
+/// SNI and ALPN, over IPv4 and IPv6; curl; a rustls client) against openssl s_server across
 /// namespaces; then the same with a 256-byte MTU on the client's side, so
 /// that each ClientHello spans several segments. For every connection the
 /// daemon's SNI, ALPN, JA3 (string and hash) and negotiated version equal
@@ -350,6 +350,13 @@ fn real_clients_agree_with_tshark() {
                 "--resolve",
                 &format!("e.tls.test:{PORT}:{}", NetnsPair::SERVER_V4),
                 &format!("https://e.tls.test:{PORT}/"),
+            ]),
+            s(&[
+                env!("CARGO_BIN_EXE_tls-client"),
+                &v4,
+                "r.tls.test",
+                "h2",
+                "http/1.1",
             ]),
         ]
     };
