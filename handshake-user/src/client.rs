@@ -58,14 +58,27 @@ pub fn conns(flags: &ConnsFlags) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<6} {:<11} {:<41} {:<41} {:>10} {:>10} {:>10} {:>5} {:>8}",
-        "ROLE", "OUTCOME", "LOCAL", "REMOTE", "CONNECT", "SYN>SYNACK", "SYNACK>ACK", "RETX", "AGE"
+        "{:<6} {:<11} {:<41} {:<41} {:>10} {:>10} {:>10} {:>5} {:>8}  {:<4} SNI / JA4",
+        "ROLE",
+        "OUTCOME",
+        "LOCAL",
+        "REMOTE",
+        "CONNECT",
+        "SYN>SYNACK",
+        "SYNACK>ACK",
+        "RETX",
+        "AGE",
+        "TLS"
     );
     for v in &views {
         let endpoint = |addr: &str, port: u16| endpoint(&v.family, addr, port);
         let us = |d: Option<f64>| d.map_or_else(|| "-".to_owned(), |d| format!("{d:.0}us"));
+        let tls = match (&v.ja4, &v.sni) {
+            (Some(ja4), sni) => format!("{} {ja4}", sni.as_deref().unwrap_or("-")),
+            (None, _) => String::new(),
+        };
         println!(
-            "{:<6} {:<11} {:<41} {:<41} {:>10} {:>10} {:>10} {:>5} {:>7.1}s",
+            "{:<6} {:<11} {:<41} {:<41} {:>10} {:>10} {:>10} {:>5} {:>7.1}s  {:<4} {tls}",
             v.role,
             v.outcome,
             endpoint(&v.local_addr, v.local_port),
@@ -74,7 +87,8 @@ pub fn conns(flags: &ConnsFlags) -> anyhow::Result<()> {
             us(v.syn_to_synack_us),
             us(v.synack_to_ack_us),
             v.syn_retransmits + v.synack_retransmits,
-            v.age_s
+            v.age_s,
+            v.tls_version.as_deref().unwrap_or("-"),
         );
     }
     Ok(())

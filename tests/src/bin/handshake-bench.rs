@@ -647,6 +647,15 @@ mod tls {
     const SECONDS: u32 = 3;
     const PORT: u16 = 4444;
 
+    /// Daemon flags: `HANDSHAKE_BENCH_TLS_HOOK=tc` measures tc ingress
+    /// instead of the default (XDP).
+    fn hook_args() -> Vec<&'static str> {
+        match std::env::var("HANDSHAKE_BENCH_TLS_HOOK").as_deref() {
+            Ok("tc") => vec!["--ingress-hook", "tc"],
+            _ => vec![],
+        }
+    }
+
     /// Handshakes per second over one s_time run.
     fn round(pair: &NetnsPair) -> f64 {
         let started = Instant::now();
@@ -709,7 +718,7 @@ mod tls {
             // Alternate which goes first.
             for k in 0..2 {
                 let with_daemon = (k + r) % 2 == 1;
-                let daemon = with_daemon.then(|| pair.server_daemon(&[]));
+                let daemon = with_daemon.then(|| pair.server_daemon(&hook_args()));
                 std::thread::sleep(Duration::from_millis(300));
                 let rate = round(&pair);
                 if let Some(daemon) = daemon {
