@@ -184,8 +184,19 @@ impl Flow {
 
     /// A segment of a flow in the half-open table.
     #[inline(always)]
-    pub fn half_open_step(&mut self, seg: &TcpSegment, now: u64) -> Step {
+    ///
+    /// `direction` is the hook that saw it. A packet from the client is
+    /// expected on the hook the first SYN came through, one from the server
+    /// on the other; a packet on the unexpected hook is the same packet seen
+    /// a second time on one interface (loopback: egress, then ingress) and
+    /// changes nothing, so it is not counted as a retransmission.
+    pub fn half_open_step(&mut self, seg: &TcpSegment, direction: Direction, now: u64) -> Step {
         let side = self.side_of(seg);
+        let first_syn_egress = self.role == ROLE_CLIENT;
+        let expected_egress = (side == SIDE_CLIENT) == first_syn_egress;
+        if (direction == Direction::Egress) != expected_egress {
+            return Step::Keep;
+        }
         if seg.has(tcp_flags::RST) {
             self.rst_from = side;
             let outcome = if self.ts_synack == 0 && side == SIDE_SERVER {
@@ -286,10 +297,13 @@ mod tests {
         let mut f = Flow::open(&to_server(SYN, &[]), Direction::Ingress, 2, 100);
         assert_eq!(f.role, ROLE_SERVER);
         assert_eq!(
-            f.half_open_step(&to_client(SYN | ACK, &[]), 130),
+            f.half_open_step(&to_client(SYN | ACK, &[]), Direction::Egress, 130),
             Step::Keep
         );
-        assert_eq!(f.half_open_step(&to_server(ACK, &[]), 200), Step::Completed);
+        assert_eq!(
+            f.half_open_step(&to_server(ACK, &[]), Direction::Ingress, 200),
+            Step::Completed
+        );
         assert_eq!((f.ts_synack, f.ts_ack), (130, 200));
         assert_eq!(f.established_step(&to_server(ACK, &[]), 210), Step::Keep);
         assert_eq!(
@@ -303,9 +317,9 @@ mod tests {
     fn retransmissions_are_counted_once_each() {
         let mut f = Flow::open(&to_server(SYN, &[]), Direction::Egress, 2, 0);
         assert_eq!(f.role, ROLE_CLIENT);
-        f.half_open_step(&to_server(SYN, &[]), 1_000);
-        f.half_open_step(&to_client(SYN | ACK, &[]), 1_100);
-        f.half_open_step(&to_client(SYN | ACK, &[]), 2_100);
+        f.half_open_step(&to_server(SYN, &[]), Direction::Egress, 1_000);
+        f.half_open_step(&to_client(SYN | ACK, &[]), Direction::Ingress, 1_100);
+        f.half_open_step(&to_client(SYN | ACK, &[]), Direction::Ingress, 2_100);
         assert_eq!((f.syn_count, f.synack_count, f.ts_synack), (2, 2, 1_100));
     }
 
@@ -313,7 +327,7 @@ mod tests {
     fn rst_answering_the_syn_is_refused() {
         let mut f = Flow::open(&to_server(SYN, &[]), Direction::Egress, 2, 0);
         assert_eq!(
-            f.half_open_step(&to_client(RST | ACK, &[]), 40),
+            f.half_open_step(&to_client(RST | ACK, &[]), Direction::Ingress, 40),
             Step::Decided
         );
         assert_eq!((f.outcome, f.rst_from), (OUTCOME_REFUSED, SIDE_SERVER));
@@ -322,8 +336,8 @@ mod tests {
     #[test]
     fn rst_after_the_handshake_before_data_is_reset() {
         let mut f = Flow::open(&to_server(SYN, &[]), Direction::Ingress, 2, 0);
-        f.half_open_step(&to_client(SYN | ACK, &[]), 10);
-        f.half_open_step(&to_server(ACK, &[]), 20);
+        f.half_open_step(&to_client(SYN | ACK, &[]), Direction::Egress, 10);
+        f.half_open_step(&to_server(ACK, &[]), Direction::Ingress, 20);
         assert_eq!(
             f.established_step(&to_client(RST | ACK, &[]), 30),
             Step::Decided
@@ -334,9 +348,9 @@ mod tests {
     #[test]
     fn data_on_the_completing_ack_decides_at_once() {
         let mut f = Flow::open(&to_server(SYN, &[]), Direction::Ingress, 2, 0);
-        f.half_open_step(&to_client(SYN | ACK, &[]), 10);
+        f.half_open_step(&to_client(SYN | ACK, &[]), Direction::Egress, 10);
         assert_eq!(
-            f.half_open_step(&to_server(ACK | PSH, b"x"), 20),
+            f.half_open_step(&to_server(ACK | PSH, b"x"), Direction::Ingress, 20),
             Step::Decided
         );
         assert_eq!(f.outcome, OUTCOME_ESTABLISHED);
@@ -345,7 +359,25 @@ mod tests {
     #[test]
     fn an_ack_before_the_syn_ack_completes_nothing() {
         let mut f = Flow::open(&to_server(SYN, &[]), Direction::Ingress, 2, 0);
-        assert_eq!(f.half_open_step(&to_server(ACK, &[]), 5), Step::Keep);
+        assert_eq!(
+            f.half_open_step(&to_server(ACK, &[]), Direction::Ingress, 5),
+            Step::Keep
+        );
         assert_eq!(f.ts_ack, 0);
+    }
+
+    #[test]
+    fn the_same_packet_seen_again_by_the_other_hook_is_not_a_retransmission() {
+        // Loopback: each packet crosses egress, then ingress, of one
+        // interface.
+        let mut f = Flow::open(&to_server(SYN, &[]), Direction::Egress, 1, 0);
+        f.half_open_step(&to_server(SYN, &[]), Direction::Ingress, 1);
+        f.half_open_step(&to_client(SYN | ACK, &[]), Direction::Egress, 10);
+        f.half_open_step(&to_client(SYN | ACK, &[]), Direction::Ingress, 11);
+        assert_eq!((f.syn_count, f.synack_count, f.ts_synack), (1, 1, 11));
+        assert_eq!(
+            f.half_open_step(&to_server(ACK, &[]), Direction::Egress, 20),
+            Step::Completed
+        );
     }
 }

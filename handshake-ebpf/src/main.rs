@@ -207,7 +207,7 @@ fn track(segment: &TcpSegment, direction: Direction, ifindex: u32) {
         // SAFETY: a valid map value; the other hook may touch it at the same
         // time, which at worst loses a retransmission count.
         let flow = unsafe { &mut *ptr };
-        match flow.half_open_step(segment, now) {
+        match flow.half_open_step(segment, direction, now) {
             Step::Keep => {}
             step => {
                 // SAFETY: two distinct map values; a plain copy, no memmove.

@@ -110,6 +110,8 @@ struct Conn {
     ts_server_hello: Option<u64>,
     /// Sequence number of the ClientHello's first byte.
     hello_seq: u32,
+    /// The hook that saw it.
+    direction: u32,
 }
 
 /// A second ClientHello this close behind the first in the byte stream
@@ -240,6 +242,21 @@ impl TlsTracker {
     }
 
     fn client_hello(&mut self, key: &TlsKey, hello_seq: u32, assembly: &Assembly, message: &[u8]) {
+        if let Some(old) = self.open.get(key) {
+            let behind = hello_seq.wrapping_sub(old.hello_seq);
+            if behind == 0 && old.direction != assembly.direction {
+                // The same ClientHello seen by the other hook of the same
+                // interface (loopback: egress, then ingress).
+                return;
+            }
+            if behind != 0 && behind < SAME_STREAM_BYTES {
+                // A second ClientHello on the same connection
+                // (HelloRetryRequest): the first one's record stays.
+                return;
+            }
+            let old = self.open.remove(key).expect("present");
+            self.file(old.view);
+        }
         let hello = match ClientHello::parse(message) {
             Ok(hello) => hello,
             Err(error) => return self.error(parse_error(error)),
@@ -288,16 +305,6 @@ impl TlsTracker {
             ifindex: key.ifindex,
             age_s: 0.0,
         };
-        if let Some(old) = self.open.get(key) {
-            let behind = hello_seq.wrapping_sub(old.hello_seq);
-            if behind != 0 && behind < SAME_STREAM_BYTES {
-                // A second ClientHello on the same connection
-                // (HelloRetryRequest): the first one's record stays.
-                return;
-            }
-            let old = self.open.remove(key).expect("present");
-            self.file(old.view);
-        }
         self.open.insert(
             *key,
             Conn {
@@ -305,6 +312,7 @@ impl TlsTracker {
                 role,
                 ts_server_hello: None,
                 hello_seq,
+                direction: assembly.direction,
             },
         );
     }
