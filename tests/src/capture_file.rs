@@ -163,3 +163,26 @@ pub fn write_ethernet_pcap(path: &Path, frames: &[Frame]) {
             .expect("write frame");
     }
 }
+
+/// The JA4 reference captures (`tests/data/ja4/`, a copy of the team's
+/// `shared/testdata/ja4/`, so that any clone can run the tests), each with
+/// its JSON of published values, in name order.
+pub fn reference_captures() -> Vec<(std::path::PathBuf, serde_json::Value)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/ja4");
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+        let path = entry.expect("directory entry").path();
+        let name = path
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        if name.ends_with(".pcap") || name.ends_with(".pcapng") {
+            let json = std::fs::read_to_string(dir.join(format!("{name}.json")))
+                .unwrap_or_else(|e| panic!("{name}.json: {e}"));
+            out.push((path, serde_json::from_str(&json).expect("JSON")));
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}

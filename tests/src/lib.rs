@@ -962,3 +962,39 @@ impl Drop for PcapFile {
         let _ = self.child.wait();
     }
 }
+
+/// `openssl s_server` in namespace `ns` on `port` with a fresh self-signed
+/// certificate, `extra` flags appended; waits until it listens, and is
+/// killed when dropped.
+pub struct TlsServer {
+    child: Child,
+}
+
+impl TlsServer {
+    pub fn start(ns: &str, port: u16, extra: &[&str]) -> Self {
+        let dir = tempdir().join(format!("s_server-{port}"));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let (cert, key) = self_signed_cert(&dir, "tls.test");
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns, "openssl", "s_server", "-quiet"])
+            .args(["-accept", &port.to_string(), "-cert"])
+            .arg(&cert)
+            .arg("-key")
+            .arg(&key)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start openssl s_server");
+        wait_listening(ns, port);
+        Self { child }
+    }
+}
+
+impl Drop for TlsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,37 +1,15 @@
 //! The ClientHello parser and fingerprints against the published values of
-//! the JA4 reference captures (`../shared/testdata/ja4/`): every stream's
+//! the JA4 reference captures (`tests/data/ja4/`, from the team's shared test data): every stream's
 //! JA4, JA4_r and SNI. No privileges: the frames are read from the files.
 
-use std::path::{Path, PathBuf};
-
 use handshake_common::tls::ClientHello;
-use handshake_tests::capture_file::{first_handshake_messages, read_frames};
+use handshake_tests::capture_file::{first_handshake_messages, read_frames, reference_captures};
 use handshake_user::fingerprint::Fingerprints;
-
-fn testdata() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/ja4")
-}
-
-/// (capture, its JSON) for every reference capture.
-pub fn captures() -> Vec<(PathBuf, serde_json::Value)> {
-    let dir = testdata();
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
-        let path = entry.unwrap().path();
-        let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        if name.ends_with(".pcap") || name.ends_with(".pcapng") {
-            let json = std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap();
-            out.push((path, serde_json::from_str(&json).unwrap()));
-        }
-    }
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
-}
 
 #[test]
 fn every_reference_stream_has_its_published_ja4_and_sni() {
     let mut checked = 0;
-    for (path, expected) in captures() {
+    for (path, expected) in reference_captures() {
         let messages = first_handshake_messages(&read_frames(&path));
         for stream in expected.as_array().unwrap() {
             let Some(ja4) = stream["JA4.1"].as_str() else {
@@ -83,7 +61,7 @@ fn cut_and_corrupted_hellos_are_errors_not_panics() {
         state
     };
     let (mut parsed, mut refused) = (0u32, 0u32);
-    for (path, _) in captures() {
+    for (path, _) in reference_captures() {
         for message in first_handshake_messages(&read_frames(&path)).into_values() {
             for cut in 0..message.len() {
                 match ClientHello::parse(&message[..cut]) {

@@ -11,8 +11,8 @@ use std::{
 };
 
 use handshake_tests::{
-    Capture, Metrics, NetnsPair, echo_clients, echo_server, flag_counts, handshake_bin,
-    require_root, self_signed_cert, serial, sh, tcx_programs, tempdir, wait_listening,
+    Capture, Metrics, NetnsPair, TlsServer, echo_clients, echo_server, flag_counts, handshake_bin,
+    require_root, serial, sh, tcx_programs,
 };
 
 const PLAIN_V4: usize = 120;
@@ -90,8 +90,6 @@ fn counters_equal_what_was_sent_and_what_tcpdump_saw() {
     server6.join().expect("IPv6 server");
 
     // TLS 1.2 and 1.3, with and without SNI, both families.
-    let dir = tempdir();
-    let (cert, key) = self_signed_cert(&dir, "test.example");
     let tls_runs: Vec<(&str, &str, Option<&str>)> = [
         (NetnsPair::SERVER_V4, "-tls1_2", Some("test.example")),
         (NetnsPair::SERVER_V4, "-tls1_3", Some("test.example")),
@@ -103,36 +101,12 @@ fn counters_equal_what_was_sent_and_what_tcpdump_saw() {
     .cycle()
     .take(20)
     .collect();
-    let mut s_server = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &pair.server,
-            "openssl",
-            "s_server",
-            "-quiet",
-        ])
-        .args([
-            "-accept",
-            &TLS_PORT.to_string(),
-            "-naccept",
-            &tls_runs.len().to_string(),
-        ])
-        .arg("-cert")
-        .arg(&cert)
-        .arg("-key")
-        .arg(&key)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start openssl s_server");
-    wait_listening(&pair.server, TLS_PORT);
+    let naccept = tls_runs.len().to_string();
+    let s_server = TlsServer::start(&pair.server, TLS_PORT, &["-naccept", &naccept]);
     for (server, version, sni) in &tls_runs {
         tls_client(&pair, server, version, *sni);
     }
-    let _ = s_server.kill();
-    let _ = s_server.wait();
+    drop(s_server);
 
     // Let the last FINs and ACKs cross before reading both sides.
     std::thread::sleep(Duration::from_millis(500));

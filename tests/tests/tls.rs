@@ -3,29 +3,13 @@
 //! the daemon's `handshake tls` must give every stream's published JA4,
 //! JA4_r and SNI.
 
-use std::{path::Path, process::Command, time::Duration};
+use std::{process::Command, time::Duration};
 
 use handshake_tests::{
-    NetnsPair,
-    capture_file::{read_frames, write_ethernet_pcap},
+    NetnsPair, TlsServer,
+    capture_file::{read_frames, reference_captures, write_ethernet_pcap},
     require_root, serial,
 };
-
-/// Every reference capture with its JSON.
-fn captures() -> Vec<(std::path::PathBuf, serde_json::Value)> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/ja4");
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
-        let path = entry.unwrap().path();
-        let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        if name.ends_with(".pcap") || name.ends_with(".pcapng") {
-            let json = std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap();
-            out.push((path, serde_json::from_str(&json).unwrap()));
-        }
-    }
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
-}
 
 #[test]
 fn replayed_reference_captures_give_their_published_ja4_and_sni() {
@@ -36,7 +20,7 @@ fn replayed_reference_captures_give_their_published_ja4_and_sni() {
     let dir = std::env::temp_dir().join(format!("handshake-replay-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let mut checked = 0;
-    for (path, json) in captures() {
+    for (path, json) in reference_captures() {
         let frames = read_frames(&path);
         let replay = dir.join(format!(
             "{}.pcap",
@@ -279,14 +263,13 @@ fn sh_stdin(program: &str, input: &str) -> String {
 /// one computed from that dissection.
 #[test]
 fn real_clients_agree_with_tshark() {
-    use handshake_tests::{PcapFile, self_signed_cert, sh, tempdir, wait_listening};
+    use handshake_tests::{PcapFile, sh, tempdir};
     require_root();
     let _serial = serial();
     let pair = NetnsPair::new();
     let daemon = pair.server_daemon(&[]);
     let dir = tempdir().join("tls-real");
     std::fs::create_dir_all(&dir).unwrap();
-    let (cert, key) = self_signed_cert(&dir, "tls.test");
     const PORT: u16 = 4443;
     let clients: Vec<Vec<String>> = {
         let s = |args: &[&str]| args.iter().map(|a| (*a).to_owned()).collect::<Vec<_>>();
@@ -361,27 +344,12 @@ fn real_clients_agree_with_tshark() {
         ]
     };
     let runs = 2 * clients.len();
-    let mut server = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &pair.server,
-            "openssl",
-            "s_server",
-            "-quiet",
-            "-www",
-        ])
-        .args(["-accept", &PORT.to_string(), "-naccept", &runs.to_string()])
-        .args(["-alpn", "h2,http/1.1", "-cert"])
-        .arg(&cert)
-        .arg("-key")
-        .arg(&key)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start openssl s_server");
-    wait_listening(&pair.server, PORT);
+    let runs = runs.to_string();
+    let server = TlsServer::start(
+        &pair.server,
+        PORT,
+        &["-www", "-naccept", &runs, "-alpn", "h2,http/1.1"],
+    );
     let capture = PcapFile::start(
         &pair.server,
         &pair.server_if,
@@ -426,8 +394,7 @@ fn real_clients_agree_with_tshark() {
     }
     std::thread::sleep(Duration::from_millis(500));
     let pcap = capture.finish();
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
 
     let json = Command::new("tshark")
         .args(["-r"])

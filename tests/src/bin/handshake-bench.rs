@@ -641,7 +641,7 @@ mod tls {
         time::{Duration, Instant},
     };
 
-    use handshake_tests::{NetnsPair, self_signed_cert, tempdir, wait_listening};
+    use handshake_tests::{NetnsPair, TlsServer};
 
     const ROUNDS: usize = 9;
     const SECONDS: u32 = 3;
@@ -686,28 +686,7 @@ mod tls {
 
     pub fn run() {
         let pair = NetnsPair::new();
-        let dir = tempdir().join("tls-bench");
-        std::fs::create_dir_all(&dir).unwrap();
-        let (cert, key) = self_signed_cert(&dir, "bench.test");
-        let mut server = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &pair.server,
-                "openssl",
-                "s_server",
-                "-quiet",
-            ])
-            .args(["-accept", &PORT.to_string(), "-cert"])
-            .arg(&cert)
-            .arg("-key")
-            .arg(&key)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start openssl s_server");
-        wait_listening(&pair.server, PORT);
+        let server = TlsServer::start(&pair.server, PORT, &[]);
         println!();
         println!(
             "Full TLS 1.3 handshakes between two namespaces (openssl s_time -new, {SECONDS} s rounds, {ROUNDS} interleaved rounds)"
@@ -744,9 +723,7 @@ mod tls {
             ours.push(rates[1]);
             ratios.push(rates[1] / rates[0]);
         }
-        let _ = server.kill();
-        let _ = server.wait();
-        let _ = std::fs::remove_dir_all(&dir);
+        drop(server);
         let (min, max) = ratios
             .iter()
             .fold((f64::MAX, f64::MIN), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
