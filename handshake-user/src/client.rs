@@ -39,13 +39,17 @@ pub fn request(socket: &Path, request: &str) -> anyhow::Result<String> {
     Ok(answer)
 }
 
+/// Sends `request` and decodes the daemon's JSON answer.
+fn fetch<T: serde::de::DeserializeOwned>(socket: &Path, request_line: &str) -> anyhow::Result<T> {
+    let answer = request(socket, request_line)?;
+    serde_json::from_str(&answer).context("decoding the daemon's answer")
+}
+
 pub fn conns(flags: &ConnsFlags) -> anyhow::Result<()> {
     if let Some(state) = &flags.state {
         return sockets(flags, state);
     }
-    let answer = request(&flags.api_socket, "conns")?;
-    let mut views: Vec<ConnView> =
-        serde_json::from_str(&answer).context("decoding the daemon's answer")?;
+    let mut views: Vec<ConnView> = fetch(&flags.api_socket, "conns")?;
     views.retain(|v| {
         flags
             .port
@@ -102,9 +106,8 @@ fn sockets(flags: &ConnsFlags, state: &str) -> anyhow::Result<()> {
             STATES.map(state_name).join(", ")
         );
     };
-    let answer = request(&flags.api_socket, &format!("sockets {}", state_name(state)))?;
     let mut views: Vec<SocketView> =
-        serde_json::from_str(&answer).context("decoding the daemon's answer")?;
+        fetch(&flags.api_socket, &format!("sockets {}", state_name(state)))?;
     views.retain(|v| {
         flags
             .port
@@ -144,9 +147,7 @@ struct TopPair {
 }
 
 pub fn tls(flags: &TlsFlags) -> anyhow::Result<()> {
-    let answer = request(&flags.api_socket, "tls")?;
-    let mut views: Vec<TlsView> =
-        serde_json::from_str(&answer).context("decoding the daemon's answer")?;
+    let mut views: Vec<TlsView> = fetch(&flags.api_socket, "tls")?;
     views.retain(|v| {
         flags.sni.as_ref().is_none_or(|s| v.sni.as_ref() == Some(s))
             && flags.ja4.as_ref().is_none_or(|j| &v.ja4 == j)
@@ -205,9 +206,7 @@ pub fn tls(flags: &TlsFlags) -> anyhow::Result<()> {
 }
 
 pub fn states(flags: &StatesFlags) -> anyhow::Result<()> {
-    let answer = request(&flags.api_socket, "states")?;
-    let views: Vec<StatesView> =
-        serde_json::from_str(&answer).context("decoding the daemon's answer")?;
+    let views: Vec<StatesView> = fetch(&flags.api_socket, "states")?;
     if flags.json {
         println!("{}", serde_json::to_string_pretty(&views)?);
         return Ok(());
@@ -231,9 +230,7 @@ pub fn states(flags: &StatesFlags) -> anyhow::Result<()> {
 }
 
 pub fn timewait(flags: &TimewaitFlags) -> anyhow::Result<()> {
-    let answer = request(&flags.api_socket, &format!("timewait {}", flags.top))?;
-    let views: Vec<TimeWaitView> =
-        serde_json::from_str(&answer).context("decoding the daemon's answer")?;
+    let views: Vec<TimeWaitView> = fetch(&flags.api_socket, &format!("timewait {}", flags.top))?;
     if flags.json {
         println!("{}", serde_json::to_string_pretty(&views)?);
         return Ok(());

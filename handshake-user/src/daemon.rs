@@ -21,7 +21,7 @@ use crate::{
     clock,
     config::DaemonConfig,
     conntrack::{Conntrack, Expiry},
-    events::EventReader,
+    events::{EventReader, Record},
     http,
     loader::Observer,
     maps::{Counters, FlowStats, FlowTables, TlsMaps},
@@ -279,9 +279,21 @@ pub fn run(config: DaemonConfig) -> anyhow::Result<()> {
         tokio::select! {
             () = http::serve(metrics_listener, render) => {}
             () = api::serve(api_listener, Arc::clone(&state), census.clone()) => {}
-            result = read_events(events, &state) => result?,
+            result = feed(
+                events,
+                &state,
+                "event",
+                |state, flow| state.conntrack.record(flow),
+                |stats| &mut stats.events_malformed,
+            ) => result?,
             result = sweep(tables, tls_maps, expiry, &state) => result?,
-            result = read_tls(tls_events, &state) => result?,
+            result = feed(
+                tls_events,
+                &state,
+                "TLS",
+                |state, chunk| state.tls.record(&chunk),
+                |stats| &mut stats.tls_events_malformed,
+            ) => result?,
             () = census_loop(census.clone(), &counters, config.census_interval, &state) => {}
             _ = sigterm.recv() => tracing::info!("SIGTERM: detaching"),
             _ = sigint.recv() => tracing::info!("SIGINT: detaching"),
@@ -341,41 +353,29 @@ async fn census_loop(
     }
 }
 
-/// Feeds decided handshakes from the ring buffer to conntrack.
-async fn read_events(mut events: EventReader, state: &Mutex<State>) -> anyhow::Result<()> {
+/// Feeds the records of one ring buffer to the state, a batch at a time,
+/// and keeps its count of malformed records.
+async fn feed<T: Record>(
+    mut events: EventReader<T>,
+    state: &Mutex<State>,
+    ring: &'static str,
+    apply: impl Fn(&mut State, T),
+    malformed: impl Fn(&mut SelfStats) -> &mut u64,
+) -> anyhow::Result<()> {
     let mut batch = Vec::new();
     loop {
         events
             .next_batch(&mut batch)
             .await
-            .context("reading the event ring buffer")?;
+            .with_context(|| format!("reading the {ring} ring buffer"))?;
         if batch.is_empty() {
             continue;
         }
         let mut state = lock(state);
-        for flow in batch.drain(..) {
-            state.conntrack.record(flow);
+        for record in batch.drain(..) {
+            apply(&mut state, record);
         }
-        state.self_stats.events_malformed = events.malformed;
-    }
-}
-
-/// Feeds TLS hello records to the TLS tracker.
-async fn read_tls(mut events: EventReader<TlsChunk>, state: &Mutex<State>) -> anyhow::Result<()> {
-    let mut batch = Vec::new();
-    loop {
-        events
-            .next_batch(&mut batch)
-            .await
-            .context("reading the TLS ring buffer")?;
-        if batch.is_empty() {
-            continue;
-        }
-        let mut state = lock(state);
-        for chunk in batch.drain(..) {
-            state.tls.record(&chunk);
-        }
-        state.self_stats.tls_events_malformed = events.malformed;
+        *malformed(&mut state.self_stats) = events.malformed;
     }
 }
 

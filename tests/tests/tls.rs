@@ -17,7 +17,7 @@ fn replayed_reference_captures_give_their_published_ja4_and_sni() {
     let _serial = serial();
     let pair = NetnsPair::new();
     let daemon = pair.server_daemon(&[]);
-    let dir = std::env::temp_dir().join(format!("handshake-replay-{}", std::process::id()));
+    let dir = handshake_tests::tempdir().join("replay");
     std::fs::create_dir_all(&dir).unwrap();
     let mut checked = 0;
     for (path, json) in reference_captures() {
