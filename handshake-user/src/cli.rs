@@ -190,8 +190,11 @@ pub struct DaemonFlags {
     #[arg(long, value_enum, default_value_t = CensusSourceFlag::Auto)]
     pub census_source: CensusSourceFlag,
 
-    /// Hook for received packets.
-    #[arg(long, value_enum, default_value_t = IngressHook::Xdp)]
+    /// Hook for received packets. `tc` (TCX, or a clsact filter) runs on
+    /// the socket buffer the kernel already built; XDP in its generic mode
+    /// (what `--xdp-mode auto` picks) must first copy every cloned buffer,
+    /// and TCP sends cloned buffers, so `tc` costs less (docs/BENCHMARKS.md).
+    #[arg(long, value_enum, default_value_t = IngressHook::Tc)]
     pub ingress_hook: IngressHook,
 
     /// XDP attach mode. `auto` is generic (skb) mode: the program passes

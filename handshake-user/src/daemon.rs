@@ -7,7 +7,7 @@
 use std::{
     collections::BTreeMap,
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
@@ -308,28 +308,45 @@ pub fn run(config: DaemonConfig) -> anyhow::Result<()> {
     served
 }
 
-/// Runs the census of every watched namespace every `every`, and derives
-/// the host-wide transition rates from the counters meanwhile.
+/// The share of one CPU the scheduled censuses may take. A census walks
+/// the whole established hash table (262,144 buckets on a 24 GiB machine,
+/// ~1 ms even when empty) and every socket in it; with hundreds of thousands
+/// of sockets one census takes tens of milliseconds, and a census a second
+/// would take a few percent of a CPU from the very traffic it counts.
+const CENSUS_CPU_BUDGET: f64 = 0.01;
+
+/// When the next scheduled census starts, after one that started at
+/// `started` and took `took`: `every` later, or later still if the census
+/// took more than [`CENSUS_CPU_BUDGET`] of that.
+fn next_census(started: Instant, took: Duration, every: Duration) -> Instant {
+    started + every.max(took.div_f64(CENSUS_CPU_BUDGET))
+}
+
+/// Runs the census of every watched namespace every `every` (stretched
+/// while censuses are slow: [`next_census`]), and derives the host-wide
+/// transition rates from the counters meanwhile.
 async fn census_loop(
     runner: Option<Arc<Mutex<CensusRunner>>>,
     counters: &Counters,
     every: Duration,
     state: &Mutex<State>,
 ) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // (when, transition counts `(from, to, count)`) at the last tick.
+    // (when, transition counts `(from, to, count)`) at the last round.
     type Counts = Vec<(u32, u32, u64)>;
     let mut last: Option<(u64, Counts)> = None;
+    let mut next = Instant::now();
     loop {
-        tick.tick().await;
+        tokio::time::sleep_until(next.into()).await;
+        let started = Instant::now();
         let round = match &runner {
             Some(runner) => census_round(runner, stuck_mask(), STUCK_RECORDS).await,
             None => Vec::new(),
         };
+        next = next_census(started, started.elapsed(), every);
         let now = clock::monotonic_ns();
         let transitions = counters.snapshot().map(|s| s.transitions).ok();
         let mut state = lock(state);
+        state.self_stats.census_interval_s = (next - started).as_secs_f64();
         state.apply_census(round);
         if let (Some((then, before)), Some(after)) = (&last, &transitions) {
             let seconds = (now - then) as f64 / 1e9;
@@ -415,5 +432,26 @@ async fn sweep(
                 tracing::error!(%error, "sweeping the flow tables failed");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slow_census_stretches_the_schedule_to_its_budget() {
+        let start = Instant::now();
+        let second = Duration::from_secs(1);
+        // An idle host: 2 ms a census, well inside 1 % of a second.
+        assert_eq!(
+            next_census(start, Duration::from_millis(2), second),
+            start + second
+        );
+        // 300,000 sockets: 50 ms a census, then the next one 5 s later.
+        assert_eq!(
+            next_census(start, Duration::from_millis(50), second),
+            start + Duration::from_secs(5)
+        );
     }
 }

@@ -2,8 +2,6 @@
 //! specifications define them: JA4 and JA4_r (FoxIO, BSD-3-Clause spec) and
 //! JA3 (Salesforce).
 
-use std::fmt::Write as _;
-
 use handshake_common::tls::{ClientHello, ext, is_grease};
 use md5::{Digest as _, Md5};
 use sha2::Sha256;
@@ -20,7 +18,8 @@ pub struct Fingerprints {
 impl Fingerprints {
     pub fn of(hello: &ClientHello<'_>) -> Self {
         let ja3 = ja3(hello);
-        let ja3_hash = hex(&Md5::digest(ja3.as_bytes()));
+        let mut ja3_hash = String::with_capacity(32);
+        push_hex_bytes(&mut ja3_hash, &Md5::digest(ja3.as_bytes()));
         let (ja4, ja4_r) = ja4(hello);
         Self {
             ja4,
@@ -31,11 +30,57 @@ impl Fingerprints {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+// The daemon fingerprints every ClientHello it sees, so the strings are
+// built by hand, digit by digit into one buffer each, rather than through
+// `format!` and a `String` per value (that was most of the daemon's CPU per
+// TLS handshake: `cargo xtask bench -- fingerprint`).
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+fn push_hex16(out: &mut String, value: u16) {
+    for shift in [12, 8, 4, 0] {
+        out.push(char::from(HEX[usize::from((value >> shift) & 0xf)]));
+    }
+}
+
+fn push_hex_bytes(out: &mut String, bytes: &[u8]) {
+    for b in bytes {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+}
+
+fn push_decimal(out: &mut String, value: u16) {
+    let mut digits = [0u8; 5];
+    let (mut rest, mut start) = (value, digits.len());
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    for d in &digits[start..] {
+        out.push(char::from(*d));
+    }
+}
+
+/// Two decimal digits of `count`, capped at 99, as JA4 writes counts.
+fn push_count(out: &mut String, count: usize) {
+    let count = count.min(99) as u8;
+    out.push(char::from(b'0' + count / 10));
+    out.push(char::from(b'0' + count % 10));
+}
+
+/// `values` written as `sep`-joined 4-digit hex (JA4) or decimal (JA3).
+fn push_list(out: &mut String, values: &[u16], sep: char, write: fn(&mut String, u16)) {
+    for (i, v) in values.iter().enumerate() {
+        if i > 0 {
+            out.push(sep);
+        }
+        write(out, *v);
+    }
 }
 
 /// The TLS version as JA4 writes it.
@@ -58,31 +103,23 @@ fn ja4_version(version: u16) -> &'static str {
 /// A non-ASCII byte becomes `9`, as the JA4 reference implementation does
 /// and as the published fingerprints of its test captures show (a later
 /// revision of the written specification uses hex digits instead).
-fn ja4_alpn(first: Option<&[u8]>) -> String {
+fn push_ja4_alpn(out: &mut String, first: Option<&[u8]>) {
     let Some(alpn) = first.filter(|a| !a.is_empty()) else {
-        return "00".to_owned();
+        out.push_str("00");
+        return;
     };
-    let char_of = |b: u8| if b.is_ascii() { b as char } else { '9' };
-    format!("{}{}", char_of(alpn[0]), char_of(alpn[alpn.len() - 1]))
-}
-
-fn list(values: &[u16]) -> String {
-    let mut out = String::new();
-    for (i, v) in values.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        let _ = write!(out, "{v:04x}");
-    }
-    out
+    let char_of = |b: u8| if b.is_ascii() { char::from(b) } else { '9' };
+    out.push(char_of(alpn[0]));
+    out.push(char_of(alpn[alpn.len() - 1]));
 }
 
 /// First 12 hex digits of SHA-256, or twelve zeros for an empty input.
-fn hash12(text: &str) -> String {
+fn push_hash12(out: &mut String, text: &str) {
     if text.is_empty() {
-        return "000000000000".to_owned();
+        out.push_str("000000000000");
+    } else {
+        push_hex_bytes(out, &Sha256::digest(text.as_bytes())[..6]);
     }
-    hex(&Sha256::digest(text.as_bytes()))[..12].to_owned()
 }
 
 /// (JA4, JA4_r) for TCP.
@@ -92,64 +129,85 @@ fn ja4(hello: &ClientHello<'_>) -> (String, String) {
         .filter(|v| !is_grease(*v))
         .max()
         .unwrap_or(hello.legacy_version);
-    let sni = if hello.sni().is_some() { 'd' } else { 'i' };
     let mut ciphers: Vec<u16> = hello.ciphers().filter(|c| !is_grease(*c)).collect();
-    let extensions: Vec<u16> = hello
+    let mut extensions: Vec<u16> = hello
         .extensions()
         .filter_map(Result::ok)
         .map(|(kind, _)| kind)
         .filter(|k| !is_grease(*k))
         .collect();
-    let a = format!(
-        "t{}{sni}{:02}{:02}{}",
-        ja4_version(version),
-        ciphers.len().min(99),
-        extensions.len().min(99),
-        ja4_alpn(hello.alpn().next())
-    );
+    let mut a = String::with_capacity(10);
+    a.push('t');
+    a.push_str(ja4_version(version));
+    a.push(if hello.sni().is_some() { 'd' } else { 'i' });
+    push_count(&mut a, ciphers.len());
+    push_count(&mut a, extensions.len());
+    push_ja4_alpn(&mut a, hello.alpn().next());
+
     ciphers.sort_unstable();
-    let mut sorted: Vec<u16> = extensions
-        .into_iter()
-        .filter(|k| *k != ext::SERVER_NAME && *k != ext::ALPN)
-        .collect();
-    sorted.sort_unstable();
-    let signatures: Vec<u16> = hello
+    extensions.retain(|k| *k != ext::SERVER_NAME && *k != ext::ALPN);
+    extensions.sort_unstable();
+    let mut b_raw = String::with_capacity(ciphers.len() * 5);
+    push_list(&mut b_raw, &ciphers, ',', push_hex16);
+    let mut c_raw = String::with_capacity((extensions.len() + 16) * 5);
+    push_list(&mut c_raw, &extensions, ',', push_hex16);
+    let mut signatures = hello
         .signature_algorithms()
         .filter(|s| !is_grease(*s))
-        .collect();
-    let b_raw = list(&ciphers);
-    let mut c_raw = list(&sorted);
-    if !signatures.is_empty() {
+        .peekable();
+    if signatures.peek().is_some() {
         c_raw.push('_');
-        c_raw.push_str(&list(&signatures));
+        for (i, s) in signatures.enumerate() {
+            if i > 0 {
+                c_raw.push(',');
+            }
+            push_hex16(&mut c_raw, s);
+        }
     }
-    let ja4 = format!("{a}_{}_{}", hash12(&b_raw), hash12(&c_raw));
-    let ja4_r = format!("{a}_{b_raw}_{c_raw}");
+
+    let mut ja4 = String::with_capacity(a.len() + 26);
+    ja4.push_str(&a);
+    ja4.push('_');
+    push_hash12(&mut ja4, &b_raw);
+    ja4.push('_');
+    push_hash12(&mut ja4, &c_raw);
+    let mut ja4_r = a;
+    ja4_r.reserve(b_raw.len() + c_raw.len() + 2);
+    ja4_r.push('_');
+    ja4_r.push_str(&b_raw);
+    ja4_r.push('_');
+    ja4_r.push_str(&c_raw);
     (ja4, ja4_r)
 }
 
 /// `SSLVersion,Ciphers,Extensions,EllipticCurves,EllipticCurvePointFormats`,
-/// decimal, `-`-joined, GREASE left out.
+/// decimal, `-`-joined, GREASE left out (point formats are bytes, never
+/// GREASE).
 fn ja3(hello: &ClientHello<'_>) -> String {
-    let join = |values: &mut dyn Iterator<Item = u16>| {
-        values
-            .filter(|v| !is_grease(*v))
-            .map(|v| v.to_string())
-            .collect::<Vec<_>>()
-            .join("-")
-    };
-    format!(
-        "{},{},{},{},{}",
-        hello.legacy_version,
-        join(&mut hello.ciphers()),
-        join(&mut hello.extensions().filter_map(Result::ok).map(|(k, _)| k)),
-        join(&mut hello.supported_groups()),
-        hello
-            .ec_point_formats()
-            .map(|f| f.to_string())
-            .collect::<Vec<_>>()
-            .join("-")
-    )
+    let mut out = String::with_capacity(256);
+    push_decimal(&mut out, hello.legacy_version);
+    let fields: [&mut dyn Iterator<Item = u16>; 3] = [
+        &mut hello.ciphers(),
+        &mut hello.extensions().filter_map(Result::ok).map(|(k, _)| k),
+        &mut hello.supported_groups(),
+    ];
+    for values in fields {
+        out.push(',');
+        for (i, v) in values.filter(|v| !is_grease(*v)).enumerate() {
+            if i > 0 {
+                out.push('-');
+            }
+            push_decimal(&mut out, v);
+        }
+    }
+    out.push(',');
+    for (i, f) in hello.ec_point_formats().enumerate() {
+        if i > 0 {
+            out.push('-');
+        }
+        push_decimal(&mut out, u16::from(f));
+    }
+    out
 }
 
 /// The TLS version as the metrics label it.
@@ -170,11 +228,16 @@ mod tests {
 
     #[test]
     fn alpn_characters_follow_the_spec() {
-        assert_eq!(ja4_alpn(None), "00");
-        assert_eq!(ja4_alpn(Some(b"h2")), "h2");
-        assert_eq!(ja4_alpn(Some(b"http/1.1")), "h1");
-        assert_eq!(ja4_alpn(Some(&[0xba, 0xad])), "99");
-        assert_eq!(ja4_alpn(Some(&[0xab, b'x'])), "9x");
+        let alpn = |first: Option<&[u8]>| {
+            let mut out = String::new();
+            push_ja4_alpn(&mut out, first);
+            out
+        };
+        assert_eq!(alpn(None), "00");
+        assert_eq!(alpn(Some(b"h2")), "h2");
+        assert_eq!(alpn(Some(b"http/1.1")), "h1");
+        assert_eq!(alpn(Some(&[0xba, 0xad])), "99");
+        assert_eq!(alpn(Some(&[0xab, b'x'])), "9x");
     }
 
     #[test]
@@ -183,7 +246,29 @@ mod tests {
         // without SNI and ALPN, signature algorithms in wire order.
         let b = "002f,0035,009c,009d,1301,1302,1303,c013,c014,c02b,c02c,c02f,c030,cca8,cca9";
         let c = "0005,000a,000b,000d,0012,0015,0017,001b,0023,002b,002d,0033,4469,ff01_0403,0804,0401,0503,0805,0501,0806,0601";
+        let hash12 = |text: &str| {
+            let mut out = String::new();
+            push_hash12(&mut out, text);
+            out
+        };
         assert_eq!(hash12(b), "8daaf6152771");
         assert_eq!(hash12(c), "e5627efa2ab1");
+        assert_eq!(hash12(""), "000000000000");
+    }
+
+    #[test]
+    fn numbers_are_written_as_format_would() {
+        for v in [0u16, 7, 10, 99, 100, 771, 4865, 65535, 0x0a0a, 0xff01] {
+            let (mut hex, mut dec) = (String::new(), String::new());
+            push_hex16(&mut hex, v);
+            push_decimal(&mut dec, v);
+            assert_eq!(hex, format!("{v:04x}"));
+            assert_eq!(dec, v.to_string());
+        }
+        for n in [0usize, 5, 17, 99, 100, 250] {
+            let mut out = String::new();
+            push_count(&mut out, n);
+            assert_eq!(out, format!("{:02}", n.min(99)));
+        }
     }
 }

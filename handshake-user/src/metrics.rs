@@ -38,6 +38,10 @@ pub struct SelfStats {
     pub census_errors: u64,
     /// TLS ring-buffer records of the wrong size.
     pub tls_events_malformed: u64,
+    /// Seconds between the scheduled censuses as they run: the
+    /// `--census-interval`, or longer while a census is slow (see
+    /// `daemon::census_loop`); 0 before the first.
+    pub census_interval_s: f64,
 }
 
 /// Everything one scrape shows.
@@ -484,6 +488,12 @@ fn census_families(report: &Report<'_>, families: &mut Vec<MetricFamily>) {
         vec![counter(&[], entries)],
     ));
     families.push(family(
+        "handshake_census_interval_seconds",
+        "Seconds between scheduled censuses: --census-interval, stretched while a census is slow so that scheduled censuses take at most 1 % of one CPU (requests from the CLI always count afresh).",
+        MetricType::GAUGE,
+        vec![gauge(&[], report.self_stats.census_interval_s)],
+    ));
+    families.push(family(
         "handshake_census_errors_total",
         "Census runs that failed (see the daemon's log).",
         MetricType::COUNTER,
@@ -552,6 +562,7 @@ mod tests {
                 events_malformed: 0,
                 census_errors: 0,
                 tls_events_malformed: 0,
+                census_interval_s: 1.0,
             },
             half_open_top: 5,
             census: &[],

@@ -59,7 +59,8 @@ fn counters_equal_what_was_sent_and_what_tcpdump_saw() {
     require_root();
     let _serial = serial();
     let pair = NetnsPair::new();
-    let daemon = pair.server_daemon(&[]);
+    // XDP ingress here (the default, tc, is what the other tests use).
+    let daemon = pair.server_daemon(&["--ingress-hook", "xdp"]);
     let before = daemon.scrape();
     for probe in ["xdp_handshake", "tc_eg_handshake"] {
         assert_eq!(

@@ -16,7 +16,8 @@ fn replayed_reference_captures_give_their_published_ja4_and_sni() {
     require_root();
     let _serial = serial();
     let pair = NetnsPair::new();
-    let daemon = pair.server_daemon(&[]);
+    // Through XDP ingress; the real-clients test below uses the default, tc.
+    let daemon = pair.server_daemon(&["--ingress-hook", "xdp"]);
     let dir = handshake_tests::tempdir().join("replay");
     std::fs::create_dir_all(&dir).unwrap();
     let mut checked = 0;

@@ -26,7 +26,8 @@ usage: cargo xtask <command>
                    BPF_PROG_TEST_RUN and network-namespace tests (ARGS go
                    to `cargo test`)
   bench [-- WHICH] setup, build, then the benchmarks (docs/BENCHMARKS.md);
-                   WHICH is `xdp`, `churn` or `all` (default)
+                   WHICH is `xdp`, `fingerprint`, `churn`, `census`,
+                   `tls` or `all` (default)
 ";
 
 fn main() -> ExitCode {

@@ -1,13 +1,17 @@
-//! `cargo xtask bench`: two benchmarks, each reported as ratios against a
-//! baseline measured side by side in the same run (docs/BENCHMARKS.md).
+//! `cargo xtask bench [WHICH]`: benchmarks, each reported as ratios against
+//! a baseline measured side by side in the same run (docs/BENCHMARKS.md).
 //!
 //! 1. `xdp`: what the ingress program costs per frame, as a ratio to a
 //!    pass-only XDP program from the same object, both driven by
 //!    BPF_PROG_TEST_RUN, in interleaved rounds.
-//! 2. `churn`: saturated connection churn between two namespaces, in
-//!    interleaved rounds of {no observer, the daemon (XDP ingress), the
-//!    daemon (tc ingress), libbpf-tools `tcpstates`}; each observer's
-//!    conns/s as a ratio to the same round's no-observer rate.
+//! 2. `fingerprint`: the daemon's userspace cost per ClientHello (parse,
+//!    and parse plus JA4/JA4_r/JA3).
+//! 3. `churn`: saturated connection churn between two namespaces, in
+//!    interleaved rounds of {no observer, the daemon (tc ingress, the
+//!    default), the daemon (XDP ingress), libbpf-tools `tcpstates`}; each
+//!    observer's conns/s as a ratio to the same round's no-observer rate.
+//! 4. `census`: the socket census against `ss` and node_exporter.
+//! 5. `tls`: full TLS handshakes per second with and without the daemon.
 //!
 //! Each measurement is one BPF_PROG_TEST_RUN call repeating the frame
 //! `REPEAT` times. The kernel runs the repeats in the calling thread, so the
@@ -61,6 +65,22 @@ fn thread_cpu_ns() -> u128 {
     ))
 }
 
+/// CPU time the whole machine spent busy so far (user, nice, system, irq,
+/// softirq of every CPU; idle, iowait and steal left out), in seconds.
+fn machine_busy_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").expect("read /proc/stat");
+    let line = stat.lines().next().expect("/proc/stat has a cpu line");
+    let ticks: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|t| t.parse().expect("/proc/stat counter"))
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    let busy = ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6];
+    // SAFETY: sysconf has no preconditions.
+    busy / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
@@ -70,6 +90,9 @@ fn main() {
     let which = std::env::args().nth(1).unwrap_or_else(|| "all".to_owned());
     if which == "all" || which == "xdp" {
         xdp_cost();
+    }
+    if which == "all" || which == "fingerprint" {
+        fingerprint_cost();
     }
     if which == "all" || which == "churn" {
         churn::run(std::env::args().nth(2).as_deref());
@@ -164,6 +187,56 @@ fn xdp_cost() {
     );
 }
 
+/// What the daemon spends in userspace per ClientHello: parsing it, and
+/// parsing it and computing JA4, JA4_r and JA3, over the 62 reference
+/// ClientHellos, in interleaved rounds. Thread CPU time per hello.
+fn fingerprint_cost() {
+    use handshake_common::tls::ClientHello;
+    use handshake_tests::capture_file::{
+        first_handshake_messages, read_frames, reference_captures,
+    };
+    use handshake_user::fingerprint::Fingerprints;
+
+    const PASSES: usize = 2000;
+    let hellos: Vec<Vec<u8>> = reference_captures()
+        .iter()
+        .flat_map(|(path, _)| first_handshake_messages(&read_frames(path)).into_values())
+        .collect();
+    let time = |fingerprint: bool| {
+        let start = thread_cpu_ns();
+        for _ in 0..PASSES {
+            for hello in &hellos {
+                let parsed = ClientHello::parse(std::hint::black_box(hello));
+                if fingerprint && let Ok(parsed) = &parsed {
+                    std::hint::black_box(Fingerprints::of(parsed));
+                } else {
+                    std::hint::black_box(&parsed);
+                }
+            }
+        }
+        (thread_cpu_ns() - start) as f64 / (PASSES * hellos.len()) as f64
+    };
+    let (mut parse, mut both, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        let p = time(false);
+        let b = time(true);
+        parse.push(p);
+        both.push(b);
+        ratios.push(b / p);
+    }
+    println!();
+    println!(
+        "Userspace cost per ClientHello ({} reference hellos x {PASSES}, {ROUNDS} interleaved rounds)",
+        hellos.len()
+    );
+    println!(
+        "parse only {:.2} µs, parse + JA4/JA4_r/JA3 {:.2} µs, ratio {:.2}",
+        median(&mut parse) / 1000.0,
+        median(&mut both) / 1000.0,
+        median(&mut ratios)
+    );
+}
+
 mod churn {
     //! Connection churn: the client namespace connects as fast as two
     //! threads can; the server namespace accepts and closes at once (the
@@ -196,7 +269,7 @@ mod churn {
     }
 
     impl Observer {
-        const ALL: [Self; 4] = [Self::None, Self::DaemonXdp, Self::DaemonTc, Self::Tcpstates];
+        const ALL: [Self; 4] = [Self::None, Self::DaemonTc, Self::DaemonXdp, Self::Tcpstates];
 
         fn parse(name: &str) -> Option<Self> {
             Some(match name {
@@ -212,7 +285,7 @@ mod churn {
             match self {
                 Self::None => "no observer",
                 Self::DaemonXdp => "handshake daemon (XDP ingress)",
-                Self::DaemonTc => "handshake daemon (tc ingress)",
+                Self::DaemonTc => "handshake daemon (tc ingress, default)",
                 Self::Tcpstates => "libbpf-tools tcpstates",
             }
         }
@@ -305,7 +378,7 @@ mod churn {
         done.load(Ordering::Relaxed) as f64 / ROUND.as_secs_f64()
     }
 
-    /// `list`: observers to compare, comma-separated (`none,xdp,tc,tcpstates`
+    /// `list`: observers to compare, comma-separated (`none,tc,xdp,tcpstates`
     /// by default); the first must be `none`, the baseline. Repeating `none`
     /// measures the benchmark's own noise.
     pub fn run(list: Option<&str>) {
@@ -377,7 +450,7 @@ mod churn {
                     String::new()
                 };
                 println!(
-                    "  round {} {:<32} {:>9.0} conns/s{own_cpu}",
+                    "  round {} {:<40} {:>9.0} conns/s{own_cpu}",
                     r + 1,
                     observer.label(),
                     rate
@@ -395,7 +468,7 @@ mod churn {
         acceptor.join().ok();
 
         println!(
-            "{:<32} {:>12} {:>8} {:>8} {:>8}",
+            "{:<40} {:>12} {:>8} {:>8} {:>8}",
             "observer", "median c/s", "ratio", "min", "max"
         );
         for (i, observer) in observers.iter().enumerate() {
@@ -409,7 +482,7 @@ mod churn {
                 .fold((f64::MAX, f64::MIN), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
             let mut own = rates[i].clone();
             println!(
-                "{:<32} {:>12.0} {:>8.3} {:>8.3} {:>8.3}",
+                "{:<40} {:>12.0} {:>8.3} {:>8.3} {:>8.3}",
                 observer.label(),
                 super::median(&mut own),
                 super::median(&mut ratios),
@@ -635,31 +708,36 @@ mod tls {
     //! Full TLS handshakes per second between two namespaces (openssl
     //! s_time against s_server, TLS 1.3, ECDSA P-256), with and without the
     //! daemon attached to the server side, in interleaved rounds.
+    //!
+    //! Two server processes and two clients run at once, so both CPUs stay
+    //! busy and the rate is the machine's capacity: whatever the daemon
+    //! takes (its own CPU, the kernel programs) comes off that rate. One
+    //! client alone is a serial exchange that leaves a CPU idle half the
+    //! time, hides the observer's cost in that idle time, and varies more
+    //! from round to round on a virtual machine.
 
     use std::{
-        process::{Command, Stdio},
+        process::{Child, Command, Stdio},
         time::{Duration, Instant},
     };
 
     use handshake_tests::{NetnsPair, TlsServer};
 
-    const ROUNDS: usize = 9;
+    const ROUNDS: usize = 15;
     const SECONDS: u32 = 3;
-    const PORT: u16 = 4444;
+    const PORTS: [u16; 2] = [4444, 4445];
 
-    /// Daemon flags: `HANDSHAKE_BENCH_TLS_HOOK=tc` measures tc ingress
-    /// instead of the default (XDP).
+    /// Daemon flags: `HANDSHAKE_BENCH_TLS_HOOK=xdp` measures XDP ingress
+    /// instead of the default (tc).
     fn hook_args() -> Vec<&'static str> {
         match std::env::var("HANDSHAKE_BENCH_TLS_HOOK").as_deref() {
-            Ok("tc") => vec!["--ingress-hook", "tc"],
+            Ok("xdp") => vec!["--ingress-hook", "xdp"],
             _ => vec![],
         }
     }
 
-    /// Handshakes per second over one s_time run.
-    fn round(pair: &NetnsPair) -> f64 {
-        let started = Instant::now();
-        let out = Command::new("ip")
+    fn client(pair: &NetnsPair, port: u16) -> Child {
+        Command::new("ip")
             .args([
                 "netns",
                 "exec",
@@ -669,37 +747,67 @@ mod tls {
                 "-new",
                 "-connect",
             ])
-            .arg(format!("{}:{PORT}", NetnsPair::SERVER_V4))
+            .arg(format!("{}:{port}", NetnsPair::SERVER_V4))
             .args(["-time", &SECONDS.to_string()])
             .stdin(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::null())
-            .output()
-            .expect("run openssl s_time");
-        let seconds = started.elapsed().as_secs_f64();
-        let text = String::from_utf8_lossy(&out.stdout);
-        let count: f64 = text
-            .lines()
-            .find_map(|l| l.split(" connections in ").next()?.trim().parse().ok())
-            .unwrap_or_else(|| panic!("s_time printed no count:\n{text}"));
-        count / seconds
+            .spawn()
+            .expect("run openssl s_time")
+    }
+
+    /// Handshakes per second of one client per server, all at once, and
+    /// how many in all.
+    fn round(pair: &NetnsPair) -> (f64, f64) {
+        let started = Instant::now();
+        let clients: Vec<Child> = PORTS.iter().map(|port| client(pair, *port)).collect();
+        let mut count = 0.0;
+        for c in clients {
+            let out = c.wait_with_output().expect("wait for openssl s_time");
+            let text = String::from_utf8_lossy(&out.stdout);
+            count += text
+                .lines()
+                .find_map(|l| {
+                    l.split(" connections in ")
+                        .next()?
+                        .trim()
+                        .parse::<f64>()
+                        .ok()
+                })
+                .unwrap_or_else(|| panic!("s_time printed no count:\n{text}"));
+        }
+        (count / started.elapsed().as_secs_f64(), count)
     }
 
     pub fn run() {
         let pair = NetnsPair::new();
-        let server = TlsServer::start(&pair.server, PORT, &[]);
+        let servers: Vec<TlsServer> = PORTS
+            .iter()
+            .map(|port| TlsServer::start(&pair.server, *port, &[]))
+            .collect();
         println!();
         println!(
-            "Full TLS 1.3 handshakes between two namespaces (openssl s_time -new, {SECONDS} s rounds, {ROUNDS} interleaved rounds)"
+            "Full TLS 1.3 handshakes between two namespaces ({} openssl s_time -new clients against as many s_server, {SECONDS} s rounds, {ROUNDS} interleaved rounds, daemon {})",
+            PORTS.len(),
+            if hook_args().is_empty() {
+                "with tc ingress"
+            } else {
+                "with XDP ingress"
+            }
         );
-        let (mut none, mut ours, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut none, mut ours, mut ratios, mut cpu_ratios) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for r in 0..ROUNDS {
             let mut rates = [0.0; 2];
+            let mut cpu = [0.0; 2];
             // Alternate which goes first.
             for k in 0..2 {
                 let with_daemon = (k + r) % 2 == 1;
                 let daemon = with_daemon.then(|| pair.server_daemon(&hook_args()));
                 std::thread::sleep(Duration::from_millis(300));
-                let rate = round(&pair);
+                let busy = super::machine_busy_seconds();
+                let (rate, count) = round(&pair);
+                let per_handshake = (super::machine_busy_seconds() - busy) * 1e6 / count;
                 if let Some(daemon) = daemon {
                     let seen: f64 = daemon.scrape().get(
                         "handshake_tls_handshakes_total",
@@ -708,22 +816,25 @@ mod tls {
                     assert!(seen > 0.0, "the daemon saw no TLS handshake");
                 }
                 println!(
-                    "  round {} {:<24} {:>9.0} handshakes/s",
+                    "  round {:>2} {:<18} {:>7.0} handshakes/s  machine CPU {:>6.1} µs per handshake",
                     r + 1,
                     if with_daemon {
                         "handshake daemon"
                     } else {
                         "no observer"
                     },
-                    rate
+                    rate,
+                    per_handshake
                 );
                 rates[usize::from(with_daemon)] = rate;
+                cpu[usize::from(with_daemon)] = per_handshake;
             }
             none.push(rates[0]);
             ours.push(rates[1]);
             ratios.push(rates[1] / rates[0]);
+            cpu_ratios.push(cpu[0] / cpu[1]);
         }
-        drop(server);
+        drop(servers);
         let (min, max) = ratios
             .iter()
             .fold((f64::MAX, f64::MIN), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
@@ -732,6 +843,10 @@ mod tls {
             super::median(&mut none),
             super::median(&mut ours),
             super::median(&mut ratios)
+        );
+        println!(
+            "machine CPU per handshake, no observer over daemon: median {:.3}",
+            super::median(&mut cpu_ratios)
         );
     }
 }
