@@ -54,9 +54,13 @@ pub mod map {
 pub const HALF_OPEN_ENTRIES: u32 = 16 * 1024;
 pub const FLOWS_ENTRIES: u32 = 64 * 1024;
 pub const EVENTS_BYTES: u32 = 1 << 20;
-/// Ask for a wakeup once this much is waiting in the ring buffer; userspace
-/// also drains it on a short timer, so fewer events are never stranded.
-pub const EVENTS_WAKEUP_BYTES: u64 = 64 * 96;
+/// Ask for a wakeup once this much is waiting in the ring buffer (a quarter
+/// of it); userspace also drains it every 50 ms, so fewer events are never
+/// stranded. The timer does nearly all the draining: 20,000 connections a
+/// second fill ~100 KiB in 50 ms. A wakeup costs the daemon a context
+/// switch (tens of µs on a virtual machine), so the fewer the better; a
+/// quarter leaves three quarters for the time it takes the daemon to run.
+pub const EVENTS_WAKEUP_BYTES: u64 = EVENTS_BYTES as u64 / 4;
 
 /// Slots of [`map::FLOW_STATS`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -426,8 +430,10 @@ pub mod tls_capture {
     /// whole hello).
     pub const CHUNKS_PER_SEGMENT: usize = 4;
     pub const EVENTS_BYTES: u32 = 2 << 20;
-    /// Ask for a wakeup once this much is waiting.
-    pub const EVENTS_WAKEUP_BYTES: u64 = 64 * 1024;
+    /// Ask for a wakeup once this much is waiting: a quarter, as for the
+    /// handshake events (1,500 TLS handshakes a second fill ~300 KiB in
+    /// the 50 ms between timed drains).
+    pub const EVENTS_WAKEUP_BYTES: u64 = EVENTS_BYTES as u64 / 4;
     /// Entries of the pending table: hellos still arriving, and
     /// connections waiting for the client's first record after the
     /// ServerHello.

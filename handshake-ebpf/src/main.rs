@@ -168,8 +168,8 @@ impl Packet for Skb<'_> {
 }
 
 /// Reports a decided handshake. Wakeups are batched: userspace is woken
-/// only once a batch is waiting, and drains the rest on a short timer
-/// (a wakeup per event costs ~1 µs on 6.18).
+/// only once a quarter of the ring is waiting, and drains it on a short
+/// timer otherwise (a wakeup per event costs ~1 µs on 6.18).
 #[inline(always)]
 fn report(flow: &Flow) {
     let flags = if EVENTS.query(BPF_RB_AVAIL_DATA.into()) >= EVENTS_WAKEUP_BYTES {

@@ -183,7 +183,7 @@ impl TlsTracker {
         Self {
             assemblies: HashMap::new(),
             open: HashMap::new(),
-            recent: VecDeque::new(),
+            recent: VecDeque::with_capacity(capacity.min(4096)),
             capacity,
             totals: TlsTotals::default(),
         }
