@@ -326,6 +326,13 @@ fn every_state(source: &str) {
         }
         // Per family, from the metrics of the same census.
         let metrics = daemon.scrape();
+        // The schedule: the default 1 s, longer only while censuses are
+        // slow (more than 1 % of it).
+        let interval = metrics.get("handshake_census_interval_seconds", &[]);
+        assert!(
+            (1.0..60.0).contains(&interval),
+            "census interval {interval} s"
+        );
         for (family, flag) in [("ipv4", "-4"), ("ipv6", "-6")] {
             let expected = ss_counts(ns, flag);
             for state in STATES {
