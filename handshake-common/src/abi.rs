@@ -48,11 +48,16 @@ pub mod map {
     /// Hash network namespace inode → sockets that went FIN_WAIT2 or
     /// CLOSING → CLOSE there (the kernel's way into TIME_WAIT).
     pub const TW_ENTRIES: &str = "TW_ENTRIES";
+    /// Hash socket address → [`super::census::SockAge`], kept by the state
+    /// tracepoint from a socket's first state change to its CLOSE.
+    pub const SK_AGE: &str = "SK_AGE";
 }
 
 /// Default sizes; the daemon can set the table sizes at load time.
 pub const HALF_OPEN_ENTRIES: u32 = 16 * 1024;
 pub const FLOWS_ENTRIES: u32 = 64 * 1024;
+/// Sockets whose state-entry time and opener the state tracepoint keeps.
+pub const SOCK_AGE_ENTRIES: u32 = 64 * 1024;
 pub const EVENTS_BYTES: u32 = 1 << 20;
 /// Ask for a wakeup once this much is waiting in the ring buffer (a quarter
 /// of it); userspace also drains it every 50 ms, so fewer events are never
@@ -80,10 +85,13 @@ pub enum FlowStat {
     TlsEventsDropped = 7,
     /// TLS pending-table inserts the kernel refused.
     TlsPendingFailures = 8,
+    /// Sockets the state tracepoint could not note (`SK_AGE` full): their
+    /// ages show as unknown.
+    SockAgesFull = 9,
 }
 
 impl FlowStat {
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 10;
 }
 
 /// Which way a packet crossed the interface.
@@ -402,9 +410,9 @@ pub mod census {
     #[cfg(feature = "user")]
     unsafe impl aya::Pod for TwKey {}
 
-    /// Per-socket state kept by the state tracepoint in socket-local
-    /// storage (`SK_AGE`): when the socket entered its current state and,
-    /// for connections this host opened, who called connect().
+    /// Per-socket state kept by the state tracepoint in `SK_AGE`: when the
+    /// socket entered its current state and, for connections this host
+    /// opened, who called connect().
     #[repr(C)]
     #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
     pub struct SockAge {

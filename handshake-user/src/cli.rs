@@ -171,6 +171,12 @@ pub struct DaemonFlags {
     #[arg(long, value_name = "N", default_value_t = handshake_common::abi::FLOWS_ENTRIES)]
     pub flow_entries: u32,
 
+    /// Sockets whose state-entry time and opener the kernel keeps (for
+    /// `conns --state` and `handshake_tcp_state_oldest_seconds`); sockets
+    /// beyond it have no age (`handshake_socket_ages_untracked_total`).
+    #[arg(long, value_name = "N", default_value_t = handshake_common::abi::SOCK_AGE_ENTRIES)]
+    pub socket_age_entries: u32,
+
     /// Decided handshakes kept for `handshake conns`.
     #[arg(long, value_name = "N", default_value_t = 65_536)]
     pub conn_history: usize,

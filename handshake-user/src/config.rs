@@ -34,6 +34,7 @@ pub struct DaemonConfig {
 pub struct TableSizes {
     pub half_open: u32,
     pub flows: u32,
+    pub sock_ages: u32,
 }
 
 impl Default for TableSizes {
@@ -41,6 +42,7 @@ impl Default for TableSizes {
         Self {
             half_open: handshake_common::abi::HALF_OPEN_ENTRIES,
             flows: handshake_common::abi::FLOWS_ENTRIES,
+            sock_ages: handshake_common::abi::SOCK_AGE_ENTRIES,
         }
     }
 }
@@ -94,6 +96,7 @@ impl TryFrom<DaemonFlags> for DaemonConfig {
         for (flag, value) in [
             ("--half-open-entries", flags.half_open_entries),
             ("--flow-entries", flags.flow_entries),
+            ("--socket-age-entries", flags.socket_age_entries),
         ] {
             if !(64..=1 << 24).contains(&value) {
                 bail!("{flag} {value} is out of range (64 to 16777216)");
@@ -137,6 +140,7 @@ impl TryFrom<DaemonFlags> for DaemonConfig {
             tables: TableSizes {
                 half_open: flags.half_open_entries,
                 flows: flags.flow_entries,
+                sock_ages: flags.socket_age_entries,
             },
             conn_history: flags.conn_history,
             half_open_top: flags.half_open_top,

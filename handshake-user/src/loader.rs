@@ -92,7 +92,8 @@ impl Observer {
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(map::HALF_OPEN, tables.half_open)
-            .map_max_entries(map::FLOWS, tables.flows);
+            .map_max_entries(map::FLOWS, tables.flows)
+            .map_max_entries(map::SK_AGE, tables.sock_ages);
         for (name, value) in &offsets.values {
             loader.override_global(name, value, true);
         }

@@ -152,6 +152,8 @@ pub struct FlowStats {
     pub tls_events_dropped: u64,
     /// TLS pending-table inserts the kernel refused.
     pub tls_pending_failures: u64,
+    /// Sockets the state tracepoint could not note: its table was full.
+    pub sock_ages_full: u64,
     pub synack_retransmits_kernel: u64,
     /// LRU evictions per [`Table`], derived (see [`FlowTables::sweep`]).
     pub evictions: [u64; 2],
@@ -182,6 +184,7 @@ impl FlowTables {
             insert_failures: self.stat(FlowStat::InsertFailures)?,
             tls_events_dropped: self.stat(FlowStat::TlsEventsDropped)?,
             tls_pending_failures: self.stat(FlowStat::TlsPendingFailures)?,
+            sock_ages_full: self.stat(FlowStat::SockAgesFull)?,
             synack_retransmits_kernel: self.stat(FlowStat::SynAckRetransmits)?,
             evictions: self.evictions,
         })

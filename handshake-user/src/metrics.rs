@@ -488,6 +488,12 @@ fn census_families(report: &Report<'_>, families: &mut Vec<MetricFamily>) {
         vec![counter(&[], entries)],
     ));
     families.push(family(
+        "handshake_socket_ages_untracked_total",
+        "Sockets whose state changes the kernel could not note because its table of socket ages was full (--socket-age-entries); their ages show as unknown.",
+        MetricType::COUNTER,
+        vec![counter(&[], report.flow_stats.sock_ages_full)],
+    ));
+    families.push(family(
         "handshake_census_interval_seconds",
         "Seconds between scheduled censuses: --census-interval, stretched while a census is slow so that scheduled censuses take at most 1 % of one CPU (requests from the CLI always count afresh).",
         MetricType::GAUGE,
