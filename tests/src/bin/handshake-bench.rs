@@ -81,6 +81,99 @@ fn machine_busy_seconds() -> f64 {
     busy / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
+/// Rounds of the churn and TLS benchmarks: `default`, or
+/// `HANDSHAKE_BENCH_ROUNDS` for a longer (or quicker) run.
+fn rounds(default: usize) -> usize {
+    std::env::var("HANDSHAKE_BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .filter(|r| *r > 0)
+        .unwrap_or(default)
+}
+
+/// The daemon's kernel programs, by name.
+const PROGRAMS: [&str; 5] = [
+    "tc_in_handshake",
+    "xdp_handshake",
+    "tc_eg_handshake",
+    "tp_sock_state",
+    "iter_tcp_census",
+];
+
+/// Runs and run time so far of each of [`PROGRAMS`], summed over the
+/// loaded programs of that name, from the kernel's own statistics (kept
+/// only while [`ProgramCosts::start`]'s file descriptor is open).
+fn program_totals() -> Vec<(u64, u64)> {
+    let mut totals = vec![(0, 0); PROGRAMS.len()];
+    for info in aya::programs::loaded_programs().flatten() {
+        // The kernel keeps 15 bytes of a name, aya may keep fewer: match
+        // the start.
+        let name = info.name_as_str().unwrap_or_default();
+        if name.len() < 8 {
+            continue;
+        }
+        if let Some(i) = PROGRAMS.iter().position(|p| p.starts_with(name)) {
+            totals[i].0 += info.run_count();
+            totals[i].1 += info.run_time().as_nanos() as u64;
+        }
+    }
+    totals
+}
+
+/// What each of the daemon's kernel programs costs under a load, from the
+/// kernel's per-program statistics (BPF_ENABLE_STATS: two clock reads per
+/// run, so a measuring round is run apart from the ratio rounds).
+struct ProgramCosts {
+    _stats: std::os::fd::OwnedFd,
+    before: Vec<(u64, u64)>,
+}
+
+impl ProgramCosts {
+    fn start() -> Self {
+        let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+            .expect("BPF_ENABLE_STATS (run as root)");
+        Self {
+            _stats: stats,
+            before: program_totals(),
+        }
+    }
+
+    /// Prints, per program that ran, its runs and time per unit of work
+    /// (`per`: a connection, a handshake) over `units` of it, and the
+    /// total. Returns the total in µs per unit.
+    fn report(self, units: f64, per: &str) -> f64 {
+        let after = program_totals();
+        let mut total = 0.0;
+        for (i, name) in PROGRAMS.iter().enumerate() {
+            let runs = after[i].0.saturating_sub(self.before[i].0);
+            let ns = after[i].1.saturating_sub(self.before[i].1);
+            if runs == 0 {
+                continue;
+            }
+            let us_per = ns as f64 / 1000.0 / units;
+            total += us_per;
+            println!(
+                "    {name:<16} {:>5.1} runs, {:>5.0} ns a run, {us_per:>5.2} µs per {per}",
+                runs as f64 / units,
+                ns as f64 / runs as f64,
+            );
+        }
+        println!("    {:<16} {total:>42.2} µs per {per}", "all programs");
+        total
+    }
+}
+
+/// The daemon's own CPU per unit of work beside its kernel programs', and
+/// both as a share of the machine's CPU at `rate` units a second.
+fn report_share(kernel_us: f64, daemon_us: f64, rate: f64, per: &str) {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    println!(
+        "    {:<16} {daemon_us:>42.2} µs per {per}\n    kernel programs and daemon process: {:.1} % of the machine's CPU at this rate",
+        "daemon process",
+        (kernel_us + daemon_us) * rate / 1e6 / cpus * 100.0
+    );
+}
+
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
@@ -419,13 +512,14 @@ mod churn {
         };
         ready_rx.recv().expect("churn server");
 
+        let rounds = super::rounds(ROUNDS);
         println!();
         println!(
-            "Connection churn between two namespaces (IPv4, 2 client threads, {} s rounds, {ROUNDS} interleaved rounds)",
+            "Connection churn between two namespaces (IPv4, 2 client threads, {} s rounds, {rounds} interleaved rounds)",
             ROUND.as_secs()
         );
         let mut rates: Vec<Vec<f64>> = vec![Vec::new(); observers.len()];
-        for r in 0..ROUNDS {
+        for r in 0..rounds {
             // Rotate the order each round, so no observer always follows the
             // same one (what a round leaves behind, such as sockets still
             // being freed, falls on every observer alike).
@@ -457,6 +551,25 @@ mod churn {
                 );
                 rates[i].push(rate);
             }
+        }
+        if observers.contains(&Observer::DaemonTc) {
+            // One more round, apart: the kernel's per-program statistics
+            // cost two clock reads a run.
+            let running = start(Observer::DaemonTc, &pair);
+            clear_time_wait(&pair);
+            settle();
+            let costs = super::ProgramCosts::start();
+            let cpu_before = daemon_cpu(&running);
+            let rate = round(&pair, server);
+            let cpu = daemon_cpu(&running) - cpu_before;
+            let conns = rate * ROUND.as_secs_f64();
+            println!(
+                "Where the daemon's cost goes (one more round, tc ingress, kernel statistics on, {rate:.0} conns/s):"
+            );
+            // While the programs are still loaded.
+            let kernel = costs.report(conns, "connection");
+            stop(running);
+            super::report_share(kernel, cpu * 1e6 / conns, rate, "connection");
         }
         stop_servers.store(true, Ordering::Relaxed);
         let _ = TcpStream::connect(server);
@@ -785,9 +898,10 @@ mod tls {
             .iter()
             .map(|port| TlsServer::start(&pair.server, *port, &[]))
             .collect();
+        let rounds = super::rounds(ROUNDS);
         println!();
         println!(
-            "Full TLS 1.3 handshakes between two namespaces ({} openssl s_time -new clients against as many s_server, {SECONDS} s rounds, {ROUNDS} interleaved rounds, daemon {})",
+            "Full TLS 1.3 handshakes between two namespaces ({} openssl s_time -new clients against as many s_server, {SECONDS} s rounds, {rounds} interleaved rounds, daemon {})",
             PORTS.len(),
             if hook_args().is_empty() {
                 "with tc ingress"
@@ -797,7 +911,7 @@ mod tls {
         );
         let (mut none, mut ours, mut ratios, mut cpu_ratios) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for r in 0..ROUNDS {
+        for r in 0..rounds {
             let mut rates = [0.0; 2];
             let mut cpu = [0.0; 2];
             // Alternate which goes first.
@@ -834,6 +948,21 @@ mod tls {
             ratios.push(rates[1] / rates[0]);
             cpu_ratios.push(cpu[0] / cpu[1]);
         }
+        // One more round, apart: the kernel's per-program statistics cost
+        // two clock reads a run.
+        let daemon = pair.server_daemon(&hook_args());
+        std::thread::sleep(Duration::from_millis(300));
+        let costs = super::ProgramCosts::start();
+        let cpu_before = daemon.cpu_seconds();
+        let (rate, count) = round(&pair);
+        let cpu = daemon.cpu_seconds() - cpu_before;
+        println!(
+            "Where the daemon's cost goes (one more round, kernel statistics on, {rate:.0} handshakes/s):"
+        );
+        // While the programs are still loaded.
+        let kernel = costs.report(count, "handshake");
+        drop(daemon);
+        super::report_share(kernel, cpu * 1e6 / count, rate, "handshake");
         drop(servers);
         let (min, max) = ratios
             .iter()
