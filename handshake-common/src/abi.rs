@@ -85,8 +85,8 @@ pub enum FlowStat {
     TlsEventsDropped = 7,
     /// TLS pending-table inserts the kernel refused.
     TlsPendingFailures = 8,
-    /// Sockets the state tracepoint could not note (`SK_AGE` full): their
-    /// ages show as unknown.
+    /// State changes the state tracepoint could not note (`SK_AGE` full):
+    /// those sockets' ages show as unknown.
     SockAgesFull = 9,
 }
 

@@ -152,7 +152,8 @@ pub struct FlowStats {
     pub tls_events_dropped: u64,
     /// TLS pending-table inserts the kernel refused.
     pub tls_pending_failures: u64,
-    /// Sockets the state tracepoint could not note: its table was full.
+    /// State changes the state tracepoint could not note: its table was
+    /// full.
     pub sock_ages_full: u64,
     pub synack_retransmits_kernel: u64,
     /// LRU evictions per [`Table`], derived (see [`FlowTables::sweep`]).

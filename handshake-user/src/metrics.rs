@@ -489,7 +489,7 @@ fn census_families(report: &Report<'_>, families: &mut Vec<MetricFamily>) {
     ));
     families.push(family(
         "handshake_socket_ages_untracked_total",
-        "Sockets whose state changes the kernel could not note because its table of socket ages was full (--socket-age-entries); their ages show as unknown.",
+        "State changes the kernel could not note because its table of socket ages was full (--socket-age-entries), once per change: those sockets' ages show as unknown.",
         MetricType::COUNTER,
         vec![counter(&[], report.flow_stats.sock_ages_full)],
     ));

@@ -646,3 +646,69 @@ fn stuck_sockets_show_their_age_and_opener() {
     }
     drop((listeners, held, half_closed));
 }
+
+/// More sockets than the kernel's table of socket ages holds: the sockets
+/// it noted keep their ages, the others show none, and every state change
+/// it could not note is counted, never silently lost.
+#[test]
+fn a_full_table_of_socket_ages_is_counted() {
+    require_root();
+    let _serial = serial();
+    let pair = NetnsPair::new();
+    let daemon = pair.server_daemon(&["--socket-age-entries", "64"]);
+    const HELD: usize = 200;
+    let at = addr("-4", NetnsPair::SERVER_V4, 7500);
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let server = spawn_in(&pair.server, move || {
+        let listener = TcpListener::bind(at).unwrap();
+        ready_tx.send(()).unwrap();
+        let held: Vec<TcpStream> = (0..HELD).map(|_| listener.accept().unwrap().0).collect();
+        (listener, held)
+    });
+    ready_rx.recv().unwrap();
+    let started = std::time::Instant::now();
+    let clients = spawn_in(&pair.client, move || {
+        (0..HELD)
+            .map(|_| TcpStream::connect(at).unwrap())
+            .collect::<Vec<_>>()
+    })
+    .join()
+    .unwrap();
+    let (_listener, _held) = server.join().unwrap();
+
+    let rows = daemon.conns(&["--state", "established"]);
+    assert_eq!(rows.len(), HELD, "{rows:?}");
+    let truth = started.elapsed().as_secs_f64();
+    let aged: Vec<f64> = rows
+        .iter()
+        .filter_map(|r| r["state_age_s"].as_f64())
+        .collect();
+    // 64 entries for every TCP socket of the host, both namespaces' ends
+    // and the listener included.
+    assert!(aged.len() <= 64, "{} sockets with an age", aged.len());
+    assert!(
+        aged.iter().all(|age| *age <= truth + 0.1),
+        "ages {aged:?}, truth {truth:.2} s"
+    );
+    // The kernel's counters reach the metrics at the next sweep (200 ms).
+    let mut untracked = 0.0;
+    for _ in 0..20 {
+        untracked = daemon
+            .scrape()
+            .get("handshake_socket_ages_untracked_total", &[]);
+        if untracked >= (HELD - 64) as f64 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        untracked >= (HELD - 64) as f64,
+        "{untracked} state changes counted as untracked for {} sockets without an age",
+        HELD - aged.len()
+    );
+    eprintln!(
+        "{} of {HELD} sockets with an age, {untracked} state changes untracked",
+        aged.len()
+    );
+    drop(clients);
+}
