@@ -168,7 +168,8 @@ pub fn run(config: DaemonConfig) -> anyhow::Result<()> {
     let api_listener = api::bind(&config.api_socket)?;
     let _socket_file = api::SocketFile(config.api_socket.clone());
 
-    let mut observer = Observer::load_with(config.tables).context("loading the kernel programs")?;
+    let mut observer = Observer::load_with(config.tables, Some(config.ingress_hook))
+        .context("loading the kernel programs")?;
     let counters = Arc::new(observer.take_counters()?);
     let tables = observer.take_flow_tables()?;
     let events = observer.take_events()?;

@@ -76,10 +76,14 @@ impl Observer {
     /// Loads every program into the kernel with the default table sizes;
     /// attaches nothing.
     pub fn load() -> Result<Self, LoadError> {
-        Self::load_with(TableSizes::default())
+        Self::load_with(TableSizes::default(), None)
     }
 
-    pub fn load_with(tables: TableSizes) -> Result<Self, LoadError> {
+    /// Loads the programs with `tables`' sizes: both ingress programs, or
+    /// only the one `ingress` names (the verifier's work on the other would
+    /// cost ~0.3 s of the start, and leave an unattached program behind
+    /// in `bpftool prog`).
+    pub fn load_with(tables: TableSizes, ingress: Option<IngressHook>) -> Result<Self, LoadError> {
         // The state tracepoint and the census read kernel structs at offsets
         // only the running kernel's BTF knows.
         let offsets = Offsets::resolve(census::KERNEL_BTF).map_err(LoadError::Btf)?;
@@ -98,6 +102,11 @@ impl Observer {
             loader.override_global(name, value, true);
         }
         let mut ebpf = loader.load(crate::EBPF_OBJECT).map_err(LoadError::Object)?;
+        let skip = match ingress {
+            Some(IngressHook::Xdp) => Some(program::TC_INGRESS),
+            Some(IngressHook::Tc) => Some(program::XDP_INGRESS),
+            None => None,
+        };
         for name in [
             program::XDP_INGRESS,
             program::TC_INGRESS,
@@ -105,6 +114,9 @@ impl Observer {
             program::TP_SOCK_SET_STATE,
             program::TP_RETRANSMIT_SYNACK,
         ] {
+            if Some(name) == skip {
+                continue;
+            }
             let prog = ebpf
                 .program_mut(name)
                 .ok_or(LoadError::MissingProgram(name))?;
