@@ -117,18 +117,17 @@ pub fn state_change(sk: *const u8, old: u32, new: u32) {
     let now = unsafe { bpf_ktime_get_ns() };
     // A socket's first change of its own: from CLOSE (socket(), then
     // connect() or listen()) or from LISTEN (a child of a listener, as the
-    // kernel clones it). An entry found then belonged to an earlier socket
-    // at the same address, so its opener is not this one's.
+    // kernel clones it). It writes a fresh entry without looking first: an
+    // entry at that address belonged to an earlier socket. Later changes
+    // update the entry in place; one that is missing (the socket predates
+    // the daemon, or found the table full) is written fresh, opener unknown.
     let first = old == tcp_state::CLOSE || old == tcp_state::LISTEN;
-    if let Some(age) = SK_AGE.get_ptr_mut(&key) {
+    if !first && let Some(age) = SK_AGE.get_ptr_mut(&key) {
         // SAFETY: a valid map value; state changes of one socket are
         // serialised by its lock.
         let age = unsafe { &mut *age };
         age.since_ns = now;
         age.state = new;
-        if first {
-            note_opener(age, old, new);
-        }
         return;
     }
     let mut age = SockAge {
@@ -137,22 +136,13 @@ pub fn state_change(sk: *const u8, old: u32, new: u32) {
         pid: 0,
         comm: [0; 16],
     };
-    note_opener(&mut age, old, new);
-    if SK_AGE.insert(&key, &age, 0).is_err() {
-        crate::stat(FlowStat::SockAgesFull);
-    }
-}
-
-/// On connect() (CLOSE → SYN_SENT) the process is the current task; a
-/// socket that came any other way has no opener here.
-#[inline(always)]
-fn note_opener(age: &mut SockAge, old: u32, new: u32) {
     if old == tcp_state::CLOSE && new == tcp_state::SYN_SENT {
+        // connect(): the process is the current task.
         age.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
         age.comm = bpf_get_current_comm().unwrap_or([0; 16]);
-    } else {
-        age.pid = 0;
-        age.comm = [0; 16];
+    }
+    if SK_AGE.insert(&key, &age, 0).is_err() {
+        crate::stat(FlowStat::SockAgesFull);
     }
 }
 

@@ -74,12 +74,17 @@ fn push_count(out: &mut String, count: usize) {
 }
 
 /// `values` written as `sep`-joined 4-digit hex (JA4) or decimal (JA3).
-fn push_list(out: &mut String, values: &[u16], sep: char, write: fn(&mut String, u16)) {
-    for (i, v) in values.iter().enumerate() {
+fn push_joined(
+    out: &mut String,
+    values: impl IntoIterator<Item = u16>,
+    sep: char,
+    write: fn(&mut String, u16),
+) {
+    for (i, v) in values.into_iter().enumerate() {
         if i > 0 {
             out.push(sep);
         }
-        write(out, *v);
+        write(out, v);
     }
 }
 
@@ -148,21 +153,16 @@ fn ja4(hello: &ClientHello<'_>) -> (String, String) {
     extensions.retain(|k| *k != ext::SERVER_NAME && *k != ext::ALPN);
     extensions.sort_unstable();
     let mut b_raw = String::with_capacity(ciphers.len() * 5);
-    push_list(&mut b_raw, &ciphers, ',', push_hex16);
+    push_joined(&mut b_raw, ciphers, ',', push_hex16);
     let mut c_raw = String::with_capacity((extensions.len() + 16) * 5);
-    push_list(&mut c_raw, &extensions, ',', push_hex16);
+    push_joined(&mut c_raw, extensions, ',', push_hex16);
     let mut signatures = hello
         .signature_algorithms()
         .filter(|s| !is_grease(*s))
         .peekable();
     if signatures.peek().is_some() {
         c_raw.push('_');
-        for (i, s) in signatures.enumerate() {
-            if i > 0 {
-                c_raw.push(',');
-            }
-            push_hex16(&mut c_raw, s);
-        }
+        push_joined(&mut c_raw, signatures, ',', push_hex16);
     }
 
     let mut ja4 = String::with_capacity(a.len() + 26);
@@ -193,20 +193,20 @@ fn ja3(hello: &ClientHello<'_>) -> String {
     ];
     for values in fields {
         out.push(',');
-        for (i, v) in values.filter(|v| !is_grease(*v)).enumerate() {
-            if i > 0 {
-                out.push('-');
-            }
-            push_decimal(&mut out, v);
-        }
+        push_joined(
+            &mut out,
+            values.filter(|v| !is_grease(*v)),
+            '-',
+            push_decimal,
+        );
     }
     out.push(',');
-    for (i, f) in hello.ec_point_formats().enumerate() {
-        if i > 0 {
-            out.push('-');
-        }
-        push_decimal(&mut out, u16::from(f));
-    }
+    push_joined(
+        &mut out,
+        hello.ec_point_formats().map(u16::from),
+        '-',
+        push_decimal,
+    );
     out
 }
 

@@ -139,9 +139,11 @@ impl ProgramCosts {
     }
 
     /// Prints, per program that ran, its runs and time per unit of work
-    /// (`per`: a connection, a handshake) over `units` of it, and the
-    /// total. Returns the total in µs per unit.
-    fn report(self, units: f64, per: &str) -> f64 {
+    /// (`per`: a connection, a handshake) over `units` of it, done at
+    /// `rate` units a second; their total; the daemon process's own CPU
+    /// (`daemon_seconds` over the same work); and both as a share of the
+    /// machine's CPU. Call it while the programs are still loaded.
+    fn report(self, units: f64, per: &str, daemon_seconds: f64, rate: f64) {
         let after = program_totals();
         let mut total = 0.0;
         for (i, name) in PROGRAMS.iter().enumerate() {
@@ -159,19 +161,21 @@ impl ProgramCosts {
             );
         }
         println!("    {:<16} {total:>42.2} µs per {per}", "all programs");
-        total
+        let daemon_us = daemon_seconds * 1e6 / units;
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        println!(
+            "    {:<16} {daemon_us:>42.2} µs per {per}\n    kernel programs and daemon process: {:.1} % of the machine's CPU at this rate",
+            "daemon process",
+            (total + daemon_us) * rate / 1e6 / cpus * 100.0
+        );
     }
 }
 
-/// The daemon's own CPU per unit of work beside its kernel programs', and
-/// both as a share of the machine's CPU at `rate` units a second.
-fn report_share(kernel_us: f64, daemon_us: f64, rate: f64, per: &str) {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-    println!(
-        "    {:<16} {daemon_us:>42.2} µs per {per}\n    kernel programs and daemon process: {:.1} % of the machine's CPU at this rate",
-        "daemon process",
-        (kernel_us + daemon_us) * rate / 1e6 / cpus * 100.0
-    );
+/// The smallest and the largest of `values`.
+fn spread(values: &[f64]) -> (f64, f64) {
+    values
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(*v), hi.max(*v)))
 }
 
 fn median(values: &mut [f64]) -> f64 {
@@ -260,9 +264,7 @@ fn xdp_cost() {
             ours.push(o.cpu_ns);
             kernel = (b.kernel_ns, o.kernel_ns);
         }
-        let (min, max) = ratios
-            .iter()
-            .fold((f64::MAX, f64::MIN), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
+        let (min, max) = spread(&ratios);
         println!(
             "{:<30} {:>10.1} {:>10.1} {:>8.2} {:>8.2} {:>8.2} {:>6} / {:<4}",
             label,
@@ -566,10 +568,8 @@ mod churn {
             println!(
                 "Where the daemon's cost goes (one more round, tc ingress, kernel statistics on, {rate:.0} conns/s):"
             );
-            // While the programs are still loaded.
-            let kernel = costs.report(conns, "connection");
+            costs.report(conns, "connection", cpu, rate);
             stop(running);
-            super::report_share(kernel, cpu * 1e6 / conns, rate, "connection");
         }
         stop_servers.store(true, Ordering::Relaxed);
         let _ = TcpStream::connect(server);
@@ -590,9 +590,7 @@ mod churn {
                 .zip(&rates[0])
                 .map(|(o, base)| o / base)
                 .collect();
-            let (min, max) = ratios
-                .iter()
-                .fold((f64::MAX, f64::MIN), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
+            let (min, max) = super::spread(&ratios);
             let mut own = rates[i].clone();
             println!(
                 "{:<40} {:>12.0} {:>8.3} {:>8.3} {:>8.3}",
@@ -959,14 +957,10 @@ mod tls {
         println!(
             "Where the daemon's cost goes (one more round, kernel statistics on, {rate:.0} handshakes/s):"
         );
-        // While the programs are still loaded.
-        let kernel = costs.report(count, "handshake");
+        costs.report(count, "handshake", cpu, rate);
         drop(daemon);
-        super::report_share(kernel, cpu * 1e6 / count, rate, "handshake");
         drop(servers);
-        let (min, max) = ratios
-            .iter()
-            .fold((f64::MAX, f64::MIN), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
+        let (min, max) = super::spread(&ratios);
         println!(
             "no observer {:.0}/s, daemon {:.0}/s (medians); ratio median {:.3}, min {min:.3}, max {max:.3}",
             super::median(&mut none),
