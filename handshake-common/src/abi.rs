@@ -464,7 +464,9 @@ pub mod tls_capture {
         pub dst_port: u16,
         /// 4 or 6.
         pub family: u8,
-        pub _pad: [u8; 3],
+        /// Padding, always zero; two scalars, as in [`crate::flow::FlowKey`].
+        pub _pad: u8,
+        pub _pad2: u16,
     }
 
     impl TlsKey {
@@ -481,7 +483,8 @@ pub mod tls_capture {
                 } else {
                     6
                 },
-                _pad: [0; 3],
+                _pad: 0,
+                _pad2: 0,
             }
         }
 

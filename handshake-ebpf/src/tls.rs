@@ -10,7 +10,7 @@
 //! array read (`TLS_ACTIVE`); the pending table is looked up only while it
 //! may hold entries.
 
-use core::ffi::c_void;
+use core::{ffi::c_void, ptr::write_volatile};
 
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
@@ -230,13 +230,15 @@ fn client_finished<P: Packet + CopyBytes>(
         // fields written one by one, `data` left unwritten (len 0).
         unsafe {
             (*chunk).ts_ns = bpf_ktime_get_ns();
-            (*chunk).key = *key;
+            copy_key(key, chunk);
             (*chunk).kind = KIND_CLIENT_FINISHED;
             (*chunk).record_type = record_type;
-            (*chunk).len = 0;
-            (*chunk).offset = 0;
-            (*chunk).target = 0;
-            (*chunk).hello_seq = 0;
+            // Volatile: four zero stores in a row would be merged into a
+            // call to a byte-at-a-time `memset` subprogram.
+            write_volatile(&raw mut (*chunk).len, 0);
+            write_volatile(&raw mut (*chunk).offset, 0);
+            write_volatile(&raw mut (*chunk).target, 0);
+            write_volatile(&raw mut (*chunk).hello_seq, 0);
             (*chunk).direction = direction as u32;
         }
         entry.submit(wakeup());
@@ -244,6 +246,19 @@ fn client_finished<P: Packet + CopyBytes>(
         stat(FlowStat::TlsEventsDropped);
     }
     let _ = TLS_PENDING.remove(key);
+}
+
+/// A key into a record. A plain assignment through the record's pointer
+/// compiles to a call to a byte-at-a-time `memmove` subprogram; the
+/// records never overlap the key, and the non-overlapping copy is inlined
+/// as word loads and stores.
+///
+/// # Safety
+/// `chunk` must point to a reserved ring-buffer record.
+#[inline(always)]
+unsafe fn copy_key(key: &TlsKey, chunk: *mut TlsChunk) {
+    // SAFETY: the key and the record are distinct, valid objects.
+    unsafe { core::ptr::copy_nonoverlapping(key, &raw mut (*chunk).key, 1) };
 }
 
 #[inline(always)]
@@ -299,7 +314,7 @@ fn emit<P: Packet + CopyBytes>(
         // bytes into `data`, which holds CHUNK.
         let copied = unsafe {
             (*chunk).ts_ns = now;
-            (*chunk).key = *hello.key;
+            copy_key(hello.key, chunk);
             (*chunk).kind = hello.kind;
             (*chunk).record_type = 0;
             (*chunk).len = n as u16;
