@@ -25,7 +25,7 @@ use crate::{
     conntrack::{Phase, Role, outcome_name, phases},
     daemon::{self, CensusRunner, State},
     states::{SocketView, StatesView, TimeWaitView, state_by_name, state_name},
-    tlsconn::TlsView,
+    tlsconn::{TlsRecord, TlsView},
 };
 
 pub const DEFAULT_SOCKET: &str = "/run/handshake/handshake.sock";
@@ -75,6 +75,18 @@ fn addr(family: u8, bytes: &[u8; 16]) -> String {
 }
 
 impl ConnView {
+    /// Its client's and server's endpoints, whichever side this host was.
+    fn endpoints(&self) -> Endpoints {
+        let local = (self.local_addr.clone(), self.local_port);
+        let remote = (self.remote_addr.clone(), self.remote_port);
+        let (client, server) = if self.role == "client" {
+            (local, remote)
+        } else {
+            (remote, local)
+        };
+        (client.0, client.1, server.0, server.1)
+    }
+
     pub fn of(flow: &Flow, now: u64) -> Self {
         let role = Role::of(flow);
         let (local, remote) = if role == Some(Role::Client) {
@@ -203,11 +215,11 @@ async fn answer(
     let request = words.next().unwrap_or("");
     let body = match request {
         "conns" => {
-            let views = conns(&state.lock().unwrap_or_else(|p| p.into_inner()));
+            let views = conns(state);
             serde_json::to_string(&views).map_err(io::Error::other)?
         }
         "tls" => {
-            let views = tls(&state.lock().unwrap_or_else(|p| p.into_inner()));
+            let views = tls(state);
             serde_json::to_string(&views).map_err(io::Error::other)?
         }
         "states" | "timewait" | "sockets" => match census {
@@ -289,33 +301,42 @@ fn error_body(message: &str) -> String {
     serde_json::json!({ "error": message }).to_string()
 }
 
+/// (client address, client port, server address, server port).
+type Endpoints = (String, u16, String, u16);
+
+/// The TLS connections' views, built (hellos parsed, fingerprints taken)
+/// from the records taken under the lock, after it is released: the ring
+/// buffers are not kept waiting while a long history is formatted.
+fn tls_views(records: &[TlsRecord], now: u64) -> Vec<TlsView> {
+    records.iter().map(|r| r.view(now)).collect()
+}
+
+fn endpoints(view: &TlsView) -> Endpoints {
+    (
+        view.client_addr.clone(),
+        view.client_port,
+        view.server_addr.clone(),
+        view.server_port,
+    )
+}
+
 /// Recent TLS handshakes, oldest first, with the total from the TCP
 /// handshake's first SYN where the hooks saw that too.
-pub fn tls(state: &State) -> Vec<TlsView> {
+pub fn tls(state: &Mutex<State>) -> Vec<TlsView> {
     let now = clock::monotonic_ns();
-    let syns: std::collections::HashMap<(String, u16, String, u16), u64> = state
-        .conntrack
-        .recent()
-        .chain(state.live.iter())
-        .map(|f| {
-            let v = ConnView::of(f, now);
-            let key = if v.role == "client" {
-                (v.local_addr, v.local_port, v.remote_addr, v.remote_port)
-            } else {
-                (v.remote_addr, v.remote_port, v.local_addr, v.local_port)
-            };
-            (key, f.ts_syn)
-        })
-        .collect();
-    let mut views = state.tls.views(now);
+    let (records, syns) = {
+        let state = state.lock().unwrap_or_else(|p| p.into_inner());
+        let syns: std::collections::HashMap<Endpoints, u64> = state
+            .conntrack
+            .recent()
+            .chain(state.live.iter())
+            .map(|f| (ConnView::of(f, now).endpoints(), f.ts_syn))
+            .collect();
+        (state.tls.records(), syns)
+    };
+    let mut views = tls_views(&records, now);
     for v in &mut views {
-        let key = (
-            v.client_addr.clone(),
-            v.client_port,
-            v.server_addr.clone(),
-            v.server_port,
-        );
-        if let (Some(syn), Some(done)) = (syns.get(&key), v.ts_client_finished)
+        if let (Some(syn), Some(done)) = (syns.get(&endpoints(v)), v.ts_client_finished)
             && done > *syn
         {
             v.total_from_syn_us = Some((done - syn) as f64 / 1e3);
@@ -326,45 +347,25 @@ pub fn tls(state: &State) -> Vec<TlsView> {
 
 /// Recent decided handshakes and those still in progress, oldest first,
 /// with what their TLS ClientHello and ServerHello said.
-pub fn conns(state: &State) -> Vec<ConnView> {
+pub fn conns(state: &Mutex<State>) -> Vec<ConnView> {
     let now = clock::monotonic_ns();
-    let tls: std::collections::HashMap<(String, u16, String, u16), TlsView> = state
-        .tls
-        .views(now)
+    let (mut views, records) = {
+        let state = state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut flows: Vec<&Flow> = state.conntrack.recent().chain(state.live.iter()).collect();
+        flows.sort_by_key(|f| f.ts_syn);
+        let views: Vec<ConnView> = flows.iter().map(|f| ConnView::of(f, now)).collect();
+        (views, state.tls.records())
+    };
+    let tls: std::collections::HashMap<Endpoints, TlsView> = tls_views(&records, now)
         .into_iter()
-        .map(|v| {
-            let key = (
-                v.client_addr.clone(),
-                v.client_port,
-                v.server_addr.clone(),
-                v.server_port,
-            );
-            (key, v)
-        })
+        .map(|v| (endpoints(&v), v))
         .collect();
-    let mut flows: Vec<&Flow> = state.conntrack.recent().chain(state.live.iter()).collect();
-    flows.sort_by_key(|f| f.ts_syn);
-    flows
-        .iter()
-        .map(|f| {
-            let mut view = ConnView::of(f, now);
-            let (client, server) = if view.role == "client" {
-                (
-                    (&view.local_addr, view.local_port),
-                    (&view.remote_addr, view.remote_port),
-                )
-            } else {
-                (
-                    (&view.remote_addr, view.remote_port),
-                    (&view.local_addr, view.local_port),
-                )
-            };
-            if let Some(t) = tls.get(&(client.0.clone(), client.1, server.0.clone(), server.1)) {
-                view.sni = t.sni.clone();
-                view.ja4 = Some(t.ja4.clone());
-                view.tls_version = t.version.clone();
-            }
-            view
-        })
-        .collect()
+    for view in &mut views {
+        if let Some(t) = tls.get(&view.endpoints()) {
+            view.sni = t.sni.clone();
+            view.ja4 = Some(t.ja4.clone());
+            view.tls_version = t.version.clone();
+        }
+    }
+    views
 }

@@ -284,7 +284,7 @@ pub fn run(config: DaemonConfig) -> anyhow::Result<()> {
                 events,
                 &state,
                 "event",
-                |state, flow| state.conntrack.record(flow),
+                |state, flow| state.conntrack.record(*flow),
                 |stats| &mut stats.events_malformed,
             ) => result?,
             result = sweep(tables, tls_maps, expiry, &state) => result?,
@@ -292,7 +292,7 @@ pub fn run(config: DaemonConfig) -> anyhow::Result<()> {
                 tls_events,
                 &state,
                 "TLS",
-                |state, chunk| state.tls.record(&chunk),
+                |state, chunk| state.tls.record(chunk),
                 |stats| &mut stats.tls_events_malformed,
             ) => result?,
             () = census_loop(census.clone(), &counters, config.census_interval, &state) => {}
@@ -377,22 +377,16 @@ async fn feed<T: Record>(
     mut events: EventReader<T>,
     state: &Mutex<State>,
     ring: &'static str,
-    apply: impl Fn(&mut State, T),
+    apply: impl Fn(&mut State, &T),
     malformed: impl Fn(&mut SelfStats) -> &mut u64,
 ) -> anyhow::Result<()> {
-    let mut batch = Vec::new();
     loop {
         events
-            .next_batch(&mut batch)
+            .wait()
             .await
             .with_context(|| format!("reading the {ring} ring buffer"))?;
-        if batch.is_empty() {
-            continue;
-        }
         let mut state = lock(state);
-        for record in batch.drain(..) {
-            apply(&mut state, record);
-        }
+        events.drain(|record| apply(&mut state, record));
         *malformed(&mut state.self_stats) = events.malformed;
     }
 }

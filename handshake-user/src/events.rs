@@ -23,14 +23,24 @@ unsafe impl Record for Flow {}
 // SAFETY: as above.
 unsafe impl Record for TlsChunk {}
 
-/// Decodes one ring-buffer record; `None` if its size is not a `T`'s.
-pub fn decode<T: Record>(bytes: &[u8]) -> Option<T> {
+/// Hands one ring-buffer record to `apply` where it lies in the ring (its
+/// size checked; a TLS record is over a kilobyte, not worth a copy);
+/// false if its size is not a `T`'s.
+pub fn with_record<T: Record>(bytes: &[u8], apply: impl FnOnce(&T)) -> bool {
     if bytes.len() != size_of::<T>() {
-        return None;
+        return false;
     }
-    // SAFETY: the length was checked, `T: Record` is valid for any bit
-    // pattern, and read_unaligned has no alignment requirement.
-    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+    let ptr = bytes.as_ptr().cast::<T>();
+    if ptr.is_aligned() {
+        // SAFETY: the length was checked, the pointer is aligned, and
+        // `T: Record` is valid for any bit pattern; the ring's consumer
+        // position moves past the record only after this borrow ends.
+        apply(unsafe { &*ptr });
+    } else {
+        // SAFETY: as above; read_unaligned has no alignment requirement.
+        apply(&unsafe { std::ptr::read_unaligned(ptr) });
+    }
+    true
 }
 
 pub struct EventReader<T = Flow> {
@@ -61,20 +71,22 @@ impl<T: Record> EventReader<T> {
         })
     }
 
-    /// Waits for a wakeup or `DRAIN_EVERY`, then appends every waiting
-    /// record to `out`.
-    pub async fn next_batch(&mut self, out: &mut Vec<T>) -> std::io::Result<()> {
+    /// Waits for a wakeup or `DRAIN_EVERY`, whichever comes first.
+    pub async fn wait(&mut self) -> std::io::Result<()> {
         if let Ok(guard) = tokio::time::timeout(DRAIN_EVERY, self.ring.readable_mut()).await {
             guard?.clear_ready();
         }
+        Ok(())
+    }
+
+    /// Hands every waiting record to `apply`, in order, where it lies.
+    pub fn drain(&mut self, mut apply: impl FnMut(&T)) {
         let ring = self.ring.get_mut();
         while let Some(item) = ring.next() {
-            match decode(&item) {
-                Some(flow) => out.push(flow),
-                None => self.malformed += 1,
+            if !with_record(&item, &mut apply) {
+                self.malformed += 1;
             }
         }
-        Ok(())
     }
 }
 
@@ -95,8 +107,17 @@ mod tests {
         let bytes = unsafe {
             std::slice::from_raw_parts((&raw const flow).cast::<u8>(), size_of::<Flow>())
         };
+        let decode = |bytes: &[u8]| {
+            let mut out = None;
+            with_record(bytes, |f: &Flow| out = Some(*f)).then_some(())?;
+            out
+        };
         assert_eq!(decode(bytes), Some(flow));
-        assert_eq!(decode::<Flow>(&bytes[1..]), None);
-        assert_eq!(decode::<Flow>(&[]), None);
+        // Unaligned: copied out first.
+        let mut shifted = vec![0u8; bytes.len() + 1];
+        shifted[1..].copy_from_slice(bytes);
+        assert_eq!(decode(&shifted[1..]), Some(flow));
+        assert_eq!(decode(&bytes[1..]), None);
+        assert_eq!(decode(&[]), None);
     }
 }

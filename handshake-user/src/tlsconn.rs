@@ -3,7 +3,10 @@
 //! phases of each connection. Pure: the daemon feeds it records and a
 //! clock, the API and metrics read it.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    sync::Arc,
+};
 
 use handshake_common::{
     abi::{
@@ -103,11 +106,89 @@ pub struct TlsView {
     pub age_s: f64,
 }
 
+/// One TLS connection as the tracker keeps it: the ClientHello's bytes
+/// and the times, nothing formatted. Strings and fingerprints are built
+/// when someone asks ([`TlsRecord::view`]), outside the daemon's lock:
+/// built for every handshake they had been a third of the daemon's CPU
+/// under load, for views few handshakes ever get.
+#[derive(Clone, Debug)]
+pub struct TlsRecord {
+    /// The client → server direction.
+    key: TlsKey,
+    role: Role,
+    /// The ClientHello message (handshake header included); it parsed.
+    hello: Arc<[u8]>,
+    offered: &'static str,
+    version: Option<&'static str>,
+    cipher: Option<u16>,
+    ts_client_hello: u64,
+    ts_server_hello: Option<u64>,
+    ts_client_finished: Option<u64>,
+}
+
+impl TlsRecord {
+    /// The kernel clock of the ClientHello.
+    pub fn ts_client_hello(&self) -> u64 {
+        self.ts_client_hello
+    }
+
+    /// The connection as the API shows it, `now_ns` giving its age.
+    pub fn view(&self, now_ns: u64) -> TlsView {
+        let key = &self.key;
+        let micros = |from: Option<u64>, to: Option<u64>| match (from, to) {
+            (Some(from), Some(to)) => Some(to.saturating_sub(from) as f64 / 1e3),
+            _ => None,
+        };
+        let mut view = TlsView {
+            family: if key.family == 4 { "ipv4" } else { "ipv6" }.to_owned(),
+            client_addr: addr(key.family, &key.src_addr),
+            client_port: key.src_port,
+            server_addr: addr(key.family, &key.dst_addr),
+            server_port: key.dst_port,
+            role: self.role.name().to_owned(),
+            sni: None,
+            alpn: Vec::new(),
+            ja4: String::new(),
+            ja4_r: String::new(),
+            ja3: String::new(),
+            ja3_hash: String::new(),
+            offered_version: self.offered.to_owned(),
+            version: self.version.map(str::to_owned),
+            cipher: self.cipher.map(|c| format!("0x{c:04x}")),
+            client_hello_to_server_hello_us: micros(
+                Some(self.ts_client_hello),
+                self.ts_server_hello,
+            ),
+            server_hello_to_client_finished_us: micros(
+                self.ts_server_hello,
+                self.ts_client_finished,
+            ),
+            total_from_syn_us: None,
+            ts_client_hello: self.ts_client_hello,
+            ts_client_finished: self.ts_client_finished,
+            ifindex: key.ifindex,
+            age_s: now_ns.saturating_sub(self.ts_client_hello) as f64 / 1e9,
+        };
+        // It parsed when it was recorded; the same bytes parse again.
+        if let Ok(hello) = ClientHello::parse(&self.hello) {
+            let fp = Fingerprints::of(&hello);
+            view.sni = hello.sni().map(|s| String::from_utf8_lossy(s).into_owned());
+            view.alpn = hello
+                .alpn()
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            view.ja4 = fp.ja4;
+            view.ja4_r = fp.ja4_r;
+            view.ja3 = fp.ja3;
+            view.ja3_hash = fp.ja3_hash;
+        }
+        view
+    }
+}
+
 #[derive(Clone, Debug)]
 struct Conn {
-    view: TlsView,
-    role: Role,
-    ts_server_hello: Option<u64>,
+    record: TlsRecord,
     /// Sequence number of the ClientHello's first byte.
     hello_seq: u32,
     /// The hook that saw it.
@@ -119,6 +200,7 @@ struct Conn {
 /// same place or elsewhere means the four-tuple was reused (or replayed).
 const SAME_STREAM_BYTES: u32 = 1 << 16;
 
+/// A hello whose bytes came in more than one record.
 #[derive(Debug)]
 struct Assembly {
     started_ns: u64,
@@ -148,6 +230,14 @@ impl Assembly {
     }
 }
 
+/// Where a complete hello came from.
+struct Seen {
+    /// When its first bytes crossed the hook.
+    ts_first: u64,
+    direction: u32,
+    hello_seq: u32,
+}
+
 fn addr(family: u8, bytes: &[u8; 16]) -> String {
     if family == 4 {
         std::net::Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]).to_string()
@@ -173,8 +263,11 @@ pub struct TlsTracker {
     assemblies: HashMap<(TlsKey, u32, u8), Assembly>,
     /// By the client → server direction.
     open: HashMap<TlsKey, Conn>,
-    recent: VecDeque<TlsView>,
+    recent: VecDeque<TlsRecord>,
     capacity: usize,
+    /// Where hello messages are taken out of their records: one buffer,
+    /// reused.
+    message: Vec<u8>,
     pub totals: TlsTotals,
 }
 
@@ -185,6 +278,7 @@ impl TlsTracker {
             open: HashMap::new(),
             recent: VecDeque::with_capacity(capacity.min(4096)),
             capacity,
+            message: vec![0; MAX_HELLO as usize],
             totals: TlsTotals::default(),
         }
     }
@@ -202,7 +296,24 @@ impl TlsTracker {
     }
 
     fn hello_bytes(&mut self, chunk: &TlsChunk) {
+        let data = &chunk.data[..usize::from(chunk.len).min(chunk.data.len())];
         let id = (chunk.key, chunk.hello_seq, chunk.kind);
+        let seen = Seen {
+            ts_first: chunk.ts_ns,
+            direction: chunk.direction,
+            hello_seq: chunk.hello_seq,
+        };
+        // Most hellos fit in one segment and one record: taken straight
+        // from it, with nothing to reassemble.
+        if chunk.offset == 0 && (self.assemblies.is_empty() || !self.assemblies.contains_key(&id)) {
+            let (n, complete) = handshake_bytes(data, &mut self.message);
+            if complete {
+                return self.complete(chunk.kind, &chunk.key, &seen, n);
+            }
+            if data.len() >= chunk.target as usize {
+                return self.error("incomplete");
+            }
+        }
         if !self.assemblies.contains_key(&id) && self.assemblies.len() >= MAX_ASSEMBLIES {
             self.error("too_many_in_flight");
             return;
@@ -214,17 +325,15 @@ impl TlsTracker {
             ts_first: 0,
             direction: chunk.direction,
         });
-        let len = usize::from(chunk.len).min(chunk.data.len());
         assembly
             .chunks
             .entry(chunk.offset)
-            .or_insert_with(|| chunk.data[..len].to_vec());
+            .or_insert_with(|| data.to_vec());
         if chunk.offset == 0 {
             assembly.ts_first = chunk.ts_ns;
         }
         let prefix = assembly.prefix();
-        let mut message = vec![0u8; MAX_HELLO as usize];
-        let (n, complete) = handshake_bytes(&prefix, &mut message);
+        let (n, complete) = handshake_bytes(&prefix, &mut self.message);
         if !complete && prefix.len() < assembly.target {
             return;
         }
@@ -233,18 +342,27 @@ impl TlsTracker {
             self.error("incomplete");
             return;
         }
-        message.truncate(n);
-        if chunk.kind == KIND_CLIENT_HELLO {
-            self.client_hello(&chunk.key, chunk.hello_seq, &assembly, &message);
+        let seen = Seen {
+            ts_first: assembly.ts_first,
+            direction: assembly.direction,
+            ..seen
+        };
+        self.complete(chunk.kind, &chunk.key, &seen, n);
+    }
+
+    /// A whole hello, its first `len` bytes in `self.message`.
+    fn complete(&mut self, kind: u8, key: &TlsKey, seen: &Seen, len: usize) {
+        if kind == KIND_CLIENT_HELLO {
+            self.client_hello(key, seen, len);
         } else {
-            self.server_hello(&chunk.key, &assembly, &message);
+            self.server_hello(key, seen, len);
         }
     }
 
-    fn client_hello(&mut self, key: &TlsKey, hello_seq: u32, assembly: &Assembly, message: &[u8]) {
+    fn client_hello(&mut self, key: &TlsKey, seen: &Seen, len: usize) {
         if let Some(old) = self.open.get(key) {
-            let behind = hello_seq.wrapping_sub(old.hello_seq);
-            if behind == 0 && old.direction != assembly.direction {
+            let behind = seen.hello_seq.wrapping_sub(old.hello_seq);
+            if behind == 0 && old.direction != seen.direction {
                 // The same ClientHello seen by the other hook of the same
                 // interface (loopback: egress, then ingress).
                 return;
@@ -255,70 +373,53 @@ impl TlsTracker {
                 return;
             }
             let old = self.open.remove(key).expect("present");
-            self.file(old.view);
+            self.file(old.record);
         }
-        let hello = match ClientHello::parse(message) {
-            Ok(hello) => hello,
+        let message: Arc<[u8]> = Arc::from(&self.message[..len]);
+        let (offered, alpn) = match ClientHello::parse(&message) {
+            Ok(hello) => {
+                let offered = hello
+                    .supported_versions()
+                    .filter(|v| !is_grease(*v))
+                    .max()
+                    .unwrap_or(hello.legacy_version);
+                (version_name(offered), alpn_label(hello.alpn().next()))
+            }
             Err(error) => return self.error(parse_error(error)),
         };
-        let fp = Fingerprints::of(&hello);
-        let offered = hello
-            .supported_versions()
-            .filter(|v| !is_grease(*v))
-            .max()
-            .unwrap_or(hello.legacy_version);
-        let first_alpn = hello.alpn().next();
         *self
             .totals
             .client_hellos
-            .entry((version_name(offered), alpn_label(first_alpn)))
+            .entry((offered, alpn))
             .or_default() += 1;
-        let role = if assembly.direction == Direction::Egress as u32 {
+        let role = if seen.direction == Direction::Egress as u32 {
             Role::Client
         } else {
             Role::Server
         };
-        let view = TlsView {
-            family: if key.family == 4 { "ipv4" } else { "ipv6" }.to_owned(),
-            client_addr: addr(key.family, &key.src_addr),
-            client_port: key.src_port,
-            server_addr: addr(key.family, &key.dst_addr),
-            server_port: key.dst_port,
-            role: role.name().to_owned(),
-            sni: hello.sni().map(|s| String::from_utf8_lossy(s).into_owned()),
-            alpn: hello
-                .alpn()
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect(),
-            ja4: fp.ja4,
-            ja4_r: fp.ja4_r,
-            ja3: fp.ja3,
-            ja3_hash: fp.ja3_hash,
-            offered_version: version_name(offered).to_owned(),
+        let record = TlsRecord {
+            key: *key,
+            role,
+            hello: message,
+            offered,
             version: None,
             cipher: None,
-            client_hello_to_server_hello_us: None,
-            server_hello_to_client_finished_us: None,
-            total_from_syn_us: None,
-            ts_client_hello: assembly.ts_first,
+            ts_client_hello: seen.ts_first,
+            ts_server_hello: None,
             ts_client_finished: None,
-            ifindex: key.ifindex,
-            age_s: 0.0,
         };
         self.open.insert(
             *key,
             Conn {
-                view,
-                role,
-                ts_server_hello: None,
-                hello_seq,
-                direction: assembly.direction,
+                record,
+                hello_seq: seen.hello_seq,
+                direction: seen.direction,
             },
         );
     }
 
-    fn server_hello(&mut self, key: &TlsKey, assembly: &Assembly, message: &[u8]) {
-        let hello = match ServerHello::parse(message) {
+    fn server_hello(&mut self, key: &TlsKey, seen: &Seen, len: usize) {
+        let hello = match ServerHello::parse(&self.message[..len]) {
             Ok(hello) => hello,
             Err(error) => return self.error(parse_error(error)),
         };
@@ -326,16 +427,16 @@ impl TlsTracker {
             // Its ClientHello was not seen (the daemon started later).
             return self.error("server_hello_without_client_hello");
         };
-        if conn.ts_server_hello.is_some() {
+        let record = &mut conn.record;
+        if record.ts_server_hello.is_some() {
             return;
         }
         let version = version_name(hello.version());
-        conn.view.version = Some(version.to_owned());
-        conn.view.cipher = Some(format!("0x{:04x}", hello.cipher_suite));
-        conn.ts_server_hello = Some(assembly.ts_first);
-        let nanos = assembly.ts_first.saturating_sub(conn.view.ts_client_hello);
-        conn.view.client_hello_to_server_hello_us = Some(nanos as f64 / 1e3);
-        let role = conn.role;
+        record.version = Some(version);
+        record.cipher = Some(hello.cipher_suite);
+        record.ts_server_hello = Some(seen.ts_first);
+        let nanos = seen.ts_first.saturating_sub(record.ts_client_hello);
+        let role = record.role;
         *self.totals.handshakes.entry((role, version)).or_default() += 1;
         self.totals
             .durations
@@ -348,26 +449,25 @@ impl TlsTracker {
         let Some(mut conn) = self.open.remove(&chunk.key) else {
             return;
         };
-        let Some(server_hello) = conn.ts_server_hello else {
+        let Some(server_hello) = conn.record.ts_server_hello else {
             self.open.insert(chunk.key, conn);
             return;
         };
         let nanos = chunk.ts_ns.saturating_sub(server_hello);
-        conn.view.server_hello_to_client_finished_us = Some(nanos as f64 / 1e3);
-        conn.view.ts_client_finished = Some(chunk.ts_ns);
+        conn.record.ts_client_finished = Some(chunk.ts_ns);
         self.totals
             .durations
-            .entry((conn.role, TlsPhase::ServerHelloToClientFinished))
+            .entry((conn.record.role, TlsPhase::ServerHelloToClientFinished))
             .or_default()
             .observe(nanos as f64 / 1e9);
-        self.file(conn.view);
+        self.file(conn.record);
     }
 
-    fn file(&mut self, view: TlsView) {
+    fn file(&mut self, record: TlsRecord) {
         if self.recent.len() >= self.capacity {
             self.recent.pop_front();
         }
-        self.recent.push_back(view);
+        self.recent.push_back(record);
     }
 
     /// Drops hellos whose bytes stopped coming and files connections that
@@ -382,29 +482,28 @@ impl TlsTracker {
         let stale: Vec<TlsKey> = self
             .open
             .iter()
-            .filter(|(_, c)| now_ns.saturating_sub(c.view.ts_client_hello) >= CONN_TIMEOUT_NS)
+            .filter(|(_, c)| now_ns.saturating_sub(c.record.ts_client_hello) >= CONN_TIMEOUT_NS)
             .map(|(k, _)| *k)
             .collect();
         for key in stale {
             if let Some(conn) = self.open.remove(&key) {
-                self.file(conn.view);
+                self.file(conn.record);
             }
         }
     }
 
-    /// Filed and in-progress connections, oldest first, with their age.
-    pub fn views(&self, now_ns: u64) -> Vec<TlsView> {
-        let mut views: Vec<TlsView> = self
+    /// Filed and in-progress connections, oldest first: cheap copies (the
+    /// hello bytes are shared), to be turned into views
+    /// ([`TlsRecord::view`]) once the daemon's lock is released.
+    pub fn records(&self) -> Vec<TlsRecord> {
+        let mut records: Vec<TlsRecord> = self
             .recent
             .iter()
             .cloned()
-            .chain(self.open.values().map(|c| c.view.clone()))
+            .chain(self.open.values().map(|c| c.record.clone()))
             .collect();
-        views.sort_by_key(|v| v.ts_client_hello);
-        for v in &mut views {
-            v.age_s = now_ns.saturating_sub(v.ts_client_hello) as f64 / 1e9;
-        }
-        views
+        records.sort_by_key(|r| r.ts_client_hello);
+        records
     }
 }
 
