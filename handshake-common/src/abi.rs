@@ -51,6 +51,9 @@ pub mod map {
     /// Hash socket address → [`super::census::SockAge`], kept by the state
     /// tracepoint from a socket's first state change to its CLOSE.
     pub const SK_AGE: &str = "SK_AGE";
+    /// Array of [`super::AGE_NETNS_SLOTS`] network namespace inodes: only
+    /// sockets there get an entry in [`SK_AGE`] (0 in slot 0: all do).
+    pub const AGE_NETNS: &str = "AGE_NETNS";
 }
 
 /// Default sizes; the daemon can set the table sizes at load time.
@@ -58,6 +61,9 @@ pub const HALF_OPEN_ENTRIES: u32 = 16 * 1024;
 pub const FLOWS_ENTRIES: u32 = 64 * 1024;
 /// Sockets whose state-entry time and opener the state tracepoint keeps.
 pub const SOCK_AGE_ENTRIES: u32 = 64 * 1024;
+/// Network namespaces whose sockets get ages, at most: the daemon watches
+/// the host's and one more.
+pub const AGE_NETNS_SLOTS: u32 = 4;
 pub const EVENTS_BYTES: u32 = 1 << 20;
 /// Ask for a wakeup once this much is waiting in the ring buffer (a quarter
 /// of it); userspace also drains it every 50 ms, so fewer events are never

@@ -103,6 +103,11 @@ impl CensusRunner {
         Ok(Self { census, watched })
     }
 
+    /// The inode numbers of the watched namespaces.
+    pub fn inodes(&self) -> Vec<u64> {
+        self.watched.iter().map(|(_, inode)| *inode).collect()
+    }
+
     /// Counts every watched namespace, listing the full sockets in the
     /// states of `socket_states` (bit `1 << state`), at most `max_sockets`
     /// per namespace.
@@ -197,6 +202,11 @@ pub fn run(config: DaemonConfig) -> anyhow::Result<()> {
         && let Err(reason) = &census
     {
         bail!("{reason}");
+    }
+    if let Ok(runner) = &census {
+        observer
+            .age_sockets_in(&runner.inodes())
+            .context("naming the namespaces whose sockets get ages")?;
     }
     let census = census.ok().map(|runner| Arc::new(Mutex::new(runner)));
     observer.attach_tracepoints();

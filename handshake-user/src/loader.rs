@@ -13,7 +13,7 @@ use aya::{
         tc::{self, NlOptions},
     },
 };
-use handshake_common::abi::{map, program};
+use handshake_common::abi::{AGE_NETNS_SLOTS, map, program};
 use thiserror::Error;
 
 use crate::{
@@ -44,6 +44,10 @@ pub enum LoadError {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error("socket ages can be kept for {max} namespaces at most, not {0}", max = AGE_NETNS_SLOTS)]
+    TooManyNamespaces(usize),
+    #[error("namespace inode {0} does not fit the kernel's 32-bit inode numbers")]
+    NamespaceInode(u64),
     #[error(transparent)]
     Netns(#[from] NetnsError),
     #[error(
@@ -150,6 +154,29 @@ impl Observer {
     /// The raw object, for tests that drive programs with BPF_PROG_TEST_RUN.
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
+    }
+
+    /// Keeps socket ages only for sockets in the namespaces of `inodes` (the
+    /// ones the census counts); before the state tracepoint is attached.
+    pub fn age_sockets_in(&mut self, inodes: &[u64]) -> Result<(), LoadError> {
+        let name = map::AGE_NETNS;
+        let mut slots: Array<_, u32> = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(LoadError::MissingMap(name))?
+            .try_into()
+            .map_err(|source| LoadError::Map { name, source })?;
+        if inodes.len() > AGE_NETNS_SLOTS as usize {
+            return Err(LoadError::TooManyNamespaces(inodes.len()));
+        }
+        for (slot, inode) in (0..).zip(inodes) {
+            // Namespace inode numbers are the kernel's 32-bit `ns.inum`.
+            let inum = u32::try_from(*inode).map_err(|_| LoadError::NamespaceInode(*inode))?;
+            slots
+                .set(slot, &inum, 0)
+                .map_err(|source| LoadError::Map { name, source })?;
+        }
+        Ok(())
     }
 
     /// Takes the counter maps out of the object, for the metrics collector.

@@ -647,6 +647,55 @@ fn stuck_sockets_show_their_age_and_opener() {
     drop((listeners, held, half_closed));
 }
 
+/// `n` established connections from the client namespace to `port` in
+/// the server namespace, held open: (client ends, listener and server
+/// ends), and when the first connect began.
+fn hold_connections(
+    pair: &NetnsPair,
+    port: u16,
+    n: usize,
+) -> (
+    Vec<TcpStream>,
+    (TcpListener, Vec<TcpStream>),
+    std::time::Instant,
+) {
+    let at = addr("-4", NetnsPair::SERVER_V4, port);
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let server = spawn_in(&pair.server, move || {
+        let listener = TcpListener::bind(at).unwrap();
+        ready_tx.send(()).unwrap();
+        let held: Vec<TcpStream> = (0..n).map(|_| listener.accept().unwrap().0).collect();
+        (listener, held)
+    });
+    ready_rx.recv().unwrap();
+    let started = std::time::Instant::now();
+    let clients = spawn_in(&pair.client, move || {
+        (0..n)
+            .map(|_| TcpStream::connect(at).unwrap())
+            .collect::<Vec<_>>()
+    })
+    .join()
+    .unwrap();
+    (clients, server.join().unwrap(), started)
+}
+
+/// The daemon's count of state changes the table of socket ages could not
+/// note, once it reaches `at_least` (the kernel's counters reach the
+/// metrics at the next sweep, 200 ms) or after 2 s.
+fn untracked_state_changes(daemon: &Daemon, at_least: f64) -> f64 {
+    let mut untracked = 0.0;
+    for _ in 0..20 {
+        untracked = daemon
+            .scrape()
+            .get("handshake_socket_ages_untracked_total", &[]);
+        if untracked >= at_least {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    untracked
+}
+
 /// More sockets than the kernel's table of socket ages holds: the sockets
 /// it noted keep their ages, the others show none, and every state change
 /// it could not note is counted, never silently lost.
@@ -657,24 +706,7 @@ fn a_full_table_of_socket_ages_is_counted() {
     let pair = NetnsPair::new();
     let daemon = pair.server_daemon(&["--socket-age-entries", "64"]);
     const HELD: usize = 200;
-    let at = addr("-4", NetnsPair::SERVER_V4, 7500);
-    let (ready_tx, ready_rx) = mpsc::channel();
-    let server = spawn_in(&pair.server, move || {
-        let listener = TcpListener::bind(at).unwrap();
-        ready_tx.send(()).unwrap();
-        let held: Vec<TcpStream> = (0..HELD).map(|_| listener.accept().unwrap().0).collect();
-        (listener, held)
-    });
-    ready_rx.recv().unwrap();
-    let started = std::time::Instant::now();
-    let clients = spawn_in(&pair.client, move || {
-        (0..HELD)
-            .map(|_| TcpStream::connect(at).unwrap())
-            .collect::<Vec<_>>()
-    })
-    .join()
-    .unwrap();
-    let (_listener, _held) = server.join().unwrap();
+    let (clients, _server, started) = hold_connections(&pair, 7500, HELD);
 
     let rows = daemon.conns(&["--state", "established"]);
     assert_eq!(rows.len(), HELD, "{rows:?}");
@@ -683,24 +715,14 @@ fn a_full_table_of_socket_ages_is_counted() {
         .iter()
         .filter_map(|r| r["state_age_s"].as_f64())
         .collect();
-    // 64 entries for every TCP socket of the host, both namespaces' ends
-    // and the listener included.
+    // 64 entries for the TCP sockets of the namespaces the daemon counts
+    // (the host's and the server's), the listener included.
     assert!(aged.len() <= 64, "{} sockets with an age", aged.len());
     assert!(
         aged.iter().all(|age| *age <= truth + 0.1),
         "ages {aged:?}, truth {truth:.2} s"
     );
-    // The kernel's counters reach the metrics at the next sweep (200 ms).
-    let mut untracked = 0.0;
-    for _ in 0..20 {
-        untracked = daemon
-            .scrape()
-            .get("handshake_socket_ages_untracked_total", &[]);
-        if untracked >= (HELD - 64) as f64 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let untracked = untracked_state_changes(&daemon, (HELD - 64) as f64);
     assert!(
         untracked >= (HELD - 64) as f64,
         "{untracked} state changes counted as untracked for {} sockets without an age",
@@ -710,5 +732,36 @@ fn a_full_table_of_socket_ages_is_counted() {
         "{} of {HELD} sockets with an age, {untracked} state changes untracked",
         aged.len()
     );
+    drop(clients);
+}
+
+/// Only the namespaces the daemon counts get socket ages: 200 connections
+/// make 400 sockets, but the 200 client ends live in a namespace it does
+/// not watch, so a table of 256 holds every server end, and nothing is
+/// untracked.
+#[test]
+fn sockets_of_unwatched_namespaces_take_no_age_entries() {
+    require_root();
+    let _serial = serial();
+    let pair = NetnsPair::new();
+    let daemon = pair.server_daemon(&["--socket-age-entries", "256"]);
+    const HELD: usize = 200;
+    let (clients, _server, started) = hold_connections(&pair, 7501, HELD);
+
+    let rows = daemon.conns(&["--state", "established"]);
+    assert_eq!(rows.len(), HELD, "{rows:?}");
+    let truth = started.elapsed().as_secs_f64();
+    let aged: Vec<f64> = rows
+        .iter()
+        .filter_map(|r| r["state_age_s"].as_f64())
+        .collect();
+    assert_eq!(aged.len(), HELD, "server ends with an age");
+    assert!(
+        aged.iter().all(|age| *age <= truth + 0.1),
+        "ages {aged:?}, truth {truth:.2} s"
+    );
+    // Give a late count time to arrive; there should be none.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(untracked_state_changes(&daemon, 0.0), 0.0);
     drop(clients);
 }
