@@ -183,6 +183,25 @@ fn median(values: &mut [f64]) -> f64 {
     values[values.len() / 2]
 }
 
+/// Per-pair ratios (with over without) split by which round of the pair
+/// ran first, and the estimate that cancels an effect of the order: the
+/// geometric mean of the two groups' medians. A round's position in its
+/// pair can move its rate by a few percent on this VM (what ran just
+/// before it); alternating the order cancels that only if both orders
+/// weigh the same, which one median over all pairs does not ensure.
+fn order_report(daemon_first: &mut [f64], daemon_second: &mut [f64]) {
+    if daemon_first.is_empty() || daemon_second.is_empty() {
+        return;
+    }
+    let (first, second) = (median(daemon_first), median(daemon_second));
+    println!(
+        "ratio by order: daemon's round first {first:.3} ({} pairs), second {second:.3} ({} pairs); order-balanced {:.3}",
+        daemon_first.len(),
+        daemon_second.len(),
+        (first * second).sqrt()
+    );
+}
+
 fn main() {
     let which = std::env::args().nth(1).unwrap_or_else(|| "all".to_owned());
     if which == "all" || which == "xdp" {
@@ -909,6 +928,7 @@ mod tls {
         );
         let (mut none, mut ours, mut ratios, mut cpu_ratios) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut daemon_first, mut daemon_second) = (Vec::new(), Vec::new());
         for r in 0..rounds {
             let mut rates = [0.0; 2];
             let mut cpu = [0.0; 2];
@@ -945,6 +965,12 @@ mod tls {
             ours.push(rates[1]);
             ratios.push(rates[1] / rates[0]);
             cpu_ratios.push(cpu[0] / cpu[1]);
+            // With k = 0 first: the daemon's round came first in odd rounds.
+            if r % 2 == 1 {
+                daemon_first.push(rates[1] / rates[0]);
+            } else {
+                daemon_second.push(rates[1] / rates[0]);
+            }
         }
         // One more round, apart: the kernel's per-program statistics cost
         // two clock reads a run.
@@ -967,6 +993,7 @@ mod tls {
             super::median(&mut ours),
             super::median(&mut ratios)
         );
+        super::order_report(&mut daemon_first, &mut daemon_second);
         println!(
             "machine CPU per handshake, no observer over daemon: median {:.3}",
             super::median(&mut cpu_ratios)
