@@ -230,7 +230,7 @@ fn ipv4<P: Packet + ?Sized>(
 /// An IPv4 address in the first 4 bytes of a 16-byte address field, the
 /// rest zero. Built as one integer: a zeroed array filled in place
 /// compiles, for BPF, to a call to a byte-at-a-time `memset` subprogram,
-/// which on every packet cost more than the rest of the parse.
+/// on every IPv4 packet.
 #[inline(always)]
 fn v4_field(addr: [u8; 4]) -> [u8; 16] {
     u128::from(u32::from_le_bytes(addr)).to_le_bytes()

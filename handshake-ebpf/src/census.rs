@@ -96,7 +96,7 @@ static SK_AGE: HashMap<u64, SockAge> = HashMap::with_max_entries(SOCK_AGE_ENTRIE
 /// entry in `SK_AGE`; slot 0 at zero means all namespaces (until the daemon
 /// says, and when the programs are loaded without it). The census reads
 /// ages only for the namespaces it walks: noting the others' sockets
-/// cost a table entry and ~150 ns per state change for nothing.
+/// cost a table entry and a hash update per state change for nothing.
 #[map]
 static AGE_NETNS: Array<u32> = Array::with_max_entries(AGE_NETNS_SLOTS, 0);
 
@@ -173,7 +173,7 @@ pub fn state_change(sk: *const u8, old: u32, new: u32) {
     // SAFETY: every field of the local is written before it is read (the
     // insert copies it). Field by field, and `comm` by the helper or as two
     // words: a `[0; 16]` compiles to a call to a byte-at-a-time `memset`
-    // subprogram, ~100 ns on each socket's first change.
+    // subprogram.
     unsafe {
         (*fresh).since_ns = now;
         (*fresh).state = new;

@@ -696,18 +696,24 @@ fn untracked_state_changes(daemon: &Daemon, at_least: f64) -> f64 {
     untracked
 }
 
-/// More sockets than the kernel's table of socket ages holds: the sockets
-/// it noted keep their ages, the others show none, and every state change
-/// it could not note is counted, never silently lost.
-#[test]
-fn a_full_table_of_socket_ages_is_counted() {
-    require_root();
-    let _serial = serial();
-    let pair = NetnsPair::new();
-    let daemon = pair.server_daemon(&["--socket-age-entries", "64"]);
-    const HELD: usize = 200;
-    let (clients, _server, started) = hold_connections(&pair, 7500, HELD);
+/// Connections held from the client namespace to a server-side daemon
+/// with a table of `entries` socket ages. Fields drop in order: the
+/// connections, the daemon, the namespaces.
+struct HeldAges {
+    _held: (Vec<TcpStream>, (TcpListener, Vec<TcpStream>)),
+    daemon: Daemon,
+    _pair: NetnsPair,
+    /// The ages `conns --state established` shows, each within the time
+    /// since the first connect.
+    aged: Vec<f64>,
+}
 
+const HELD: usize = 200;
+
+fn held_with_ages(entries: &str, port: u16) -> HeldAges {
+    let pair = NetnsPair::new();
+    let daemon = pair.server_daemon(&["--socket-age-entries", entries]);
+    let (clients, server, started) = hold_connections(&pair, port, HELD);
     let rows = daemon.conns(&["--state", "established"]);
     assert_eq!(rows.len(), HELD, "{rows:?}");
     let truth = started.elapsed().as_secs_f64();
@@ -715,24 +721,37 @@ fn a_full_table_of_socket_ages_is_counted() {
         .iter()
         .filter_map(|r| r["state_age_s"].as_f64())
         .collect();
-    // 64 entries for the TCP sockets of the namespaces the daemon counts
-    // (the host's and the server's), the listener included.
-    assert!(aged.len() <= 64, "{} sockets with an age", aged.len());
     assert!(
         aged.iter().all(|age| *age <= truth + 0.1),
         "ages {aged:?}, truth {truth:.2} s"
     );
-    let untracked = untracked_state_changes(&daemon, (HELD - 64) as f64);
+    HeldAges {
+        _held: (clients, server),
+        daemon,
+        _pair: pair,
+        aged,
+    }
+}
+
+/// More sockets than the kernel's table of socket ages holds: the sockets
+/// it noted keep their ages, the others show none, and every state change
+/// it could not note is counted, never silently lost.
+#[test]
+fn a_full_table_of_socket_ages_is_counted() {
+    require_root();
+    let _serial = serial();
+    let held = held_with_ages("64", 7500);
+    let aged = held.aged.len();
+    // 64 entries for the TCP sockets of the namespaces the daemon counts
+    // (the host's and the server's), the listener included.
+    assert!(aged <= 64, "{aged} sockets with an age");
+    let untracked = untracked_state_changes(&held.daemon, (HELD - 64) as f64);
     assert!(
         untracked >= (HELD - 64) as f64,
         "{untracked} state changes counted as untracked for {} sockets without an age",
-        HELD - aged.len()
+        HELD - aged
     );
-    eprintln!(
-        "{} of {HELD} sockets with an age, {untracked} state changes untracked",
-        aged.len()
-    );
-    drop(clients);
+    eprintln!("{aged} of {HELD} sockets with an age, {untracked} state changes untracked");
 }
 
 /// Only the namespaces the daemon counts get socket ages: 200 connections
@@ -743,25 +762,9 @@ fn a_full_table_of_socket_ages_is_counted() {
 fn sockets_of_unwatched_namespaces_take_no_age_entries() {
     require_root();
     let _serial = serial();
-    let pair = NetnsPair::new();
-    let daemon = pair.server_daemon(&["--socket-age-entries", "256"]);
-    const HELD: usize = 200;
-    let (clients, _server, started) = hold_connections(&pair, 7501, HELD);
-
-    let rows = daemon.conns(&["--state", "established"]);
-    assert_eq!(rows.len(), HELD, "{rows:?}");
-    let truth = started.elapsed().as_secs_f64();
-    let aged: Vec<f64> = rows
-        .iter()
-        .filter_map(|r| r["state_age_s"].as_f64())
-        .collect();
-    assert_eq!(aged.len(), HELD, "server ends with an age");
-    assert!(
-        aged.iter().all(|age| *age <= truth + 0.1),
-        "ages {aged:?}, truth {truth:.2} s"
-    );
+    let held = held_with_ages("256", 7501);
+    assert_eq!(held.aged.len(), HELD, "server ends with an age");
     // Give a late count time to arrive; there should be none.
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(untracked_state_changes(&daemon, 0.0), 0.0);
-    drop(clients);
+    assert_eq!(untracked_state_changes(&held.daemon, 0.0), 0.0);
 }
