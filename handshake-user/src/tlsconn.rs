@@ -5,7 +5,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
-    sync::Arc,
+    sync::{Arc, OnceLock},
 };
 
 use handshake_common::{
@@ -108,16 +108,16 @@ pub struct TlsView {
 
 /// One TLS connection as the tracker keeps it: the ClientHello's bytes
 /// and the times, nothing formatted. Strings and fingerprints are built
-/// when someone asks ([`TlsRecord::view`]), outside the daemon's lock:
-/// built for every handshake they had been a third of the daemon's CPU
-/// under load, for views few handshakes ever get.
+/// the first time someone asks ([`TlsRecord::view`]), outside the daemon's
+/// lock: built for every handshake they had been a third of the daemon's
+/// CPU under load, for views few handshakes ever get.
 #[derive(Clone, Debug)]
 pub struct TlsRecord {
     /// The client → server direction.
     key: TlsKey,
     role: Role,
-    /// The ClientHello message (handshake header included); it parsed.
-    hello: Arc<[u8]>,
+    /// The ClientHello, shared by the copies the API takes.
+    hello: Arc<KeptHello>,
     offered: &'static str,
     version: Option<&'static str>,
     cipher: Option<u16>,
@@ -169,20 +169,51 @@ impl TlsRecord {
             ifindex: key.ifindex,
             age_s: now_ns.saturating_sub(self.ts_client_hello) as f64 / 1e9,
         };
-        // It parsed when it was recorded; the same bytes parse again.
-        if let Ok(hello) = ClientHello::parse(&self.hello) {
-            let fp = Fingerprints::of(&hello);
-            view.sni = hello.sni().map(|s| String::from_utf8_lossy(s).into_owned());
-            view.alpn = hello
-                .alpn()
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect();
-            view.ja4 = fp.ja4;
-            view.ja4_r = fp.ja4_r;
-            view.ja3 = fp.ja3;
-            view.ja3_hash = fp.ja3_hash;
+        if let Some(said) = self.hello.said() {
+            view.sni.clone_from(&said.sni);
+            view.alpn.clone_from(&said.alpn);
+            view.ja4.clone_from(&said.fingerprints.ja4);
+            view.ja4_r.clone_from(&said.fingerprints.ja4_r);
+            view.ja3.clone_from(&said.fingerprints.ja3);
+            view.ja3_hash.clone_from(&said.fingerprints.ja3_hash);
         }
         view
+    }
+}
+
+/// A ClientHello's message (handshake header included; it parsed), and
+/// what the views show of it, worked out the first time one is asked for
+/// and kept: a CLI polling `handshake conns` pays for each hello once.
+#[derive(Debug)]
+struct KeptHello {
+    message: Box<[u8]>,
+    said: OnceLock<Option<Said>>,
+}
+
+/// What a ClientHello says, as the views show it.
+#[derive(Debug)]
+struct Said {
+    sni: Option<String>,
+    alpn: Vec<String>,
+    fingerprints: Fingerprints,
+}
+
+impl KeptHello {
+    fn said(&self) -> Option<&Said> {
+        self.said
+            .get_or_init(|| {
+                // It parsed when it was recorded; the same bytes parse again.
+                let hello = ClientHello::parse(&self.message).ok()?;
+                Some(Said {
+                    sni: hello.sni().map(|s| String::from_utf8_lossy(s).into_owned()),
+                    alpn: hello
+                        .alpn()
+                        .map(|a| String::from_utf8_lossy(a).into_owned())
+                        .collect(),
+                    fingerprints: Fingerprints::of(&hello),
+                })
+            })
+            .as_ref()
     }
 }
 
@@ -375,7 +406,7 @@ impl TlsTracker {
             let old = self.open.remove(key).expect("present");
             self.file(old.record);
         }
-        let message: Arc<[u8]> = Arc::from(&self.message[..len]);
+        let message: Box<[u8]> = Box::from(&self.message[..len]);
         let (offered, alpn) = match ClientHello::parse(&message) {
             Ok(hello) => {
                 let offered = hello
@@ -400,7 +431,10 @@ impl TlsTracker {
         let record = TlsRecord {
             key: *key,
             role,
-            hello: message,
+            hello: Arc::new(KeptHello {
+                message,
+                said: OnceLock::new(),
+            }),
             offered,
             version: None,
             cipher: None,
