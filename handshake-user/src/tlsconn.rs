@@ -127,11 +127,6 @@ pub struct TlsRecord {
 }
 
 impl TlsRecord {
-    /// The kernel clock of the ClientHello.
-    pub fn ts_client_hello(&self) -> u64 {
-        self.ts_client_hello
-    }
-
     /// The connection as the API shows it, `now_ns` giving its age.
     pub fn view(&self, now_ns: u64) -> TlsView {
         let key = &self.key;
