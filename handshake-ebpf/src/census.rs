@@ -19,7 +19,7 @@ use core::{
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, seq_file},
     helpers::{
-        bpf_get_current_pid_tgid, bpf_probe_read_kernel,
+        bpf_get_current_pid_tgid,
         generated::{
             bpf_get_current_comm, bpf_ktime_get_ns, bpf_seq_write, bpf_skc_to_tcp_timewait_sock,
         },
@@ -100,21 +100,26 @@ static SK_AGE: HashMap<u64, SockAge> = HashMap::with_max_entries(SOCK_AGE_ENTRIE
 #[map]
 static AGE_NETNS: Array<u32> = Array::with_max_entries(AGE_NETNS_SLOTS, 0);
 
-/// Whether `sk`'s ages may ever be read: it lives in a counted namespace.
+/// The inode number of `sk`'s network namespace (`sk->skc_net.net->ns.inum`).
 #[inline(always)]
-fn ages_wanted(sk: *const u8) -> bool {
-    match AGE_NETNS.get(0) {
-        None | Some(0) => return true,
-        Some(_) => {}
-    }
+fn netns_inum(sk: *const u8) -> u32 {
     // SAFETY: `sk` is the tracepoint's BTF-typed socket and `skc_net.net`
     // a pointer field of it; the verifier types the loaded pointer as a
     // `struct net` and checks the second load against it (a fault reads 0).
-    let inum = unsafe {
+    unsafe {
         let net: *const u8 = field(sk, offset(&OFF_SKC_NET));
         field::<u32>(net, offset(&OFF_NET_NS_INUM))
-    };
-    (0..AGE_NETNS_SLOTS).any(|slot| AGE_NETNS.get(slot) == Some(&inum))
+    }
+}
+
+/// Whether ages of sockets in namespace `inum` may ever be read: it is a
+/// counted namespace.
+#[inline(always)]
+fn ages_wanted(inum: u32) -> bool {
+    match AGE_NETNS.get(0) {
+        None | Some(0) => true,
+        Some(_) => (0..AGE_NETNS_SLOTS).any(|slot| AGE_NETNS.get(slot) == Some(&inum)),
+    }
 }
 
 /// Whether `sk` (the tracepoint's `struct sock *`) is a TCP socket of
@@ -136,10 +141,11 @@ pub fn is_tcp(sk: *const u8) -> bool {
 #[inline(always)]
 pub fn state_change(sk: *const u8, old: u32, new: u32) {
     let key = sk as u64;
-    let wanted = ages_wanted(sk);
+    let inum = netns_inum(sk);
+    let wanted = ages_wanted(inum);
     if new == tcp_state::CLOSE {
         if old == tcp_state::FIN_WAIT2 || old == tcp_state::CLOSING {
-            time_wait_entry(key);
+            time_wait_entry(inum);
         }
         // The socket is done; it has an entry only if wanted (the filter is
         // set before the tracepoint is attached).
@@ -200,24 +206,11 @@ pub fn state_change(sk: *const u8, old: u32, new: u32) {
 #[map]
 static TW_ENTRIES: PerCpuHashMap<u32, u64> = PerCpuHashMap::with_max_entries(TW_ENTRIES_NETNS, 0);
 
-/// From the state tracepoint: `skaddr` went FIN_WAIT2 or CLOSING → CLOSE,
-/// which is how a socket enters TIME_WAIT (a minisock takes over); counted
-/// per network namespace. Two kernel reads, on this transition only.
+/// From the state tracepoint: a socket of namespace `inum` went FIN_WAIT2
+/// or CLOSING → CLOSE, which is how a socket enters TIME_WAIT (a minisock
+/// takes over); counted per network namespace.
 #[inline(always)]
-pub fn time_wait_entry(skaddr: u64) {
-    // SAFETY: bpf_probe_read_kernel checks the addresses; a bad offset
-    // reads 0 or garbage, never faults.
-    let inum = unsafe {
-        let net: u64 =
-            bpf_probe_read_kernel((skaddr as usize + offset(&OFF_SKC_NET)) as *const u64)
-                .unwrap_or(0);
-        if net == 0 {
-            0
-        } else {
-            bpf_probe_read_kernel((net as usize + offset(&OFF_NET_NS_INUM)) as *const u32)
-                .unwrap_or(0)
-        }
-    };
+pub fn time_wait_entry(inum: u32) {
     // Per-CPU values: a plain add is safe. A full map counts under inode 0.
     for key in [inum, 0] {
         if let Some(count) = TW_ENTRIES.get_ptr_mut(&key) {

@@ -381,8 +381,8 @@ async fn census_loop(
     }
 }
 
-/// Feeds the records of one ring buffer to the state, a batch at a time,
-/// and keeps its count of malformed records.
+/// Feeds the records of one ring buffer to the state, as they lie in the
+/// ring, and keeps its count of malformed records.
 async fn feed<T: Record>(
     mut events: EventReader<T>,
     state: &Mutex<State>,
