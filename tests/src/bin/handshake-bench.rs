@@ -837,7 +837,10 @@ mod census {
 mod tls {
     //! Full TLS handshakes per second between two namespaces (openssl
     //! s_time against s_server, TLS 1.3, ECDSA P-256), with and without the
-    //! daemon attached to the server side, in interleaved rounds.
+    //! daemon attached to the server side, in interleaved rounds; with
+    //! `HANDSHAKE_BENCH_TLS_FLOOR=1`, also with the daemon attached to the
+    //! server namespace's `lo` only, which tells what the daemon costs
+    //! before its packet hooks do anything on the TLS path.
     //!
     //! Two server processes and two clients run at once, so both CPUs stay
     //! busy and the rate is the machine's capacity: whatever the daemon
@@ -851,7 +854,7 @@ mod tls {
         time::{Duration, Instant},
     };
 
-    use handshake_tests::{NetnsPair, TlsServer};
+    use handshake_tests::{Daemon, NetnsPair, TlsServer};
 
     const ROUNDS: usize = 15;
     const SECONDS: u32 = 3;
@@ -909,6 +912,49 @@ mod tls {
         (count / started.elapsed().as_secs_f64(), count)
     }
 
+    /// What a round runs beside the clients.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum Arm {
+        None,
+        Daemon,
+        /// The daemon attached to the server namespace's `lo` instead of
+        /// its veth: census, state tracepoint, sweeps and process, but no
+        /// packet hook on the TLS path. What any daemon of this design
+        /// costs before it looks at a packet.
+        Floor,
+    }
+
+    impl Arm {
+        const fn label(self) -> &'static str {
+            match self {
+                Self::None => "no observer",
+                Self::Daemon => "handshake daemon",
+                Self::Floor => "daemon on lo only",
+            }
+        }
+
+        fn start(self, pair: &NetnsPair) -> Option<Daemon> {
+            match self {
+                Self::None => None,
+                Self::Daemon => Some(pair.server_daemon(&hook_args())),
+                Self::Floor => Some(Daemon::start(&["--netns", &pair.server, "--iface", "lo"])),
+            }
+        }
+    }
+
+    /// `HANDSHAKE_BENCH_TLS_FLOOR=1` adds [`Arm::Floor`] to every round.
+    fn arms() -> Vec<Arm> {
+        let mut arms = vec![Arm::None, Arm::Daemon];
+        if std::env::var("HANDSHAKE_BENCH_TLS_FLOOR").is_ok_and(|v| v == "1") {
+            arms.push(Arm::Floor);
+        }
+        arms
+    }
+
+    fn geometric_mean(values: &[f64]) -> f64 {
+        (values.iter().map(|v| v.ln()).sum::<f64>() / values.len() as f64).exp()
+    }
+
     pub fn run() {
         let pair = NetnsPair::new();
         let servers: Vec<TlsServer> = PORTS
@@ -916,60 +962,72 @@ mod tls {
             .map(|port| TlsServer::start(&pair.server, *port, &[]))
             .collect();
         let rounds = super::rounds(ROUNDS);
+        let arms = arms();
         println!();
         println!(
-            "Full TLS 1.3 handshakes between two namespaces ({} openssl s_time -new clients against as many s_server, {SECONDS} s rounds, {rounds} interleaved rounds, daemon {})",
+            "Full TLS 1.3 handshakes between two namespaces ({} openssl s_time -new clients against as many s_server, {SECONDS} s rounds, {rounds} interleaved rounds, daemon {}{})",
             PORTS.len(),
             if hook_args().is_empty() {
                 "with tc ingress"
             } else {
                 "with XDP ingress"
+            },
+            if arms.contains(&Arm::Floor) {
+                "; and a daemon on the server namespace's lo only"
+            } else {
+                ""
             }
         );
         let (mut none, mut ours, mut ratios, mut cpu_ratios) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut floor_ratios, mut over_floor) = (Vec::new(), Vec::new());
         let (mut daemon_first, mut daemon_second) = (Vec::new(), Vec::new());
         for r in 0..rounds {
-            let mut rates = [0.0; 2];
-            let mut cpu = [0.0; 2];
-            // Alternate which goes first.
-            for k in 0..2 {
-                let with_daemon = (k + r) % 2 == 1;
-                let daemon = with_daemon.then(|| pair.server_daemon(&hook_args()));
+            let (mut rates, mut cpu) = ([0.0; 3], [0.0; 3]);
+            // Rotate which goes first.
+            for k in 0..arms.len() {
+                let arm = arms[(k + r) % arms.len()];
+                let daemon = arm.start(&pair);
                 std::thread::sleep(Duration::from_millis(300));
                 let busy = super::machine_busy_seconds();
                 let (rate, count) = round(&pair);
                 let per_handshake = (super::machine_busy_seconds() - busy) * 1e6 / count;
-                if let Some(daemon) = daemon {
+                if arm == Arm::Daemon
+                    && let Some(daemon) = &daemon
+                {
                     let seen: f64 = daemon.scrape().get(
                         "handshake_tls_handshakes_total",
                         &[("role", "server"), ("version", "1.3")],
                     );
                     assert!(seen > 0.0, "the daemon saw no TLS handshake");
                 }
+                drop(daemon);
                 println!(
                     "  round {:>2} {:<18} {:>7.0} handshakes/s  machine CPU {:>6.1} µs per handshake",
                     r + 1,
-                    if with_daemon {
-                        "handshake daemon"
-                    } else {
-                        "no observer"
-                    },
+                    arm.label(),
                     rate,
                     per_handshake
                 );
-                rates[usize::from(with_daemon)] = rate;
-                cpu[usize::from(with_daemon)] = per_handshake;
+                rates[arm as usize] = rate;
+                cpu[arm as usize] = per_handshake;
             }
-            none.push(rates[0]);
-            ours.push(rates[1]);
-            ratios.push(rates[1] / rates[0]);
-            cpu_ratios.push(cpu[0] / cpu[1]);
-            // With k = 0 first: the daemon's round came first in odd rounds.
-            if r % 2 == 1 {
-                daemon_first.push(rates[1] / rates[0]);
+            let (without, with) = (Arm::None as usize, Arm::Daemon as usize);
+            none.push(rates[without]);
+            ours.push(rates[with]);
+            ratios.push(rates[with] / rates[without]);
+            cpu_ratios.push(cpu[without] / cpu[with]);
+            if arms.len() == 2 {
+                // With k = 0 first: the daemon's round came first in odd rounds.
+                if r % 2 == 1 {
+                    daemon_first.push(rates[with] / rates[without]);
+                } else {
+                    daemon_second.push(rates[with] / rates[without]);
+                }
             } else {
-                daemon_second.push(rates[1] / rates[0]);
+                let floor = Arm::Floor as usize;
+                floor_ratios.push(rates[floor] / rates[without]);
+                over_floor.push(rates[with] / rates[floor]);
             }
         }
         // One more round, apart: the kernel's per-program statistics cost
@@ -994,6 +1052,18 @@ mod tls {
             super::median(&mut ratios)
         );
         super::order_report(&mut daemon_first, &mut daemon_second);
+        if !floor_ratios.is_empty() {
+            let (daemon, floor, over) = (
+                geometric_mean(&ratios),
+                geometric_mean(&floor_ratios),
+                geometric_mean(&over_floor),
+            );
+            println!(
+                "daemon on lo only: ratio median {:.3}; daemon over it: median {:.3}; geometric means: daemon {daemon:.3}, on lo only {floor:.3}, daemon over it {over:.3}",
+                super::median(&mut floor_ratios),
+                super::median(&mut over_floor),
+            );
+        }
         println!(
             "machine CPU per handshake, no observer over daemon: median {:.3}",
             super::median(&mut cpu_ratios)
