@@ -154,14 +154,16 @@ pub fn state_change(sk: *const u8, old: u32, new: u32) {
         }
         return;
     }
-    if !wanted {
+    // Listeners are not noted: the census reads no age for them (they are
+    // not stuck), and each would hold an entry for as long as it listens.
+    if !wanted || new == tcp_state::LISTEN {
         return;
     }
     // SAFETY: a helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     // A socket's first change of its own: from CLOSE (socket(), then
-    // connect() or listen()) or from LISTEN (a child of a listener, as the
-    // kernel clones it). It writes a fresh entry without looking first: an
+    // connect()) or from LISTEN (a child of a listener, as the kernel
+    // clones it). It writes a fresh entry without looking first: an
     // entry at that address belonged to an earlier socket. Later changes
     // update the entry in place; one that is missing (the socket predates
     // the daemon, or found the table full) is written fresh, opener unknown.

@@ -173,8 +173,8 @@ pub struct DaemonFlags {
 
     /// Sockets whose state-entry time and opener the kernel keeps (for
     /// `conns --state` and `handshake_tcp_state_oldest_seconds`), of the
-    /// host's namespace and `--netns`; sockets beyond it have no age
-    /// (`handshake_socket_ages_untracked_total`).
+    /// host's namespace and `--netns`, listeners excepted; sockets beyond
+    /// it have no age (`handshake_socket_ages_untracked_total`).
     #[arg(long, value_name = "N", default_value_t = handshake_common::abi::SOCK_AGE_ENTRIES)]
     pub socket_age_entries: u32,
 
