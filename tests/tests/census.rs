@@ -764,6 +764,17 @@ fn a_full_table_of_socket_ages_is_counted() {
     eprintln!("{aged} of {HELD} sockets with an age, {untracked} state changes untracked");
 }
 
+/// With a table of 256 socket ages and `listeners` listeners opened
+/// first, every one of the 200 held connections' server ends has an age
+/// and no state change goes untracked.
+fn every_server_end_has_an_age(port: u16, listeners: usize) {
+    let held = held_with_ages("256", port, listeners);
+    assert_eq!(held.aged.len(), HELD, "server ends with an age");
+    // Give a late count time to arrive; there should be none.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(untracked_state_changes(&held.daemon, 0.0), 0.0);
+}
+
 /// Only the namespaces the daemon counts get socket ages: 200 connections
 /// make 400 sockets, but the 200 client ends live in a namespace it does
 /// not watch, so a table of 256 holds every server end, and nothing is
@@ -772,11 +783,7 @@ fn a_full_table_of_socket_ages_is_counted() {
 fn sockets_of_unwatched_namespaces_take_no_age_entries() {
     require_root();
     let _serial = serial();
-    let held = held_with_ages("256", 7501, 0);
-    assert_eq!(held.aged.len(), HELD, "server ends with an age");
-    // Give a late count time to arrive; there should be none.
-    std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(untracked_state_changes(&held.daemon, 0.0), 0.0);
+    every_server_end_has_an_age(7501, 0);
 }
 
 /// Listeners take no age entries (the census reads none for them): 300
@@ -786,8 +793,5 @@ fn sockets_of_unwatched_namespaces_take_no_age_entries() {
 fn listeners_take_no_age_entries() {
     require_root();
     let _serial = serial();
-    let held = held_with_ages("256", 7502, 300);
-    assert_eq!(held.aged.len(), HELD, "server ends with an age");
-    std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(untracked_state_changes(&held.daemon, 0.0), 0.0);
+    every_server_end_has_an_age(7502, 300);
 }
