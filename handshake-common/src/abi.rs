@@ -13,6 +13,27 @@ pub mod program {
     pub const XDP_PASS_BASELINE: &str = "xdp_pass_base";
     /// `iter/tcp`: the socket census (see [`super::census`]).
     pub const ITER_TCP_CENSUS: &str = "iter_tcp_census";
+
+    /// The programs the daemon loads when it starts, before it attaches
+    /// any (the census is loaded apart: it may fail and fall back).
+    pub const HOOKS: [&str; 5] = [
+        XDP_INGRESS,
+        TC_INGRESS,
+        TC_EGRESS,
+        TP_SOCK_SET_STATE,
+        TP_RETRANSMIT_SYNACK,
+    ];
+
+    /// Every program of the eBPF object.
+    pub const ALL: [&str; 7] = [
+        XDP_INGRESS,
+        TC_INGRESS,
+        TC_EGRESS,
+        TP_SOCK_SET_STATE,
+        TP_RETRANSMIT_SYNACK,
+        XDP_PASS_BASELINE,
+        ITER_TCP_CENSUS,
+    ];
 }
 
 /// Map names as the kernel sees them (at most 15 bytes).
@@ -54,6 +75,33 @@ pub mod map {
     /// Array of [`super::AGE_NETNS_SLOTS`] network namespace inodes: only
     /// sockets there get an entry in [`SK_AGE`] (0 in slot 0: all do).
     pub const AGE_NETNS: &str = "AGE_NETNS";
+    /// Per-CPU scratch space of the packet hooks (one `flow::Flow`) and of
+    /// the TLS capture: kernel-only.
+    pub const SCRATCH: &str = "SCRATCH";
+    pub const TLS_SCRATCH: &str = "TLS_SCRATCH";
+
+    /// Every map of the eBPF object.
+    pub const ALL: [&str; 19] = [
+        PACKET_COUNTS,
+        PARSE_ERRORS,
+        TRANSITIONS,
+        HALF_OPEN,
+        FLOWS,
+        EVENTS,
+        FLOW_STATS,
+        CENSUS_CONFIG,
+        CENSUS_ACC,
+        TW_REMOTE,
+        TW_LOCAL,
+        TLS_EVENTS,
+        TLS_PENDING,
+        TLS_ACTIVE,
+        TW_ENTRIES,
+        SK_AGE,
+        AGE_NETNS,
+        SCRATCH,
+        TLS_SCRATCH,
+    ];
 }
 
 /// Default sizes; the daemon can set the table sizes at load time.
@@ -289,9 +337,10 @@ pub mod census {
     pub const RECORD_SOCKET: u32 = 1;
     pub const RECORD_SUMMARY: u32 = 2;
 
-    /// Families, as indexes of [`Summary::sockets`].
-    pub const FAMILY_V4: usize = 0;
-    pub const FAMILY_V6: usize = 1;
+    /// Rows of [`Summary::sockets`] per address family (an index, not a
+    /// family code: the census's records carry `AF_INET`/`AF_INET6`).
+    pub const SUMMARY_ROW_IPV4: usize = 0;
+    pub const SUMMARY_ROW_IPV6: usize = 1;
 
     /// Entries of the TIME_WAIT aggregation maps; past them a census
     /// counts `tw_remote_overflow` / `tw_local_overflow`.
@@ -315,6 +364,7 @@ pub mod census {
         pub ephemeral_low: u16,
         pub ephemeral_high: u16,
     }
+    const _: () = assert!(size_of::<Config>() == 12);
 
     #[repr(C)]
     #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -323,6 +373,7 @@ pub mod census {
         /// Bytes of the whole record, header included.
         pub len: u32,
     }
+    const _: () = assert!(size_of::<Header>() == 8);
 
     /// The aggregates of one run. `sockets[family][state]` counts by the
     /// kernel's state number as `ss` reports it: request sockets count as
@@ -348,6 +399,7 @@ pub mod census {
         pub tw_remote_overflow: u64,
         pub tw_local_overflow: u64,
     }
+    const _: () = assert!(size_of::<Summary>() == 456);
 
     /// One full socket in a state [`Config::socket_states`] asks for.
     #[repr(C)]
@@ -370,6 +422,7 @@ pub mod census {
         pub _pad: u32,
         pub comm: [u8; 16],
     }
+    const _: () = assert!(size_of::<Socket>() == 80);
 
     /// Key of the TIME_WAIT maps.
     #[repr(C)]
@@ -380,6 +433,7 @@ pub mod census {
         pub port: u16,
         pub addr: [u8; 16],
     }
+    const _: () = assert!(size_of::<TwKey>() == 20);
 
     /// Field offsets the census reads, resolved from the running kernel's
     /// BTF by the daemon and passed to the program as read-only globals
@@ -408,13 +462,22 @@ pub mod census {
     /// the rest count under inode 0.
     pub const TW_ENTRIES_NETNS: u32 = 256;
 
-    // SAFETY: `repr(C)` plain integers and byte arrays, no implicit padding,
-    // valid for any bit pattern.
+    // SAFETY: `repr(C)` plain integers and byte arrays, no implicit
+    // padding (sizes asserted above), valid for any bit pattern.
     #[cfg(feature = "user")]
     unsafe impl aya::Pod for Config {}
     // SAFETY: as above.
     #[cfg(feature = "user")]
     unsafe impl aya::Pod for TwKey {}
+    // SAFETY: as above.
+    #[cfg(feature = "user")]
+    unsafe impl aya::Pod for Header {}
+    // SAFETY: as above.
+    #[cfg(feature = "user")]
+    unsafe impl aya::Pod for Summary {}
+    // SAFETY: as above; `_pad` is written out.
+    #[cfg(feature = "user")]
+    unsafe impl aya::Pod for Socket {}
 
     /// Per-socket state kept by the state tracepoint in `SK_AGE`: when the
     /// socket entered its current state and, for connections this host
@@ -427,6 +490,7 @@ pub mod census {
         pub pid: u32,
         pub comm: [u8; 16],
     }
+    const _: () = assert!(size_of::<SockAge>() == 32);
 }
 
 /// TLS hello capture: the packet hooks copy the first bytes of each TLS
@@ -434,7 +498,7 @@ pub mod census {
 /// and mark the client's first record after the ServerHello, through their
 /// own ring buffer; the daemon reassembles and parses.
 pub mod tls_capture {
-    use crate::packet::{Family, TcpSegment};
+    use crate::packet::TcpSegment;
 
     /// Bytes of one hello the kernel copies at most.
     pub const MAX_HELLO: u32 = 4096;
@@ -468,12 +532,13 @@ pub mod tls_capture {
         pub ifindex: u32,
         pub src_port: u16,
         pub dst_port: u16,
-        /// 4 or 6.
+        /// [`crate::flow::IP_VERSION_4`] or [`crate::flow::IP_VERSION_6`].
         pub family: u8,
         /// Padding, always zero; two scalars, as in [`crate::flow::FlowKey`].
         pub _pad: u8,
         pub _pad2: u16,
     }
+    const _: () = assert!(size_of::<TlsKey>() == 44);
 
     impl TlsKey {
         #[inline(always)]
@@ -484,11 +549,7 @@ pub mod tls_capture {
                 ifindex,
                 src_port: seg.src_port,
                 dst_port: seg.dst_port,
-                family: if matches!(seg.family, Family::Ipv4) {
-                    4
-                } else {
-                    6
-                },
+                family: crate::flow::ip_version(seg.family),
                 _pad: 0,
                 _pad2: 0,
             }
@@ -519,6 +580,7 @@ pub mod tls_capture {
         pub kind: u8,
         pub _pad: [u8; 7],
     }
+    const _: () = assert!(size_of::<TlsPending>() == 24);
 
     /// One ring-buffer record: up to [`CHUNK`] bytes of a hello, or a
     /// marker (`len` 0).
@@ -542,6 +604,7 @@ pub mod tls_capture {
         pub direction: u32,
         pub data: [u8; CHUNK],
     }
+    const _: () = assert!(size_of::<TlsChunk>() == 1096);
 
     // SAFETY: `repr(C)` plain integers and byte arrays, padding written out.
     #[cfg(feature = "user")]
@@ -549,6 +612,9 @@ pub mod tls_capture {
     // SAFETY: as above.
     #[cfg(feature = "user")]
     unsafe impl aya::Pod for TlsPending {}
+    // SAFETY: as above; its 1,096 bytes are the sum of its fields.
+    #[cfg(feature = "user")]
+    unsafe impl aya::Pod for TlsChunk {}
 }
 
 pub const AF_INET: u16 = 2;
@@ -561,31 +627,18 @@ mod tests {
 
     #[test]
     fn names_fit_the_kernel() {
-        for name in [
-            program::XDP_INGRESS,
-            program::TC_INGRESS,
-            program::TC_EGRESS,
-            program::TP_SOCK_SET_STATE,
-            program::XDP_PASS_BASELINE,
-            program::TP_RETRANSMIT_SYNACK,
-            program::ITER_TCP_CENSUS,
-            map::CENSUS_CONFIG,
-            map::CENSUS_ACC,
-            map::TW_REMOTE,
-            map::TW_LOCAL,
-            map::TW_ENTRIES,
-            map::TLS_EVENTS,
-            map::TLS_PENDING,
-            map::TLS_ACTIVE,
-            map::HALF_OPEN,
-            map::FLOWS,
-            map::EVENTS,
-            map::FLOW_STATS,
-            map::PACKET_COUNTS,
-            map::PARSE_ERRORS,
-            map::TRANSITIONS,
-        ] {
+        for name in program::ALL.iter().chain(&map::ALL) {
             assert!(name.len() <= 15, "{name} is cut by the kernel");
+        }
+    }
+
+    #[test]
+    fn names_are_distinct_and_every_hook_is_a_program() {
+        let names: alloc::collections::BTreeSet<&str> =
+            program::ALL.iter().chain(&map::ALL).copied().collect();
+        assert_eq!(names.len(), program::ALL.len() + map::ALL.len());
+        for hook in program::HOOKS {
+            assert!(program::ALL.contains(&hook), "{hook}");
         }
     }
 

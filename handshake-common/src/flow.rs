@@ -27,8 +27,12 @@ pub const SIDE_NONE: u8 = 0;
 pub const SIDE_CLIENT: u8 = 1;
 pub const SIDE_SERVER: u8 = 2;
 
-pub const FAMILY_IPV4: u8 = 4;
-pub const FAMILY_IPV6: u8 = 6;
+/// Address families as the IP header's version number: the encoding of
+/// [`Flow::family`], [`FlowKey::family`] and the TLS capture's key. (The
+/// census speaks the kernel's `AF_INET`/`AF_INET6` instead, as the sockets
+/// it reads do: [`crate::abi::AF_INET`].)
+pub const IP_VERSION_4: u8 = 4;
+pub const IP_VERSION_6: u8 = 6;
 
 /// A connection in a canonical direction (the lower address/port pair
 /// first), so both directions of its packets find the same entry; plus the
@@ -72,7 +76,7 @@ pub struct Flow {
     pub syn_count: u16,
     /// SYN-ACKs seen: 1 + retransmissions (0: none).
     pub synack_count: u16,
-    /// `FAMILY_IPV4` or `FAMILY_IPV6`.
+    /// `IP_VERSION_4` or `IP_VERSION_6`.
     pub family: u8,
     /// This host's role: `ROLE_CLIENT` (it sent the SYN) or `ROLE_SERVER`.
     pub role: u8,
@@ -96,10 +100,12 @@ fn same(a: &[u8; 16], b: &[u8; 16]) -> bool {
     less(a, b).is_none()
 }
 
-const fn family_code(family: Family) -> u8 {
+/// `family` as [`IP_VERSION_4`] or [`IP_VERSION_6`].
+#[inline(always)]
+pub const fn ip_version(family: Family) -> u8 {
     match family {
-        Family::Ipv4 => FAMILY_IPV4,
-        Family::Ipv6 => FAMILY_IPV6,
+        Family::Ipv4 => IP_VERSION_4,
+        Family::Ipv6 => IP_VERSION_6,
     }
 }
 
@@ -121,7 +127,7 @@ impl FlowKey {
             ifindex,
             port_lo,
             port_hi,
-            family: family_code(seg.family),
+            family: ip_version(seg.family),
             _pad: 0,
             _pad2: 0,
         }
@@ -160,7 +166,7 @@ impl Flow {
             server_port: seg.dst_port,
             syn_count: 1,
             synack_count: 0,
-            family: family_code(seg.family),
+            family: ip_version(seg.family),
             role: match direction {
                 Direction::Egress => ROLE_CLIENT,
                 Direction::Ingress => ROLE_SERVER,

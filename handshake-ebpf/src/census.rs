@@ -30,8 +30,8 @@ use aya_ebpf::{
 use handshake_common::abi::{
     AF_INET, AF_INET6, AGE_NETNS_SLOTS, FlowStat, IPPROTO_TCP, SOCK_AGE_ENTRIES,
     census::{
-        Config, FAMILY_V4, FAMILY_V6, Header, RECORD_SOCKET, RECORD_SUMMARY, SockAge, Socket,
-        Summary, TW_ENTRIES_NETNS, TW_LOCAL_ENTRIES, TW_REMOTE_ENTRIES, TwKey,
+        Config, Header, RECORD_SOCKET, RECORD_SUMMARY, SUMMARY_ROW_IPV4, SUMMARY_ROW_IPV6, SockAge,
+        Socket, Summary, TW_ENTRIES_NETNS, TW_LOCAL_ENTRIES, TW_REMOTE_ENTRIES, TwKey,
     },
     tcp_state,
 };
@@ -347,8 +347,8 @@ fn count(sk: *const u8, seq: *mut seq_file, acc: *mut Summary, config: &Config) 
     let acc = unsafe { &mut *acc };
     acc.seen += 1;
     let fam = match family {
-        AF_INET => FAMILY_V4,
-        AF_INET6 => FAMILY_V6,
+        AF_INET => SUMMARY_ROW_IPV4,
+        AF_INET6 => SUMMARY_ROW_IPV6,
         _ => {
             acc.read_errors += 1;
             return;
@@ -409,7 +409,11 @@ fn time_wait(sk: *const u8, fam: usize, acc: &mut Summary, config: &Config) {
     acc.sockets[fam][tcp_state::TIME_WAIT as usize] += 1;
     let (local, remote, local_port, remote_port) = endpoints(sk, fam);
     let client = local_port >= config.ephemeral_low && local_port <= config.ephemeral_high;
-    let family = if fam == FAMILY_V4 { AF_INET } else { AF_INET6 };
+    let family = if fam == SUMMARY_ROW_IPV4 {
+        AF_INET
+    } else {
+        AF_INET6
+    };
     let remote_key = TwKey {
         family,
         port: if client { remote_port } else { 0 },
@@ -447,7 +451,7 @@ fn endpoints(sk: *const u8, fam: usize) -> ([u8; 16], [u8; 16], u16, u16) {
     let mut remote = [0u8; 16];
     // SAFETY: offsets of `struct sock_common` fields of these types.
     unsafe {
-        if fam == FAMILY_V4 {
+        if fam == SUMMARY_ROW_IPV4 {
             local[..4].copy_from_slice(&field::<[u8; 4]>(sk, offset(&OFF_SKC_RCV_SADDR)));
             remote[..4].copy_from_slice(&field::<[u8; 4]>(sk, offset(&OFF_SKC_DADDR)));
         } else {
@@ -478,9 +482,9 @@ fn emit(
         return;
     }
     let fam = if family == AF_INET {
-        FAMILY_V4
+        SUMMARY_ROW_IPV4
     } else {
-        FAMILY_V6
+        SUMMARY_ROW_IPV6
     };
     let (local, remote, local_port, remote_port) = endpoints(sk, fam);
     let record = Socket {

@@ -21,9 +21,9 @@ use aya_ebpf::{
         TC_ACT_OK, xdp_action::XDP_PASS,
     },
     helpers::generated::{bpf_ktime_get_ns, bpf_skb_load_bytes, bpf_xdp_load_bytes},
-    macros::{btf_tracepoint, classifier, map, tracepoint, xdp},
+    macros::{btf_tracepoint, classifier, map, xdp},
     maps::{LruHashMap, PerCpuArray, RingBuf},
-    programs::{BtfTracePointContext, TcContext, TracePointContext, XdpContext},
+    programs::{BtfTracePointContext, TcContext, XdpContext},
 };
 use handshake_common::{
     abi::{
@@ -333,9 +333,11 @@ pub fn tp_sock_state(ctx: BtfTracePointContext) -> i32 {
 }
 
 /// `tcp:tcp_retransmit_synack`: the kernel's own count of SYN-ACK
-/// retransmissions, a cross-check for the duplicates the hooks see.
-#[tracepoint]
-pub fn tp_synack_rtx(_ctx: TracePointContext) -> u32 {
+/// retransmissions, a cross-check for the duplicates the hooks see. A BTF
+/// tracepoint, attached by name: a classic tracepoint needs tracefs, which
+/// a freshly booted machine here does not mount (seen on 6.18).
+#[btf_tracepoint(function = "tcp_retransmit_synack")]
+pub fn tp_synack_rtx(_ctx: BtfTracePointContext) -> i32 {
     stat(FlowStat::SynAckRetransmits);
     0
 }

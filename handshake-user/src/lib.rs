@@ -1,26 +1,18 @@
-//! The userspace side of handshake: loading and attaching the kernel
-//! programs, reading their maps, and serving what they counted. The
-//! `handshake` binary (`main.rs`) is a thin shell over this library; the
-//! privileged integration tests drive the same modules.
+//! The userspace side of handshake, in layers whose imports point one way:
+//!
+//! - `cli`: flags, their validation, and the client that asks the daemon;
+//! - `daemon`: wiring, the shared state, the API and metrics servers;
+//! - `model`: what is worked out from the kernel's reports (pure);
+//! - `kernel`: loading, attaching, maps, the census, namespaces;
+//! - `wire`: the API's requests, JSON views and names, shared by the
+//!   daemon and the client.
+//!
+//! `cli` → `daemon` → `model` → {`kernel`, `wire`}; the client uses `wire`
+//! only. The `handshake` binary (`main.rs`) is a thin shell over this
+//! library; the privileged integration tests drive the same modules.
 
-pub mod api;
-pub mod census;
 pub mod cli;
-pub mod client;
-pub mod clock;
-pub mod config;
-pub mod conntrack;
 pub mod daemon;
-pub mod events;
-pub mod fingerprint;
-pub mod http;
-pub mod loader;
-pub mod maps;
-pub mod metrics;
-pub mod netns;
-pub mod sockdiag;
-pub mod states;
-pub mod tlsconn;
-
-/// The compiled kernel programs, embedded at build time.
-pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/handshake"));
+pub mod kernel;
+pub mod model;
+pub mod wire;

@@ -4,7 +4,10 @@
 use std::{io::IsTerminal as _, process::ExitCode};
 
 use clap::Parser as _;
-use handshake_user::{cli, client, config::DaemonConfig, daemon};
+use handshake_user::{
+    cli::{self, client},
+    daemon::{self, config::DaemonConfig},
+};
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();

@@ -11,9 +11,12 @@ use std::{
     time::Duration,
 };
 
-use handshake_common::abi::{census::FAMILY_V4, census::FAMILY_V6, tcp_state};
+use handshake_common::abi::{census::SUMMARY_ROW_IPV4, census::SUMMARY_ROW_IPV6, tcp_state};
 use handshake_tests::{Daemon, NetnsPair, NftDrop, require_root, serial, sh, spawn_in};
-use handshake_user::{census::STATES, loader::Observer, netns::Netns};
+use handshake_user::{
+    kernel::{loader::Observer, netns::Netns},
+    wire::STATES,
+};
 
 /// `ss -tan` in `ns`, family `-4` or `-6`: sockets per state number.
 fn ss_counts(ns: &str, family: &str) -> BTreeMap<u32, u64> {
@@ -99,7 +102,7 @@ fn census_equals_ss_for_time_wait_on_both_sides() {
     for ns in [&pair.client, &pair.server] {
         let netns = Netns::open(ns).unwrap();
         let snapshot = census.run(&netns, 0, 0).expect("census run");
-        for (family, flag) in [(FAMILY_V4, "-4"), (FAMILY_V6, "-6")] {
+        for (family, flag) in [(SUMMARY_ROW_IPV4, "-4"), (SUMMARY_ROW_IPV6, "-6")] {
             let expected = ss_counts(ns, flag);
             for state in STATES {
                 assert_eq!(

@@ -11,7 +11,7 @@ use handshake_common::{
     tls::ClientHello,
 };
 use handshake_tests::capture_file::{first_handshake_messages, read_frames, reference_captures};
-use handshake_user::{fingerprint::Fingerprints, tlsconn::TlsTracker};
+use handshake_user::model::{fingerprint::Fingerprints, tls::TlsTracker};
 
 #[test]
 fn every_reference_stream_has_its_published_ja4_and_sni() {

@@ -10,7 +10,7 @@ use handshake_common::{
     testframes::{FrameBuilder, arp_frame, client_hello_record, server_hello_record},
 };
 use handshake_tests::{require_root, serial};
-use handshake_user::{loader::Observer, maps::Snapshot};
+use handshake_user::kernel::{loader::Observer, maps::KernelCounts};
 
 const XDP_PASS: u32 = 2;
 const TC_ACT_OK: u32 = 0;
@@ -216,8 +216,8 @@ fn cases() -> Vec<Case> {
 }
 
 /// The expected change of every counter for one frame through one hook.
-fn expected(case: &Case, direction: Direction) -> Snapshot {
-    let mut want = Snapshot::default();
+fn expected(case: &Case, direction: Direction) -> KernelCounts {
+    let mut want = KernelCounts::default();
     for kind in case.kinds {
         want.packets[direction as usize][*kind as usize] += 1;
     }
@@ -227,8 +227,8 @@ fn expected(case: &Case, direction: Direction) -> Snapshot {
     want
 }
 
-fn delta(after: &Snapshot, before: &Snapshot) -> Snapshot {
-    let mut d = Snapshot::default();
+fn delta(after: &KernelCounts, before: &KernelCounts) -> KernelCounts {
+    let mut d = KernelCounts::default();
     for dir in 0..2 {
         for kind in 0..PacketKind::COUNT as usize {
             d.packets[dir][kind] = after.packets[dir][kind] - before.packets[dir][kind];
@@ -254,7 +254,7 @@ fn every_frame_passes_and_counts_exactly() {
             (program::TC_INGRESS, Direction::Ingress),
             (program::TC_EGRESS, Direction::Egress),
         ] {
-            let before = counters.snapshot().expect("read counters");
+            let before = counters.read().expect("read counters");
             let prog = ebpf.program_mut(hook).expect("program");
             let opts = TestRunOptions {
                 data_in: Some(&case.frame),
@@ -277,7 +277,7 @@ fn every_frame_passes_and_counts_exactly() {
                         "{}: the kernel refuses to test-run it through {hook} ({e}); XDP covers it",
                         case.name
                     );
-                    assert_eq!(counters.snapshot().expect("read counters"), before);
+                    assert_eq!(counters.read().expect("read counters"), before);
                     continue;
                 }
                 Err(e) => panic!("{}: test run of {hook} failed: {e:?}", case.name),
@@ -287,7 +287,7 @@ fn every_frame_passes_and_counts_exactly() {
                 "{}: {hook} must pass every frame",
                 case.name
             );
-            let after = counters.snapshot().expect("read counters");
+            let after = counters.read().expect("read counters");
             assert_eq!(
                 delta(&after, &before),
                 expected(&case, direction),
@@ -305,7 +305,7 @@ fn frames_shorter_than_ethernet_are_refused_by_the_kernel_and_count_nothing() {
     let _serial = serial();
     let mut observer = Observer::load().expect("load the kernel programs");
     let counters = observer.take_counters().expect("counter maps");
-    let before = counters.snapshot().expect("read counters");
+    let before = counters.read().expect("read counters");
     let xdp: &mut Xdp = observer
         .ebpf_mut()
         .program_mut(program::XDP_INGRESS)
@@ -321,5 +321,5 @@ fn frames_shorter_than_ethernet_are_refused_by_the_kernel_and_count_nothing() {
         result.is_err(),
         "the kernel runs XDP on frames of at least 14 bytes only (EINVAL on 6.18)"
     );
-    assert_eq!(counters.snapshot().expect("read counters"), before);
+    assert_eq!(counters.read().expect("read counters"), before);
 }

@@ -26,7 +26,7 @@ use handshake_common::{
     packet::tcp_flags::{ACK, PSH, SYN},
     testframes::{FrameBuilder, client_hello_record},
 };
-use handshake_user::loader::Observer;
+use handshake_user::kernel::loader::Observer;
 
 const REPEAT: u32 = 1_000_000;
 const ROUNDS: usize = 7;
@@ -60,7 +60,7 @@ fn measure(observer: &mut Observer, name: &str, frame: &[u8]) -> Sample {
 
 /// CPU time of the calling thread, in nanoseconds.
 fn thread_cpu_ns() -> u128 {
-    u128::from(handshake_user::clock::read_ns(
+    u128::from(handshake_user::kernel::clock::read_ns(
         libc::CLOCK_THREAD_CPUTIME_ID,
     ))
 }
@@ -309,7 +309,7 @@ fn fingerprint_cost() {
     use handshake_tests::capture_file::{
         first_handshake_messages, read_frames, reference_captures,
     };
-    use handshake_user::fingerprint::Fingerprints;
+    use handshake_user::model::fingerprint::Fingerprints;
 
     const PASSES: usize = 2000;
     let hellos: Vec<Vec<u8>> = reference_captures()
@@ -647,7 +647,7 @@ mod census {
 
     use handshake_common::abi::tcp_state;
     use handshake_tests::{NetnsPair, free_port, http_get, spawn_in};
-    use handshake_user::{loader::Observer, netns::Netns};
+    use handshake_user::kernel::{loader::Observer, netns::Netns};
 
     const TARGET: u64 = 30_000;
     const ROUNDS: usize = 7;

@@ -8,6 +8,13 @@ use std::{
     sync::{Arc, OnceLock},
 };
 
+use crate::{
+    model::{
+        conntrack::Histogram,
+        fingerprint::{Fingerprints, version_name},
+    },
+    wire::{Family, Role, TlsView},
+};
 use handshake_common::{
     abi::{
         Direction,
@@ -16,12 +23,6 @@ use handshake_common::{
         },
     },
     tls::{ClientHello, ServerHello, TlsError, handshake_bytes, is_grease},
-};
-use serde::{Deserialize, Serialize};
-
-use crate::{
-    conntrack::{Histogram, Role},
-    fingerprint::{Fingerprints, version_name},
 };
 
 /// A hello whose bytes stop arriving is dropped after this long.
@@ -69,43 +70,6 @@ pub struct TlsTotals {
     pub parse_errors: BTreeMap<&'static str, u64>,
 }
 
-/// One TLS connection as the hooks saw it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct TlsView {
-    pub family: String,
-    pub client_addr: String,
-    pub client_port: u16,
-    pub server_addr: String,
-    pub server_port: u16,
-    /// This host's side: `client` when it sent the ClientHello.
-    pub role: String,
-    pub sni: Option<String>,
-    pub alpn: Vec<String>,
-    pub ja4: String,
-    pub ja4_r: String,
-    pub ja3: String,
-    pub ja3_hash: String,
-    /// The highest version the client offered.
-    pub offered_version: String,
-    /// Negotiated, once the ServerHello was seen.
-    pub version: Option<String>,
-    /// Negotiated cipher suite, `0x1301` style.
-    pub cipher: Option<String>,
-    pub client_hello_to_server_hello_us: Option<f64>,
-    pub server_hello_to_client_finished_us: Option<f64>,
-    /// From the connection's first SYN to the client's first record after
-    /// the ServerHello, when the TCP handshake was seen too.
-    pub total_from_syn_us: Option<f64>,
-    /// Kernel clock of the ClientHello, to join with the TCP handshake.
-    #[serde(skip)]
-    pub ts_client_hello: u64,
-    #[serde(skip)]
-    pub ts_client_finished: Option<u64>,
-    #[serde(skip)]
-    pub ifindex: u32,
-    pub age_s: f64,
-}
-
 /// One TLS connection as the tracker keeps it: the ClientHello's bytes
 /// and the times, nothing formatted. Strings and fingerprints are built
 /// the first time someone asks ([`TlsRecord::view`]), outside the daemon's
@@ -130,15 +94,16 @@ impl TlsRecord {
     /// The connection as the API shows it, `now_ns` giving its age.
     pub fn view(&self, now_ns: u64) -> TlsView {
         let key = &self.key;
+        let family = Family::from_ip_version(key.family);
         let micros = |from: Option<u64>, to: Option<u64>| match (from, to) {
             (Some(from), Some(to)) => Some(to.saturating_sub(from) as f64 / 1e3),
             _ => None,
         };
         let mut view = TlsView {
-            family: if key.family == 4 { "ipv4" } else { "ipv6" }.to_owned(),
-            client_addr: addr(key.family, &key.src_addr),
+            family: family.name().to_owned(),
+            client_addr: family.address(&key.src_addr),
             client_port: key.src_port,
-            server_addr: addr(key.family, &key.dst_addr),
+            server_addr: family.address(&key.dst_addr),
             server_port: key.dst_port,
             role: self.role.name().to_owned(),
             sni: None,
@@ -262,14 +227,6 @@ struct Seen {
     ts_first: u64,
     direction: u32,
     hello_seq: u32,
-}
-
-fn addr(family: u8, bytes: &[u8; 16]) -> String {
-    if family == 4 {
-        std::net::Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]).to_string()
-    } else {
-        std::net::Ipv6Addr::from(*bytes).to_string()
-    }
 }
 
 fn alpn_label(first: Option<&[u8]>) -> &'static str {

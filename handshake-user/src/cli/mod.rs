@@ -1,11 +1,20 @@
-//! Command-line flags exactly as the user typed them. Validation (does the
-//! interface exist, is the address well-formed) happens in `config`.
+//! The command line: flags exactly as the user typed them, their
+//! validation into the daemon's settings (`config`: does the interface
+//! exist, is the address well-formed), and the client of the daemon's API
+//! (`client`).
+
+pub mod client;
+pub mod config;
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 
-use crate::api::DEFAULT_SOCKET;
+use crate::{
+    daemon::config::CensusSource,
+    kernel::loader::{IngressHook, XdpMode},
+    wire::{DEFAULT_SOCKET, DEFAULT_TOP, Outcome, Role},
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -34,13 +43,6 @@ pub enum Command {
     /// TIME_WAIT per namespace: count, entry rate, top remote endpoints and
     /// the ephemeral-port exhaustion forecast per destination.
     Timewait(TimewaitFlags),
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum CensusSourceFlag {
-    Auto,
-    Iter,
-    Netlink,
 }
 
 #[derive(Debug, Args)]
@@ -84,7 +86,7 @@ pub struct TimewaitFlags {
     pub json: bool,
 
     /// Remote endpoints and destinations listed per namespace.
-    #[arg(long, value_name = "N", default_value_t = 10)]
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_TOP)]
     pub top: usize,
 
     /// The daemon's API socket.
@@ -104,7 +106,7 @@ pub struct ConnsFlags {
 
     /// Only connections where this host had this role.
     #[arg(long, value_enum)]
-    pub role: Option<RoleFlag>,
+    pub role: Option<Role>,
 
     /// List live sockets in this TCP state instead (close_wait, fin_wait2,
     /// syn_sent, established, ...), in every watched namespace, oldest
@@ -115,26 +117,11 @@ pub struct ConnsFlags {
 
     /// Only handshakes with this outcome.
     #[arg(long, value_enum)]
-    pub outcome: Option<OutcomeFlag>,
+    pub outcome: Option<Outcome>,
 
     /// The daemon's API socket.
     #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
     pub api_socket: PathBuf,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum RoleFlag {
-    Client,
-    Server,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum OutcomeFlag {
-    Established,
-    Refused,
-    Reset,
-    Timeout,
-    InProgress,
 }
 
 #[derive(Debug, Args)]
@@ -194,8 +181,8 @@ pub struct DaemonFlags {
 
     /// How the census counts: `auto` is the iter/tcp program, or sock_diag
     /// netlink (what `ss` uses) where the program cannot be loaded.
-    #[arg(long, value_enum, default_value_t = CensusSourceFlag::Auto)]
-    pub census_source: CensusSourceFlag,
+    #[arg(long, value_enum, default_value_t = CensusSource::Auto)]
+    pub census_source: CensusSource,
 
     /// Hook for received packets. `tc` (TCX, or a clsact filter) runs on
     /// the socket buffer the kernel already built; XDP in its generic mode
@@ -207,19 +194,6 @@ pub struct DaemonFlags {
     /// XDP attach mode. `auto` is generic (skb) mode: the program passes
     /// every packet, so native mode gains an observer nothing, costs more on
     /// veth, and makes some NIC drivers reset on attach. `native` on request.
-    #[arg(long, value_enum, default_value_t = XdpModeFlag::Auto)]
-    pub xdp_mode: XdpModeFlag,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum IngressHook {
-    Xdp,
-    Tc,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum XdpModeFlag {
-    Auto,
-    Native,
-    Skb,
+    #[arg(long, value_enum, default_value_t = XdpMode::Auto)]
+    pub xdp_mode: XdpMode,
 }

@@ -1,5 +1,6 @@
-//! The socket census: field offsets from the kernel's BTF, one run of the
-//! `iter/tcp` program in a namespace, and the decoding of what it wrote.
+//! The socket census: one run of the `iter/tcp` program in a namespace
+//! (or of sock_diag netlink where the program cannot be loaded), and the
+//! decoding of what it wrote.
 //!
 //! A run: write the [`Config`], create an iterator file from the program's
 //! link *inside* the namespace (the kernel binds the walk to the namespace
@@ -9,54 +10,26 @@
 use std::{
     fs::File,
     io::{self, Read as _},
-    net::{Ipv4Addr, Ipv6Addr},
     os::fd::{AsFd, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
     path::Path,
     time::{Duration, Instant},
 };
 
 use aya::maps::{Array, HashMap, MapData, PerCpuHashMap};
-use btf_rs::{Btf, Type};
-use handshake_common::abi::{
-    AF_INET,
-    census::{
-        Config, FAMILY_V4, FAMILY_V6, Header, RECORD_SOCKET, RECORD_SUMMARY, Socket, Summary,
-        TwKey, offsets,
-    },
-    tcp_state,
+use aya::{Pod, programs::ProgramError};
+use handshake_common::abi::census::{
+    Config, Header, RECORD_SOCKET, RECORD_SUMMARY, SUMMARY_ROW_IPV4, SUMMARY_ROW_IPV6, Socket,
+    Summary, TwKey,
 };
 use thiserror::Error;
 
-use crate::netns::{Netns, NetnsError};
-
-/// The eleven TCP states `ss` reports, in the kernel's order.
-pub const STATES: [u32; 11] = [
-    tcp_state::ESTABLISHED,
-    tcp_state::SYN_SENT,
-    tcp_state::SYN_RECV,
-    tcp_state::FIN_WAIT1,
-    tcp_state::FIN_WAIT2,
-    tcp_state::TIME_WAIT,
-    tcp_state::CLOSE,
-    tcp_state::CLOSE_WAIT,
-    tcp_state::LAST_ACK,
-    tcp_state::LISTEN,
-    tcp_state::CLOSING,
-];
-
-/// Where the running kernel describes its types.
-pub const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
+use crate::kernel::{
+    netns::{Netns, NetnsError},
+    sockdiag,
+};
 
 #[derive(Debug, Error)]
 pub enum CensusError {
-    #[error("reading the kernel's BTF at {path}: {reason}")]
-    Btf { path: String, reason: String },
-    #[error("the kernel's BTF has no field {field} in struct {strukt} of {size} bytes")]
-    Field {
-        strukt: &'static str,
-        field: &'static str,
-        size: usize,
-    },
     #[error("{call} failed")]
     Syscall {
         call: &'static str,
@@ -72,6 +45,28 @@ pub enum CensusError {
     },
     #[error("the census output is malformed: {0}")]
     Output(String),
+    #[error("the eBPF object has no map {0:?}")]
+    MissingMap(&'static str),
+    #[error("the eBPF object has no program {0:?}")]
+    MissingProgram(&'static str),
+    #[error("{name}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("the census was taken already")]
+    Taken,
+    #[error("namespace {netns:?}: reading its inode number")]
+    Inode {
+        netns: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "--census-source iter: the iter/tcp program could not be loaded (see the warning above)"
+    )]
+    IterUnavailable,
     #[error("census map {name:?}")]
     Map {
         name: &'static str,
@@ -82,132 +77,9 @@ pub enum CensusError {
     Netns(#[from] NetnsError),
 }
 
-/// `struct sock_common` and `inet_timewait_sock` field offsets, as the
-/// program's globals want them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Offsets {
-    pub values: [(&'static str, u32); 12],
-}
-
-impl Offsets {
-    /// Resolves every field from the kernel's BTF at `path`, checking each
-    /// field's size against what the program reads.
-    pub fn resolve(path: &str) -> Result<Self, CensusError> {
-        let btf = Btf::from_file(path).map_err(|e| CensusError::Btf {
-            path: path.to_owned(),
-            reason: format!("{e:#}"),
-        })?;
-        let sc = "sock_common";
-        let field = |strukt, field, size, global| -> Result<(&'static str, u32), CensusError> {
-            offset_of(&btf, strukt, field, size)
-                .map(|off| (global, off))
-                .ok_or(CensusError::Field {
-                    strukt,
-                    field,
-                    size,
-                })
-        };
-        Ok(Self {
-            values: [
-                field(sc, "skc_daddr", 4, offsets::SKC_DADDR)?,
-                field(sc, "skc_rcv_saddr", 4, offsets::SKC_RCV_SADDR)?,
-                field(sc, "skc_dport", 2, offsets::SKC_DPORT)?,
-                field(sc, "skc_num", 2, offsets::SKC_NUM)?,
-                field(sc, "skc_family", 2, offsets::SKC_FAMILY)?,
-                field(sc, "skc_state", 1, offsets::SKC_STATE)?,
-                field(sc, "skc_v6_daddr", 16, offsets::SKC_V6_DADDR)?,
-                field(sc, "skc_v6_rcv_saddr", 16, offsets::SKC_V6_RCV_SADDR)?,
-                field("inet_timewait_sock", "tw_substate", 1, offsets::TW_SUBSTATE)?,
-                field(sc, "skc_net", 8, offsets::SKC_NET)?,
-                field("sock", "sk_protocol", 2, offsets::SK_PROTOCOL)?,
-                (
-                    offsets::NET_NS_INUM,
-                    field("net", "ns", size_of_struct(&btf, "ns_common")?, "")?.1
-                        + field("ns_common", "inum", 4, "")?.1,
-                ),
-            ],
-        })
-    }
-}
-
-/// Size of struct `name`.
-fn size_of_struct(btf: &Btf, name: &'static str) -> Result<usize, CensusError> {
-    btf.resolve_types_by_name(name)
-        .ok()
-        .and_then(|types| {
-            types.into_iter().find_map(|t| match t {
-                Type::Struct(s) => Some(s.size()),
-                _ => None,
-            })
-        })
-        .ok_or(CensusError::Field {
-            strukt: name,
-            field: "(itself)",
-            size: 0,
-        })
-}
-
-/// Byte offset of `field` in struct `strukt`, looking through anonymous
-/// structs and unions, if its type is `size` bytes.
-fn offset_of(btf: &Btf, strukt: &str, field: &str, size: usize) -> Option<u32> {
-    let ty = btf
-        .resolve_types_by_name(strukt)
-        .ok()?
-        .into_iter()
-        .find(|t| matches!(t, Type::Struct(_)))?;
-    let Type::Struct(s) = ty else { return None };
-    find_member(btf, &s, field, size, 0)
-}
-
-fn find_member(
-    btf: &Btf,
-    s: &btf_rs::Struct,
-    field: &str,
-    size: usize,
-    base_bits: u32,
-) -> Option<u32> {
-    for member in &s.members {
-        let name = btf.resolve_name(member).unwrap_or_default();
-        let bits = base_bits + member.bit_offset();
-        let ty = btf.resolve_chained_type(member).ok()?;
-        if name == field {
-            return (member.bitfield_size().unwrap_or(0) == 0
-                && bits.is_multiple_of(8)
-                && type_size(btf, ty) == Some(size))
-            .then_some(bits / 8);
-        }
-        if let (true, Type::Struct(inner) | Type::Union(inner)) = (name.is_empty(), ty)
-            && let Some(off) = find_member(btf, &inner, field, size, bits)
-        {
-            return Some(off);
-        }
-    }
-    None
-}
-
-/// Size of a type, following typedefs and qualifiers.
-fn type_size(btf: &Btf, mut ty: Type) -> Option<usize> {
-    for _ in 0..16 {
-        ty = match ty {
-            Type::Int(i) => return Some(i.size()),
-            Type::Struct(s) | Type::Union(s) => return Some(s.size()),
-            Type::Enum(e) => return Some(e.size()),
-            Type::Array(a) => {
-                let elem = btf.resolve_chained_type(&a).ok()?;
-                return Some(a.len() * type_size(btf, elem)?);
-            }
-            Type::Typedef(_) | Type::Volatile(_) | Type::Const(_) | Type::Restrict(_) => {
-                btf.resolve_chained_type(ty.as_btf_type()?).ok()?
-            }
-            _ => return None,
-        };
-    }
-    None
-}
-
-/// One run's result, for one namespace.
+/// One census of one namespace: what a run counted and listed.
 #[derive(Clone, Debug)]
-pub struct Snapshot {
+pub struct NetnsCensus {
     pub summary: Summary,
     /// Sockets in the states the request asked for.
     pub sockets: Vec<Socket>,
@@ -222,12 +94,12 @@ pub struct Snapshot {
     pub duration: Duration,
 }
 
-impl Snapshot {
+impl NetnsCensus {
     /// Sockets in `state` (kernel number), both families, as `ss` counts
     /// them.
     pub fn count(&self, state: u32) -> u64 {
-        self.summary.sockets[FAMILY_V4][state as usize]
-            + self.summary.sockets[FAMILY_V6][state as usize]
+        self.summary.sockets[SUMMARY_ROW_IPV4][state as usize]
+            + self.summary.sockets[SUMMARY_ROW_IPV6][state as usize]
     }
 
     pub fn count_family(&self, family: usize, state: u32) -> u64 {
@@ -355,7 +227,7 @@ impl Census {
         netns: &Netns,
         socket_states: u32,
         max_sockets: u32,
-    ) -> Result<Snapshot, CensusError> {
+    ) -> Result<NetnsCensus, CensusError> {
         let started = Instant::now();
         let Some(link) = self.link.as_ref().map(AsFd::as_fd) else {
             return netlink_run(netns, socket_states, max_sockets, started);
@@ -397,7 +269,7 @@ impl Census {
         let (summary, sockets) = decode(&output)?;
         let tw_remote = drain(&mut self.tw_remote, "TW_REMOTE")?;
         let tw_local = drain(&mut self.tw_local, "TW_LOCAL")?;
-        Ok(Snapshot {
+        Ok(NetnsCensus {
             summary,
             sockets,
             tw_remote,
@@ -414,14 +286,14 @@ fn netlink_run(
     socket_states: u32,
     max_sockets: u32,
     started: Instant,
-) -> Result<Snapshot, CensusError> {
+) -> Result<NetnsCensus, CensusError> {
     let (port_range, dump) = netns.run(|| {
         let range = port_range().map_err(|source| CensusError::PortRange {
             path: PORT_RANGE,
             netns: netns.name().to_owned(),
             source,
         })?;
-        let dump = crate::sockdiag::dump(socket_states, max_sockets, range).map_err(|source| {
+        let dump = sockdiag::dump(socket_states, max_sockets, range).map_err(|source| {
             CensusError::Syscall {
                 call: "sock_diag dump",
                 source,
@@ -434,7 +306,7 @@ fn netlink_run(
         sort_entries(&mut entries);
         entries
     };
-    Ok(Snapshot {
+    Ok(NetnsCensus {
         summary: dump.summary,
         sockets: dump.sockets,
         tw_remote: sorted(dump.tw_remote),
@@ -515,7 +387,7 @@ pub fn decode(output: &[u8]) -> Result<(Summary, Vec<Socket>), CensusError> {
 }
 
 /// Copies a `T` out of `bytes` at `at`, checking the bounds.
-fn read_record<T: Copy>(bytes: &[u8], at: usize) -> Result<T, CensusError> {
+fn read_record<T: Pod>(bytes: &[u8], at: usize) -> Result<T, CensusError> {
     let size = size_of::<T>();
     let slice = bytes.get(at..at + size).ok_or_else(|| {
         CensusError::Output(format!(
@@ -523,49 +395,14 @@ fn read_record<T: Copy>(bytes: &[u8], at: usize) -> Result<T, CensusError> {
             bytes.len() - at
         ))
     })?;
-    // SAFETY: `T` is one of the ABI's `repr(C)` records of plain integers,
-    // valid for any bit pattern; the slice holds `size` bytes.
+    // SAFETY: `T: Pod` is valid for any bit pattern; the slice holds `size`
+    // bytes.
     Ok(unsafe { std::ptr::read_unaligned(slice.as_ptr().cast::<T>()) })
-}
-
-/// An address from a census record or key.
-pub fn addr(family: u16, bytes: &[u8; 16]) -> String {
-    if family == AF_INET {
-        Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]).to_string()
-    } else {
-        Ipv6Addr::from(*bytes).to_string()
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn offsets_come_from_the_running_kernel() {
-        let Ok(offsets) = Offsets::resolve(KERNEL_BTF) else {
-            eprintln!("SKIPPED: no readable kernel BTF at {KERNEL_BTF}");
-            return;
-        };
-        let get = |name| offsets.values.iter().find(|(n, _)| *n == name).unwrap().1;
-        // Facts of every kernel since 4.x: the address pair opens the
-        // struct, family precedes state, TIME_WAIT fields follow it.
-        assert_eq!(get(offsets::SKC_DADDR), 0);
-        assert_eq!(get(offsets::SKC_RCV_SADDR), 4);
-        assert_eq!(get(offsets::SKC_STATE), get(offsets::SKC_FAMILY) + 2);
-        assert!(get(offsets::TW_SUBSTATE) >= 136);
-    }
-
-    #[test]
-    fn a_wrong_size_is_refused() {
-        let Ok(btf) = Btf::from_file(KERNEL_BTF) else {
-            eprintln!("SKIPPED: no readable kernel BTF at {KERNEL_BTF}");
-            return;
-        };
-        assert!(offset_of(&btf, "sock_common", "skc_state", 1).is_some());
-        assert!(offset_of(&btf, "sock_common", "skc_state", 4).is_none());
-        assert!(offset_of(&btf, "sock_common", "no_such_field", 1).is_none());
-    }
 
     #[test]
     fn output_without_summary_or_with_garbage_is_an_error() {

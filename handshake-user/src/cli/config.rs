@@ -1,51 +1,16 @@
-//! Validated daemon settings, built from the raw flags in `cli`. Everything
-//! a user can get wrong (a missing namespace or interface, a malformed
-//! address) is caught here, before anything is loaded into the kernel.
+//! The daemon's settings from its flags. Everything a user can get wrong
+//! (a missing namespace or interface, a malformed address) is caught here,
+//! before anything is loaded into the kernel.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 
 use crate::{
-    cli::{CensusSourceFlag, DaemonFlags, IngressHook, XdpModeFlag},
-    netns::Netns,
+    cli::DaemonFlags,
+    daemon::config::DaemonConfig,
+    kernel::{loader::TableSizes, netns::Netns},
 };
-
-#[derive(Debug)]
-pub struct DaemonConfig {
-    pub netns: Netns,
-    /// Interfaces to attach the packet hooks to, all present in `netns`.
-    pub interfaces: Vec<String>,
-    pub metrics_addr: SocketAddr,
-    pub ingress_hook: IngressHook,
-    pub xdp_mode: XdpModeFlag,
-    pub api_socket: PathBuf,
-    pub handshake_timeout: Duration,
-    pub tables: TableSizes,
-    pub conn_history: usize,
-    pub half_open_top: usize,
-    /// How often the socket census runs in each watched namespace.
-    pub census_interval: Duration,
-    pub census_source: CensusSourceFlag,
-}
-
-/// Entries of the kernel's flow tables.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TableSizes {
-    pub half_open: u32,
-    pub flows: u32,
-    pub sock_ages: u32,
-}
-
-impl Default for TableSizes {
-    fn default() -> Self {
-        Self {
-            half_open: handshake_common::abi::HALF_OPEN_ENTRIES,
-            flows: handshake_common::abi::FLOWS_ENTRIES,
-            sock_ages: handshake_common::abi::SOCK_AGE_ENTRIES,
-        }
-    }
-}
 
 /// `10s`, `500ms`, `2m`, or plain seconds (`1.5`).
 pub fn parse_duration(text: &str) -> Option<Duration> {

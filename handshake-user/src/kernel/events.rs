@@ -4,36 +4,27 @@
 
 use std::time::Duration;
 
-use aya::maps::{MapData, RingBuf};
-use handshake_common::{abi::tls_capture::TlsChunk, flow::Flow};
+use aya::{
+    Pod,
+    maps::{MapData, RingBuf},
+};
+use handshake_common::flow::Flow;
 use tokio::io::unix::AsyncFd;
 
 /// How long a record may wait for a wakeup before the reader looks anyway.
 pub const DRAIN_EVERY: Duration = Duration::from_millis(50);
 
-/// A ring-buffer record type: `repr(C)` plain data, valid for any bit
-/// pattern.
-///
-/// # Safety
-/// Implement only for such types.
-pub unsafe trait Record: Copy {}
-
-// SAFETY: `repr(C)` integers and byte arrays.
-unsafe impl Record for Flow {}
-// SAFETY: as above.
-unsafe impl Record for TlsChunk {}
-
 /// Hands one ring-buffer record to `apply` where it lies in the ring (its
 /// size checked; a TLS record is over a kilobyte, not worth a copy);
 /// false if its size is not a `T`'s.
-pub fn with_record<T: Record>(bytes: &[u8], apply: impl FnOnce(&T)) -> bool {
+pub fn with_record<T: Pod>(bytes: &[u8], apply: impl FnOnce(&T)) -> bool {
     if bytes.len() != size_of::<T>() {
         return false;
     }
     let ptr = bytes.as_ptr().cast::<T>();
     if ptr.is_aligned() {
         // SAFETY: the length was checked, the pointer is aligned, and
-        // `T: Record` is valid for any bit pattern; the ring's consumer
+        // `T: Pod` is valid for any bit pattern; the ring's consumer
         // position moves past the record only after this borrow ends.
         apply(unsafe { &*ptr });
     } else {
@@ -58,7 +49,7 @@ impl<T> std::fmt::Debug for EventReader<T> {
     }
 }
 
-impl<T: Record> EventReader<T> {
+impl<T: Pod> EventReader<T> {
     /// Must be called inside a tokio runtime.
     pub fn new(ring: RingBuf<MapData>) -> std::io::Result<Self> {
         // SAFETY: the ring buffer owns its map fd, which stays open and

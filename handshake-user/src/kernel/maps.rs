@@ -1,6 +1,6 @@
-//! The only module that touches aya map types: it owns the counter maps and
-//! the flow tables, and turns them into plain values (a counter
-//! [`Snapshot`] summed over CPUs, the flows a [`Sweep`] found).
+//! The counter maps, the flow tables and the TLS capture's table, turned
+//! into plain values: [`KernelCounts`] summed over CPUs, the flows a
+//! [`Sweep`] found. (The census's maps are the census's.)
 
 use aya::{
     Ebpf,
@@ -14,11 +14,12 @@ use handshake_common::{
     flow::{Flow, FlowKey},
 };
 
-use crate::loader::LoadError;
+use crate::kernel::error::LoadError;
 
-/// Counts read from the kernel at one moment.
+/// The packet, parse-error and state-transition counters, read from the
+/// kernel at one moment.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Snapshot {
+pub struct KernelCounts {
     /// `packets[direction][kind]`.
     pub packets: [[u64; PacketKind::COUNT as usize]; 2],
     /// Indexed by [`ParseError`] code.
@@ -27,7 +28,7 @@ pub struct Snapshot {
     pub transitions: Vec<(u32, u32, u64)>,
 }
 
-impl Snapshot {
+impl KernelCounts {
     pub fn packets(&self, direction: Direction, kind: PacketKind) -> u64 {
         self.packets[direction as usize][kind as usize]
     }
@@ -75,8 +76,8 @@ impl Counters {
         })
     }
 
-    pub fn snapshot(&self) -> Result<Snapshot, MapError> {
-        let mut snapshot = Snapshot::default();
+    pub fn read(&self) -> Result<KernelCounts, MapError> {
+        let mut snapshot = KernelCounts::default();
         for direction in Direction::ALL {
             for kind in PacketKind::ALL {
                 let index = abi::packet_count_index(direction, kind);

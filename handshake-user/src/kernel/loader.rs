@@ -8,52 +8,63 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuHashMap, RingBuf},
     programs::{
-        BtfTracePoint, Iter, ProgramError, SchedClassifier, TcAttach, TcAttachType, TracePoint,
-        Xdp, XdpMode,
+        BtfTracePoint, Iter, ProgramError, SchedClassifier, TcAttach, TcAttachType, Xdp,
         tc::{self, NlOptions},
     },
 };
 use handshake_common::abi::{AGE_NETNS_SLOTS, map, program};
-use thiserror::Error;
 
-use crate::{
-    census::{self, Census, CensusError, Offsets, Source},
-    cli::{IngressHook, XdpModeFlag},
-    config::TableSizes,
+use crate::kernel::{
+    EBPF_OBJECT,
+    btf::{BtfError, KERNEL_BTF, Offsets},
+    census::{Census, CensusError, Source},
+    error::LoadError,
     maps::{Counters, FlowTables, TlsMaps},
     netns::{Netns, NetnsError},
 };
 
-#[derive(Debug, Error)]
-pub enum LoadError {
-    #[error("parsing the embedded eBPF object")]
-    Object(#[source] aya::EbpfError),
-    #[error("the eBPF object has no program {0:?}")]
-    MissingProgram(&'static str),
-    #[error("loading program {name:?} into the kernel")]
-    Program {
-        name: &'static str,
-        #[source]
-        source: ProgramError,
-    },
-    #[error("the eBPF object has no map {0:?}")]
-    MissingMap(&'static str),
-    #[error("opening map {name:?}")]
-    Map {
-        name: &'static str,
-        #[source]
-        source: aya::maps::MapError,
-    },
-    #[error("socket ages can be kept for {max} namespaces at most, not {0}", max = AGE_NETNS_SLOTS)]
-    TooManyNamespaces(usize),
-    #[error("namespace inode {0} does not fit the kernel's 32-bit inode numbers")]
-    NamespaceInode(u64),
-    #[error(transparent)]
-    Netns(#[from] NetnsError),
-    #[error(
-        "this kernel's BTF is needed (the state tracepoint and the census read kernel structs)"
-    )]
-    Btf(#[source] CensusError),
+/// The hook that sees received packets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum IngressHook {
+    Xdp,
+    Tc,
+}
+
+/// How an XDP program is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdpMode {
+    /// Generic (skb) mode: see [`Observer::attach_interfaces`].
+    Auto,
+    Native,
+    Skb,
+}
+
+/// Entries of the kernel's tables whose size the daemon chooses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TableSizes {
+    pub half_open: u32,
+    pub flows: u32,
+    pub sock_ages: u32,
+}
+
+impl Default for TableSizes {
+    fn default() -> Self {
+        Self {
+            half_open: handshake_common::abi::HALF_OPEN_ENTRIES,
+            flows: handshake_common::abi::FLOWS_ENTRIES,
+            sock_ages: handshake_common::abi::SOCK_AGE_ENTRIES,
+        }
+    }
+}
+
+/// The BTF tracepoint each tracepoint program attaches to: attached by
+/// name, they need no tracefs.
+const fn traced_event(program: &str) -> Option<&'static str> {
+    match program.as_bytes() {
+        b"tp_sock_state" => Some("inet_sock_set_state"),
+        b"tp_synack_rtx" => Some("tcp_retransmit_synack"),
+        _ => None,
+    }
 }
 
 /// One hook we tried to attach, and how it went.
@@ -90,10 +101,10 @@ impl Observer {
     pub fn load_with(tables: TableSizes, ingress: Option<IngressHook>) -> Result<Self, LoadError> {
         // The state tracepoint and the census read kernel structs at offsets
         // only the running kernel's BTF knows.
-        let offsets = Offsets::resolve(census::KERNEL_BTF).map_err(LoadError::Btf)?;
+        let offsets = Offsets::resolve(KERNEL_BTF).map_err(LoadError::Btf)?;
         let btf = aya::Btf::from_sys_fs().map_err(|e| {
-            LoadError::Btf(CensusError::Btf {
-                path: census::KERNEL_BTF.to_owned(),
+            LoadError::Btf(BtfError::Read {
+                path: KERNEL_BTF.to_owned(),
                 reason: e.to_string(),
             })
         })?;
@@ -105,19 +116,13 @@ impl Observer {
         for (name, value) in &offsets.values {
             loader.override_global(name, value, true);
         }
-        let mut ebpf = loader.load(crate::EBPF_OBJECT).map_err(LoadError::Object)?;
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(LoadError::Object)?;
         let skip = match ingress {
             Some(IngressHook::Xdp) => Some(program::TC_INGRESS),
             Some(IngressHook::Tc) => Some(program::XDP_INGRESS),
             None => None,
         };
-        for name in [
-            program::XDP_INGRESS,
-            program::TC_INGRESS,
-            program::TC_EGRESS,
-            program::TP_SOCK_SET_STATE,
-            program::TP_RETRANSMIT_SYNACK,
-        ] {
+        for name in program::HOOKS {
             if Some(name) == skip {
                 continue;
             }
@@ -127,8 +132,10 @@ impl Observer {
             let loaded = match prog {
                 aya::programs::Program::Xdp(p) => p.load(),
                 aya::programs::Program::SchedClassifier(p) => p.load(),
-                aya::programs::Program::TracePoint(p) => p.load(),
-                aya::programs::Program::BtfTracePoint(p) => p.load("inet_sock_set_state", &btf),
+                aya::programs::Program::BtfTracePoint(p) => match traced_event(name) {
+                    Some(event) => p.load(event, &btf),
+                    None => Err(ProgramError::UnexpectedProgramType),
+                },
                 _ => Err(ProgramError::UnexpectedProgramType),
             };
             loaded.map_err(|source| LoadError::Program { name, source })?;
@@ -144,11 +151,7 @@ impl Observer {
     /// The socket census, or why it could not be loaded (the daemon goes
     /// on without it and says so). Once only.
     pub fn take_census(&mut self) -> Result<Census, CensusError> {
-        self.census.take().unwrap_or_else(|| {
-            Err(CensusError::Output(
-                "the census was taken already".to_owned(),
-            ))
-        })
+        self.census.take().unwrap_or(Err(CensusError::Taken))
     }
 
     /// The raw object, for tests that drive programs with BPF_PROG_TEST_RUN.
@@ -214,25 +217,18 @@ impl Observer {
         &self.attachments
     }
 
-    /// The host-wide tracepoints: `inet_sock_set_state` (BTF tracepoint)
-    /// and `tcp:tcp_retransmit_synack`.
+    /// The host-wide BTF tracepoints: `inet_sock_set_state` and
+    /// `tcp_retransmit_synack`.
     pub fn attach_tracepoints(&mut self) {
-        let name = program::TP_SOCK_SET_STATE;
-        let result = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(ProgramError::UnexpectedProgramType)
-            .and_then(<&mut BtfTracePoint>::try_from)
-            .and_then(BtfTracePoint::attach);
-        self.record(name, None, result.map(|_| "tp_btf".to_owned()));
-        let name = program::TP_RETRANSMIT_SYNACK;
-        let result = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(ProgramError::UnexpectedProgramType)
-            .and_then(<&mut TracePoint>::try_from)
-            .and_then(|p| p.attach("tcp", "tcp_retransmit_synack"));
-        self.record(name, None, result.map(|_| "tracepoint".to_owned()));
+        for name in [program::TP_SOCK_SET_STATE, program::TP_RETRANSMIT_SYNACK] {
+            let result = self
+                .ebpf
+                .program_mut(name)
+                .ok_or(ProgramError::UnexpectedProgramType)
+                .and_then(<&mut BtfTracePoint>::try_from)
+                .and_then(BtfTracePoint::attach);
+            self.record(name, None, result.map(|_| "tp_btf".to_owned()));
+        }
     }
 
     /// Ingress and egress hooks on each interface of `netns`.
@@ -241,7 +237,7 @@ impl Observer {
         netns: &Netns,
         interfaces: &[String],
         ingress: IngressHook,
-        xdp_mode: XdpModeFlag,
+        xdp_mode: XdpMode,
     ) -> Result<(), LoadError> {
         let results = netns.run(|| {
             let mut results = Vec::new();
@@ -265,7 +261,7 @@ impl Observer {
         Ok(())
     }
 
-    fn attach_xdp(&mut self, iface: &str, mode: XdpModeFlag) -> Result<String, ProgramError> {
+    fn attach_xdp(&mut self, iface: &str, mode: XdpMode) -> Result<String, ProgramError> {
         let prog: &mut Xdp = self
             .ebpf
             .program_mut(program::XDP_INGRESS)
@@ -274,16 +270,16 @@ impl Observer {
         let iface_c = c_name(iface)?;
         let iface_index = iface_c.as_c_str();
         match mode {
-            XdpModeFlag::Native => prog
-                .attach(iface_index, XdpMode::Driver)
+            XdpMode::Native => prog
+                .attach(iface_index, aya::programs::XdpMode::Driver)
                 .map(|_| "xdp-native".to_owned()),
             // An observer passes every packet, so each still becomes an skb
             // and native mode saves nothing; it costs more on some drivers
             // (veth on 6.18: +461 ns per packet against +103 generic, and
             // 0.67 against 0.87 of the no-observer churn, `cargo xtask
             // bench`) and makes others (virtio-net, mlx5) reset their rings.
-            XdpModeFlag::Auto | XdpModeFlag::Skb => prog
-                .attach(iface_index, XdpMode::Skb)
+            XdpMode::Auto | XdpMode::Skb => prog
+                .attach(iface_index, aya::programs::XdpMode::Skb)
                 .map(|_| "xdp-skb".to_owned()),
         }
     }
@@ -311,7 +307,7 @@ impl Observer {
             Err(tcx_error) => {
                 tracing::info!(
                     iface,
-                    error = %chain(tcx_error),
+                    error = %chain(&tcx_error),
                     "TCX unavailable; attaching a clsact filter"
                 );
                 // An existing clsact qdisc is fine; any other failure shows
@@ -331,7 +327,7 @@ impl Observer {
 
     /// Records how the census counts, as a probe of its own: the
     /// `iter/tcp` program, or (`sock_diag_census`) netlink instead.
-    pub fn record_census(&mut self, result: Result<Source, String>) {
+    pub fn record_census(&mut self, result: Result<Source, &CensusError>) {
         let iter = program::ITER_TCP_CENSUS;
         let attachments = match result {
             Ok(Source::Iter) => vec![(iter, "iter/tcp".to_owned(), true)],
@@ -342,7 +338,8 @@ impl Observer {
                     ("sock_diag_census", "netlink".to_owned(), true),
                 ]
             }
-            Err(detail) => {
+            Err(error) => {
+                let detail = chain(error);
                 tracing::warn!(probe = iter, error = %detail, "socket census unavailable");
                 vec![(iter, detail, false)]
             }
@@ -374,7 +371,7 @@ impl Observer {
                 }
             }
             Err(error) => {
-                let detail = chain(error);
+                let detail = chain(&error);
                 tracing::warn!(probe, interface = interface.as_deref(), error = %detail, "attach failed");
                 Attachment {
                     probe,
@@ -396,11 +393,11 @@ impl Observer {
 }
 
 /// Loads the `iter/tcp` program against the kernel's BTF, links it and
-/// takes its maps.
+/// takes its maps. A program that cannot be loaded or linked leaves the
+/// census counting through sock_diag; missing maps leave no census.
 fn load_census(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<Census, CensusError> {
     let take = |ebpf: &mut Ebpf, name: &'static str| {
-        ebpf.take_map(name)
-            .ok_or_else(|| CensusError::Output(format!("the eBPF object has no map {name:?}")))
+        ebpf.take_map(name).ok_or(CensusError::MissingMap(name))
     };
     let map_error = |name| move |source| CensusError::Map { name, source };
     let config =
@@ -413,10 +410,10 @@ fn load_census(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<Census, CensusError> {
         .map_err(map_error(map::TW_ENTRIES))?;
     let mut census = Census::new(config, tw_remote, tw_local, tw_entries);
     let name = program::ITER_TCP_CENSUS;
-    let program_error = |e: ProgramError| CensusError::Output(format!("{name}: {}", chain(e)));
+    let program_error = |source| CensusError::Program { name, source };
     let linked = ebpf
         .program_mut(name)
-        .ok_or_else(|| CensusError::Output(format!("the eBPF object has no program {name:?}")))
+        .ok_or(CensusError::MissingProgram(name))
         .and_then(|prog| <&mut Iter>::try_from(prog).map_err(program_error))
         .and_then(|prog| {
             prog.load("tcp", btf).map_err(program_error)?;
@@ -424,7 +421,7 @@ fn load_census(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<Census, CensusError> {
         });
     if let Err(error) = linked {
         // Counted through sock_diag instead; the daemon says so.
-        tracing::warn!(error = %format!("{:#}", anyhow::Error::new(error)), "iter/tcp census unavailable: counting sockets through sock_diag netlink");
+        tracing::warn!(error = %chain(&error), "iter/tcp census unavailable: counting sockets through sock_diag netlink");
     }
     Ok(census)
 }
@@ -442,6 +439,13 @@ fn c_name(iface: &str) -> Result<CString, ProgramError> {
 
 /// The error and its sources on one line (aya's own Display stops at the
 /// outermost error, e.g. "`bpf_link_create` failed").
-fn chain(error: ProgramError) -> String {
-    format!("{:#}", anyhow::Error::new(error))
+pub fn chain(error: &dyn std::error::Error) -> String {
+    let mut line = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        line.push_str(": ");
+        line.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    line
 }

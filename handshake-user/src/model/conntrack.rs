@@ -6,9 +6,11 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use handshake_common::flow::{
-    Flow, OUTCOME_ESTABLISHED, OUTCOME_REFUSED, OUTCOME_RESET, OUTCOME_TIMEOUT, ROLE_CLIENT,
-    ROLE_SERVER,
+    Flow, OUTCOME_ESTABLISHED, OUTCOME_IN_PROGRESS, OUTCOME_REFUSED, OUTCOME_RESET,
+    OUTCOME_TIMEOUT, ROLE_CLIENT, ROLE_SERVER, SIDE_CLIENT, SIDE_SERVER,
 };
+
+use crate::wire::{ConnView, Family, Outcome, Role};
 
 /// Upper bounds of the duration buckets, in seconds: 1-2-5 steps from 10 µs
 /// (a LAN) to 60 s (a WAN with retransmissions).
@@ -38,65 +40,27 @@ impl Histogram {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Role {
-    Client,
-    Server,
-}
-
-impl Role {
-    pub const ALL: [Self; 2] = [Self::Client, Self::Server];
-
-    pub fn of(flow: &Flow) -> Option<Self> {
-        match flow.role {
-            ROLE_CLIENT => Some(Self::Client),
-            ROLE_SERVER => Some(Self::Server),
-            _ => None,
-        }
-    }
-
-    pub const fn name(self) -> &'static str {
-        match self {
-            Self::Client => "client",
-            Self::Server => "server",
-        }
+/// This host's role in a flow: `None` for a record with no valid role (a
+/// kernel/user mismatch).
+pub const fn role_of(flow: &Flow) -> Option<Role> {
+    match flow.role {
+        ROLE_CLIENT => Some(Role::Client),
+        ROLE_SERVER => Some(Role::Server),
+        _ => None,
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Outcome {
-    Established,
-    Refused,
-    Reset,
-    Timeout,
-}
-
-impl Outcome {
-    pub const ALL: [Self; 4] = [Self::Established, Self::Refused, Self::Reset, Self::Timeout];
-
-    pub fn of(flow: &Flow) -> Option<Self> {
-        match flow.outcome {
-            OUTCOME_ESTABLISHED => Some(Self::Established),
-            OUTCOME_REFUSED => Some(Self::Refused),
-            OUTCOME_RESET => Some(Self::Reset),
-            OUTCOME_TIMEOUT => Some(Self::Timeout),
-            _ => None,
-        }
+/// What became of a flow: `None` for an outcome code the kernel does not
+/// write.
+pub const fn outcome_of(flow: &Flow) -> Option<Outcome> {
+    match flow.outcome {
+        OUTCOME_IN_PROGRESS => Some(Outcome::InProgress),
+        OUTCOME_ESTABLISHED => Some(Outcome::Established),
+        OUTCOME_REFUSED => Some(Outcome::Refused),
+        OUTCOME_RESET => Some(Outcome::Reset),
+        OUTCOME_TIMEOUT => Some(Outcome::Timeout),
+        _ => None,
     }
-
-    pub const fn name(self) -> &'static str {
-        match self {
-            Self::Established => "established",
-            Self::Refused => "refused",
-            Self::Reset => "reset",
-            Self::Timeout => "timeout",
-        }
-    }
-}
-
-/// Outcome name of a flow, `in_progress` while undecided.
-pub fn outcome_name(flow: &Flow) -> &'static str {
-    Outcome::of(flow).map_or("in_progress", Outcome::name)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -123,7 +87,7 @@ impl Phase {
 pub fn phases(flow: &Flow) -> Vec<(Phase, u64)> {
     let span = |from: u64, to: u64| (from != 0 && to >= from).then(|| to - from);
     let mut out = Vec::new();
-    match Role::of(flow) {
+    match role_of(flow) {
         Some(Role::Client) => {
             out.extend(span(flow.ts_syn, flow.ts_synack).map(|d| (Phase::Connect, d)));
         }
@@ -134,6 +98,54 @@ pub fn phases(flow: &Flow) -> Vec<(Phase, u64)> {
         None => {}
     }
     out
+}
+
+/// One flow as `handshake conns` shows it, `now` giving its age.
+pub fn conn_view(flow: &Flow, now: u64) -> ConnView {
+    let role = role_of(flow);
+    let family = Family::from_ip_version(flow.family);
+    let (local, remote) = if role == Some(Role::Client) {
+        (
+            (&flow.client_addr, flow.client_port),
+            (&flow.server_addr, flow.server_port),
+        )
+    } else {
+        (
+            (&flow.server_addr, flow.server_port),
+            (&flow.client_addr, flow.client_port),
+        )
+    };
+    let phases = phases(flow);
+    let us = |phase| {
+        phases
+            .iter()
+            .find(|(p, _)| *p == phase)
+            .map(|(_, nanos)| *nanos as f64 / 1e3)
+    };
+    ConnView {
+        family: family.name().to_owned(),
+        local_addr: family.address(local.0),
+        local_port: local.1,
+        remote_addr: family.address(remote.0),
+        remote_port: remote.1,
+        role: role.map_or("unknown", Role::name).to_owned(),
+        outcome: outcome_of(flow).map_or("unknown", Outcome::name).to_owned(),
+        connect_us: us(Phase::Connect),
+        syn_to_synack_us: us(Phase::SynToSynAck),
+        synack_to_ack_us: us(Phase::SynAckToAck),
+        syn_retransmits: flow.syn_count.saturating_sub(1),
+        synack_retransmits: flow.synack_count.saturating_sub(1),
+        rst_from: match flow.rst_from {
+            SIDE_CLIENT => Some("client".to_owned()),
+            SIDE_SERVER => Some("server".to_owned()),
+            _ => None,
+        },
+        ifindex: flow.ifindex,
+        age_s: now.saturating_sub(flow.ts_syn) as f64 / 1e9,
+        sni: None,
+        ja4: None,
+        tls_version: None,
+    }
 }
 
 /// Everything counted over decided handshakes.
@@ -168,10 +180,14 @@ impl Conntrack {
 
     /// Takes one decided handshake.
     pub fn record(&mut self, flow: Flow) {
-        let (Some(role), Some(outcome)) = (Role::of(&flow), Outcome::of(&flow)) else {
+        let (Some(role), Some(outcome)) = (role_of(&flow), outcome_of(&flow)) else {
             self.malformed += 1;
             return;
         };
+        if outcome == Outcome::InProgress {
+            self.malformed += 1;
+            return;
+        }
         *self.totals.handshakes.entry((role, outcome)).or_default() += 1;
         for (phase, nanos) in phases(&flow) {
             self.totals
@@ -229,7 +245,7 @@ impl Expiry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use handshake_common::flow::{FAMILY_IPV4, OUTCOME_IN_PROGRESS};
+    use handshake_common::flow::IP_VERSION_4;
 
     fn flow(role: u8, outcome: u8) -> Flow {
         Flow {
@@ -241,7 +257,7 @@ mod tests {
             outcome,
             syn_count: 2,
             synack_count: 1,
-            family: FAMILY_IPV4,
+            family: IP_VERSION_4,
             ..Flow::default()
         }
     }

@@ -1,6 +1,7 @@
-//! The CLI side of the local API: `handshake conns`, `states` and
-//! `timewait`. Asks the daemon over
-//! its Unix socket and prints a table, or JSON with `--json`.
+//! The CLI side of the local API: `handshake conns`, `states`, `tls` and
+//! `timewait`. Asks the daemon over its Unix socket ([`Request`]) and
+//! prints a table, or JSON with `--json`. Knows the daemon only through
+//! `wire`.
 
 use std::{
     io::{Read as _, Write as _},
@@ -12,15 +13,15 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use crate::{
-    api::ConnView,
-    census::STATES,
-    cli::{ConnsFlags, OutcomeFlag, RoleFlag, StatesFlags, TimewaitFlags, TlsFlags},
-    states::{SocketView, StatesView, TimeWaitView, state_by_name, state_name},
-    tlsconn::TlsView,
+    cli::{ConnsFlags, StatesFlags, TimewaitFlags, TlsFlags},
+    wire::{
+        ConnView, Request, STATES, SocketView, StatesView, TimeWaitView, TlsView, error_of,
+        state_by_name, state_name,
+    },
 };
 
 /// Sends one request and returns the daemon's answer.
-pub fn request(socket: &Path, request: &str) -> anyhow::Result<String> {
+pub fn request(socket: &Path, request: Request) -> anyhow::Result<String> {
     let mut stream = UnixStream::connect(socket).map_err(|error| {
         anyhow::anyhow!(
             "no daemon answers on {} ({error}); start one with `handshake daemon`",
@@ -33,14 +34,17 @@ pub fn request(socket: &Path, request: &str) -> anyhow::Result<String> {
     stream
         .read_to_string(&mut answer)
         .with_context(|| format!("reading the daemon's answer on {}", socket.display()))?;
-    if answer.trim_start().starts_with("{\"error\"") {
-        bail!("the daemon refused {request:?}: {}", answer.trim());
+    if let Some(error) = error_of(&answer) {
+        bail!("the daemon refused {:?}: {error}", request.to_string());
     }
     Ok(answer)
 }
 
 /// Sends `request` and decodes the daemon's JSON answer.
-fn fetch<T: serde::de::DeserializeOwned>(socket: &Path, request_line: &str) -> anyhow::Result<T> {
+fn fetch<T: serde::de::DeserializeOwned>(
+    socket: &Path,
+    request_line: Request,
+) -> anyhow::Result<T> {
     let answer = request(socket, request_line)?;
     serde_json::from_str(&answer).context("decoding the daemon's answer")
 }
@@ -49,13 +53,13 @@ pub fn conns(flags: &ConnsFlags) -> anyhow::Result<()> {
     if let Some(state) = &flags.state {
         return sockets(flags, state);
     }
-    let mut views: Vec<ConnView> = fetch(&flags.api_socket, "conns")?;
+    let mut views: Vec<ConnView> = fetch(&flags.api_socket, Request::Conns)?;
     views.retain(|v| {
         flags
             .port
             .is_none_or(|p| v.local_port == p || v.remote_port == p)
-            && flags.role.is_none_or(|r| v.role == role_name(r))
-            && flags.outcome.is_none_or(|o| v.outcome == outcome_name(o))
+            && flags.role.is_none_or(|r| v.role == r.name())
+            && flags.outcome.is_none_or(|o| v.outcome == o.name())
     });
     if flags.json {
         println!("{}", serde_json::to_string_pretty(&views)?);
@@ -106,8 +110,7 @@ fn sockets(flags: &ConnsFlags, state: &str) -> anyhow::Result<()> {
             STATES.map(state_name).join(", ")
         );
     };
-    let mut views: Vec<SocketView> =
-        fetch(&flags.api_socket, &format!("sockets {}", state_name(state)))?;
+    let mut views: Vec<SocketView> = fetch(&flags.api_socket, Request::Sockets { state })?;
     views.retain(|v| {
         flags
             .port
@@ -147,7 +150,7 @@ struct TopPair {
 }
 
 pub fn tls(flags: &TlsFlags) -> anyhow::Result<()> {
-    let mut views: Vec<TlsView> = fetch(&flags.api_socket, "tls")?;
+    let mut views: Vec<TlsView> = fetch(&flags.api_socket, Request::Tls)?;
     views.retain(|v| {
         flags.sni.as_ref().is_none_or(|s| v.sni.as_ref() == Some(s))
             && flags.ja4.as_ref().is_none_or(|j| &v.ja4 == j)
@@ -206,7 +209,7 @@ pub fn tls(flags: &TlsFlags) -> anyhow::Result<()> {
 }
 
 pub fn states(flags: &StatesFlags) -> anyhow::Result<()> {
-    let views: Vec<StatesView> = fetch(&flags.api_socket, "states")?;
+    let views: Vec<StatesView> = fetch(&flags.api_socket, Request::States)?;
     if flags.json {
         println!("{}", serde_json::to_string_pretty(&views)?);
         return Ok(());
@@ -221,7 +224,7 @@ pub fn states(flags: &StatesFlags) -> anyhow::Result<()> {
         for state in STATES {
             print!(
                 " {:>11}",
-                view.states.get(state_name(state)).copied().unwrap_or(0)
+                view.states.get(&*state_name(state)).copied().unwrap_or(0)
             );
         }
         println!();
@@ -230,7 +233,7 @@ pub fn states(flags: &StatesFlags) -> anyhow::Result<()> {
 }
 
 pub fn timewait(flags: &TimewaitFlags) -> anyhow::Result<()> {
-    let views: Vec<TimeWaitView> = fetch(&flags.api_socket, &format!("timewait {}", flags.top))?;
+    let views: Vec<TimeWaitView> = fetch(&flags.api_socket, Request::TimeWait { top: flags.top })?;
     if flags.json {
         println!("{}", serde_json::to_string_pretty(&views)?);
         return Ok(());
@@ -281,30 +284,16 @@ fn endpoint(family: &str, addr: &str, port: u16) -> String {
     }
 }
 
-const fn role_name(role: RoleFlag) -> &'static str {
-    match role {
-        RoleFlag::Client => "client",
-        RoleFlag::Server => "server",
-    }
-}
-
-const fn outcome_name(outcome: OutcomeFlag) -> &'static str {
-    match outcome {
-        OutcomeFlag::Established => "established",
-        OutcomeFlag::Refused => "refused",
-        OutcomeFlag::Reset => "reset",
-        OutcomeFlag::Timeout => "timeout",
-        OutcomeFlag::InProgress => "in_progress",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #[test]
     fn a_missing_daemon_is_one_clear_line() {
-        let error = super::request(std::path::Path::new("/nonexistent/handshake.sock"), "conns")
-            .unwrap_err()
-            .to_string();
+        let error = super::request(
+            std::path::Path::new("/nonexistent/handshake.sock"),
+            super::Request::Conns,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(error.contains("no daemon answers on /nonexistent/handshake.sock"));
         assert!(!error.contains('\n'));
     }

@@ -1,6 +1,6 @@
 //! The census through sock_diag netlink (`netlink-packet-sock-diag`), for
 //! kernels where the `iter/tcp` program cannot be loaded: the same
-//! [`Snapshot`], counted in userspace from a dump of every TCP socket of
+//! [`NetnsCensus`](super::census::NetnsCensus), counted in userspace from a dump of every TCP socket of
 //! the calling thread's namespace — what `ss` does. Slower, and the daemon's
 //! memory grows with the dump while it runs; ages are unknown.
 
@@ -9,7 +9,7 @@ use std::{collections::HashMap, net::IpAddr};
 use handshake_common::abi::{
     AF_INET, AF_INET6,
     census::{
-        FAMILY_V4, FAMILY_V6, Header, RECORD_SOCKET, RECORD_SUMMARY, Socket, Summary,
+        Header, RECORD_SOCKET, RECORD_SUMMARY, SUMMARY_ROW_IPV4, SUMMARY_ROW_IPV6, Socket, Summary,
         TW_LOCAL_ENTRIES, TW_REMOTE_ENTRIES, TwKey,
     },
     tcp_state,
@@ -75,8 +75,8 @@ fn count(
     let summary = &mut dump.summary;
     summary.seen += 1;
     let (fam, family) = match u16::from(header.family) {
-        AF_INET => (FAMILY_V4, AF_INET),
-        AF_INET6 => (FAMILY_V6, AF_INET6),
+        AF_INET => (SUMMARY_ROW_IPV4, AF_INET),
+        AF_INET6 => (SUMMARY_ROW_IPV6, AF_INET6),
         _ => {
             summary.read_errors += 1;
             return;

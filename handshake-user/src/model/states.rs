@@ -5,10 +5,15 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use handshake_common::abi::{AF_INET, census::Socket, tcp_state};
-use serde::{Deserialize, Serialize};
+use handshake_common::abi::{
+    census::{Socket, TwKey},
+    tcp_state,
+};
 
-use crate::census::{STATES, Snapshot, addr};
+use crate::{
+    kernel::census::NetnsCensus,
+    wire::{Endpoint, Family, Forecast, STATES, SocketView, TimeWaitView, state_name},
+};
 
 /// How much history is kept.
 const WINDOW_NS: u64 = 10_000_000_000;
@@ -16,6 +21,23 @@ const WINDOW_NS: u64 = 10_000_000_000;
 /// How far back rates look: short enough to follow a change of pace, long
 /// enough to span several censuses.
 const RATE_WINDOW_NS: u64 = 3_000_000_000;
+
+/// The states whose sockets the regular census lists, to find the
+/// oldest: an application that never closes (CLOSE_WAIT), a peer that never
+/// closes (FIN_WAIT2), a peer that never answers (SYN_SENT).
+pub const STUCK_STATES: [u32; 3] = [
+    tcp_state::CLOSE_WAIT,
+    tcp_state::FIN_WAIT2,
+    tcp_state::SYN_SENT,
+];
+
+/// Socket records the regular census lists per namespace.
+pub const STUCK_RECORDS: u32 = 1024;
+
+/// Bit mask of [`STUCK_STATES`], as the census takes it.
+pub fn stuck_mask() -> u32 {
+    STUCK_STATES.iter().fold(0, |mask, s| mask | 1 << s)
+}
 
 /// How long a socket stays in TIME_WAIT on Linux (`TCP_TIMEWAIT_LEN`).
 pub const TIME_WAIT_SECONDS: f64 = 60.0;
@@ -36,13 +58,13 @@ struct Sample {
 #[derive(Clone, Debug)]
 pub struct NetnsView {
     pub name: String,
-    pub snapshot: Snapshot,
+    pub snapshot: NetnsCensus,
     pub taken_ns: u64,
     history: VecDeque<Sample>,
 }
 
 impl NetnsView {
-    pub fn new(name: &str, snapshot: Snapshot, entries: u64, now_ns: u64) -> Self {
+    pub fn new(name: &str, snapshot: NetnsCensus, entries: u64, now_ns: u64) -> Self {
         let mut view = Self {
             name: name.to_owned(),
             snapshot: snapshot.clone(),
@@ -54,7 +76,7 @@ impl NetnsView {
     }
 
     /// Takes in a new census of this namespace.
-    pub fn update(&mut self, snapshot: Snapshot, entries: u64, now_ns: u64) {
+    pub fn update(&mut self, snapshot: NetnsCensus, entries: u64, now_ns: u64) {
         let per_destination = snapshot
             .tw_remote
             .iter()
@@ -118,7 +140,7 @@ impl NetnsView {
                     None
                 };
                 Forecast {
-                    remote_addr: addr(dest.0, &dest.1),
+                    remote_addr: Family::from_af(dest.0).address(&dest.1),
                     remote_port: dest.2,
                     time_wait: held as u64,
                     growth_per_second: rate,
@@ -151,7 +173,7 @@ impl NetnsView {
             .sockets
             .iter()
             .filter(|s| u32::from(s.state) == state)
-            .map(|s| SocketView::of(&self.name, s, self.taken_ns))
+            .map(|s| socket_view(&self.name, s, self.taken_ns))
             .collect();
         SocketView::sort(&mut views);
         views.truncate(top);
@@ -162,7 +184,7 @@ impl NetnsView {
     pub fn states(&self) -> BTreeMap<String, u64> {
         STATES
             .iter()
-            .map(|s| (state_name(*s).to_owned(), self.snapshot.count(*s)))
+            .map(|s| (state_name(*s).into_owned(), self.snapshot.count(*s)))
             .collect()
     }
 
@@ -171,144 +193,47 @@ impl NetnsView {
     }
 }
 
-pub fn state_name(state: u32) -> &'static str {
-    tcp_state::name(state).unwrap_or("unknown")
+/// One full socket from a census listing, as the API shows it.
+pub fn socket_view(netns: &str, socket: &Socket, now_ns: u64) -> SocketView {
+    let family = Family::from_af(socket.family);
+    let comm_len = socket.comm.iter().position(|b| *b == 0).unwrap_or(16);
+    SocketView {
+        netns: netns.to_owned(),
+        family: family.name().to_owned(),
+        state: state_name(u32::from(socket.state)).into_owned(),
+        local_addr: family.address(&socket.local_addr),
+        local_port: socket.local_port,
+        remote_addr: family.address(&socket.remote_addr),
+        remote_port: socket.remote_port,
+        state_age_s: (socket.since_ns != 0)
+            .then(|| now_ns.saturating_sub(socket.since_ns) as f64 / 1e9),
+        pid: (socket.pid != 0).then_some(socket.pid),
+        comm: (comm_len > 0)
+            .then(|| String::from_utf8_lossy(&socket.comm[..comm_len]).into_owned()),
+    }
 }
 
-/// A state by the name `ss` or this tool prints (`close_wait`,
-/// `CLOSE-WAIT`, `estab`...).
-pub fn state_by_name(name: &str) -> Option<u32> {
-    let bare = |s: &str| s.to_ascii_lowercase().replace(['-', '_'], "");
-    let name = match bare(name).as_str() {
-        "estab" => "established".to_owned(),
-        other => other.to_owned(),
+/// `handshake timewait` for one namespace: `top` entries per list.
+pub fn time_wait_view(view: &NetnsView, top: usize) -> TimeWaitView {
+    let endpoints = |entries: &[(TwKey, u64)]| {
+        entries
+            .iter()
+            .take(top)
+            .map(|(key, count)| Endpoint {
+                remote_addr: Family::from_af(key.family).address(&key.addr),
+                remote_port: key.port,
+                count: *count,
+            })
+            .collect()
     };
-    STATES
-        .iter()
-        .copied()
-        .find(|s| bare(state_name(*s)) == name)
-}
-
-/// One full socket from a census listing.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct SocketView {
-    pub netns: String,
-    pub family: String,
-    pub state: String,
-    pub local_addr: String,
-    pub local_port: u16,
-    pub remote_addr: String,
-    pub remote_port: u16,
-    /// Seconds in this state; `null` when the socket entered it before the
-    /// daemon started.
-    pub state_age_s: Option<f64>,
-    /// The process that called connect(), for connections this host opened.
-    pub pid: Option<u32>,
-    pub comm: Option<String>,
-}
-
-impl SocketView {
-    pub fn of(netns: &str, socket: &Socket, now_ns: u64) -> Self {
-        let comm_len = socket.comm.iter().position(|b| *b == 0).unwrap_or(16);
-        Self {
-            netns: netns.to_owned(),
-            family: if socket.family == AF_INET {
-                "ipv4"
-            } else {
-                "ipv6"
-            }
-            .to_owned(),
-            state: state_name(u32::from(socket.state)).to_owned(),
-            local_addr: addr(socket.family, &socket.local_addr),
-            local_port: socket.local_port,
-            remote_addr: addr(socket.family, &socket.remote_addr),
-            remote_port: socket.remote_port,
-            state_age_s: (socket.since_ns != 0)
-                .then(|| now_ns.saturating_sub(socket.since_ns) as f64 / 1e9),
-            pid: (socket.pid != 0).then_some(socket.pid),
-            comm: (comm_len > 0)
-                .then(|| String::from_utf8_lossy(&socket.comm[..comm_len]).into_owned()),
-        }
-    }
-
-    /// Oldest first; unknown ages last.
-    pub fn sort(views: &mut [Self]) {
-        views.sort_by(|a, b| {
-            b.state_age_s
-                .unwrap_or(-1.0)
-                .total_cmp(&a.state_age_s.unwrap_or(-1.0))
-        });
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Forecast {
-    pub remote_addr: String,
-    pub remote_port: u16,
-    pub time_wait: u64,
-    pub growth_per_second: f64,
-    pub seconds_to_exhaustion: Option<f64>,
-}
-
-/// `handshake states --json`: one per watched namespace.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct StatesView {
-    pub netns: String,
-    pub states: BTreeMap<String, u64>,
-    /// Host-wide (the state tracepoint sees every namespace): per
-    /// `from->to`, over the daemon's last second or so.
-    pub transitions_per_second: BTreeMap<String, f64>,
-    /// `iter/tcp`, or `sock_diag` (netlink) where the program is unavailable.
-    pub census_source: String,
-    pub census_seconds: f64,
-    /// For close_wait, fin_wait2 and syn_sent: the oldest sockets, oldest
-    /// first (a leak, a peer that never closes, a peer that never answers).
-    pub oldest: BTreeMap<String, Vec<SocketView>>,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Endpoint {
-    pub remote_addr: String,
-    /// 0: all ports of that address (this host's TIME_WAIT sockets as a
-    /// server, whose local port is not ephemeral).
-    pub remote_port: u16,
-    pub count: u64,
-}
-
-/// `handshake timewait --json`: one per watched namespace.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct TimeWaitView {
-    pub netns: String,
-    pub count: u64,
-    pub entries_per_second: Option<f64>,
-    pub port_range: [u16; 2],
-    pub top: Vec<Endpoint>,
-    pub top_local: Vec<Endpoint>,
-    pub forecast: Vec<Forecast>,
-}
-
-impl TimeWaitView {
-    pub fn of(view: &NetnsView, top: usize) -> Self {
-        let endpoints = |entries: &[(handshake_common::abi::census::TwKey, u64)]| {
-            entries
-                .iter()
-                .take(top)
-                .map(|(key, count)| Endpoint {
-                    remote_addr: addr(key.family, &key.addr),
-                    remote_port: key.port,
-                    count: *count,
-                })
-                .collect()
-        };
-        Self {
-            netns: view.name.clone(),
-            count: view.time_wait(),
-            entries_per_second: view.entries_per_second(),
-            port_range: [view.snapshot.port_range.0, view.snapshot.port_range.1],
-            top: endpoints(&view.snapshot.tw_remote),
-            top_local: endpoints(&view.snapshot.tw_local),
-            forecast: view.forecast().into_iter().take(top).collect(),
-        }
+    TimeWaitView {
+        netns: view.name.clone(),
+        count: view.time_wait(),
+        entries_per_second: view.entries_per_second(),
+        port_range: [view.snapshot.port_range.0, view.snapshot.port_range.1],
+        top: endpoints(&view.snapshot.tw_remote),
+        top_local: endpoints(&view.snapshot.tw_local),
+        forecast: view.forecast().into_iter().take(top).collect(),
     }
 }
 
@@ -316,17 +241,14 @@ impl TimeWaitView {
 mod tests {
     use std::time::Duration;
 
-    use handshake_common::abi::{
-        AF_INET,
-        census::{Summary, TwKey},
-    };
+    use handshake_common::abi::{AF_INET, census::Summary};
 
     use super::*;
 
-    fn snapshot(tw_to_dest: u64) -> Snapshot {
+    fn snapshot(tw_to_dest: u64) -> NetnsCensus {
         let mut sockets = [[0; 16]; 2];
         sockets[0][tcp_state::TIME_WAIT as usize] = tw_to_dest;
-        Snapshot {
+        NetnsCensus {
             summary: Summary {
                 sockets,
                 seen: tw_to_dest,
@@ -374,15 +296,6 @@ mod tests {
         let mut flat = NetnsView::new("host", snapshot(500), 0, 0);
         flat.update(snapshot(500), 0, 2_000_000_000);
         assert_eq!(flat.forecast()[0].seconds_to_exhaustion, None);
-    }
-
-    #[test]
-    fn states_are_found_by_any_usual_spelling() {
-        assert_eq!(state_by_name("FIN-WAIT-2"), Some(tcp_state::FIN_WAIT2));
-        assert_eq!(state_by_name("close_wait"), Some(tcp_state::CLOSE_WAIT));
-        assert_eq!(state_by_name("ESTAB"), Some(tcp_state::ESTABLISHED));
-        assert_eq!(state_by_name("SYN-SENT"), Some(tcp_state::SYN_SENT));
-        assert_eq!(state_by_name("half-open"), None);
     }
 
     #[test]

@@ -1,0 +1,242 @@
+//! The local API's server: a Unix socket, root-only by default (mode
+//! 0600), one request line per connection ([`Request`]), one line of JSON
+//! in answer. Census requests (`states`, `timewait`, `sockets`) run a
+//! fresh census first, so their answers are exact at that instant.
+
+use std::{
+    collections::HashMap,
+    io,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use handshake_common::flow::Flow;
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{UnixListener, UnixStream},
+};
+
+use crate::{
+    daemon::{
+        SharedCensus,
+        census::census_round,
+        state::{State, lock},
+    },
+    kernel::clock,
+    model::{
+        conntrack::conn_view,
+        states::{STUCK_RECORDS, STUCK_STATES, stuck_mask, time_wait_view},
+        tls::TlsRecord,
+    },
+    wire::{
+        ConnView, Endpoints, Request, SocketView, StatesView, TimeWaitView, TlsView, error_body,
+        state_name,
+    },
+};
+
+const MAX_REQUEST_BYTES: u64 = 1024;
+
+/// At most this many sockets per namespace in a `sockets STATE` answer.
+const MAX_LISTED: u32 = 65_536;
+
+/// Binds the API socket before anything touches the kernel: a live daemon
+/// on the same path is an error, a stale socket file is replaced.
+pub fn bind(path: &Path) -> anyhow::Result<std::os::unix::net::UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating {} for --api-socket", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!(
+                "another daemon answers on --api-socket {}; stop it or pick another path",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing the stale socket {}", path.display()))?;
+    }
+    let listener = std::os::unix::net::UnixListener::bind(path)
+        .with_context(|| format!("cannot listen on --api-socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("restricting {} to root", path.display()))?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+/// Removes the socket file when the daemon stops.
+#[derive(Debug)]
+pub struct SocketFile(pub PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Answers API requests until the future is dropped.
+pub async fn serve(listener: UnixListener, state: Arc<Mutex<State>>, census: Option<SharedCensus>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let state = Arc::clone(&state);
+                let census = census.clone();
+                tokio::spawn(async move {
+                    if let Err(error) = answer(stream, &state, census.as_ref()).await {
+                        tracing::debug!(%error, "API request failed");
+                    }
+                });
+            }
+            Err(error) => {
+                tracing::warn!(%error, "accepting an API connection failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn answer(
+    stream: UnixStream,
+    state: &Mutex<State>,
+    census: Option<&SharedCensus>,
+) -> io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    // A request is one short line; bound what a client may send.
+    let mut reader = BufReader::new(read.take(MAX_REQUEST_BYTES));
+    tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no request"))??;
+    let body = match Request::parse(&line) {
+        Err(error) => error_body(&error.to_string()),
+        Ok(Request::Conns) => serde_json::to_string(&conns(state)).map_err(io::Error::other)?,
+        Ok(Request::Tls) => serde_json::to_string(&tls(state)).map_err(io::Error::other)?,
+        Ok(request) => match census {
+            None => error_body(
+                "the socket census is not available (see the daemon's log and handshake_probe_attached{probe=\"iter_tcp_census\"})",
+            ),
+            Some(census) => census_answer(request, census, state).await?,
+        },
+    };
+    write.write_all(body.as_bytes()).await?;
+    write.write_all(b"\n").await?;
+    write.shutdown().await
+}
+
+/// `states`, `timewait` and `sockets`, each from a fresh census, so that
+/// the answer is exact now.
+async fn census_answer(
+    request: Request,
+    census: &SharedCensus,
+    state: &Mutex<State>,
+) -> io::Result<String> {
+    let round = match request {
+        Request::Sockets { state } => census_round(census, 1 << state, MAX_LISTED).await,
+        _ => census_round(census, stuck_mask(), STUCK_RECORDS).await,
+    };
+    let source = census
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .source()
+        .name();
+    let mut state = lock(state);
+    state.apply_census(round);
+    let json = match request {
+        Request::Sockets { state: listed } => {
+            let mut views: Vec<SocketView> = state
+                .census
+                .iter()
+                .flat_map(|v| v.oldest(listed, usize::MAX))
+                .collect();
+            SocketView::sort(&mut views);
+            serde_json::to_string(&views)
+        }
+        Request::TimeWait { top } => {
+            let views: Vec<TimeWaitView> = state
+                .census
+                .iter()
+                .map(|v| time_wait_view(v, top))
+                .collect();
+            serde_json::to_string(&views)
+        }
+        _ => {
+            let views: Vec<StatesView> = state
+                .census
+                .iter()
+                .map(|v| StatesView {
+                    netns: v.name.clone(),
+                    states: v.states(),
+                    transitions_per_second: state.transitions_per_second.clone(),
+                    census_source: source.to_owned(),
+                    census_seconds: v.snapshot.duration.as_secs_f64(),
+                    oldest: STUCK_STATES
+                        .iter()
+                        .map(|s| (state_name(*s).into_owned(), v.oldest(*s, 5)))
+                        .collect(),
+                })
+                .collect();
+            serde_json::to_string(&views)
+        }
+    };
+    json.map_err(io::Error::other)
+}
+
+/// The TLS connections' views, built (hellos parsed, fingerprints taken)
+/// from the records taken under the lock, after it is released: the ring
+/// buffers are not kept waiting while a long history is formatted.
+fn tls_views(records: &[TlsRecord], now: u64) -> Vec<TlsView> {
+    records.iter().map(|r| r.view(now)).collect()
+}
+
+/// Recent TLS handshakes, oldest first, with the total from the TCP
+/// handshake's first SYN where the hooks saw that too.
+pub fn tls(state: &Mutex<State>) -> Vec<TlsView> {
+    let now = clock::monotonic_ns();
+    let (records, syns) = {
+        let state = lock(state);
+        let syns: HashMap<Endpoints, u64> = state
+            .conntrack
+            .recent()
+            .chain(state.live.iter())
+            .map(|f| (conn_view(f, now).endpoints(), f.ts_syn))
+            .collect();
+        (state.tls.records(), syns)
+    };
+    let mut views = tls_views(&records, now);
+    for v in &mut views {
+        if let (Some(syn), Some(done)) = (syns.get(&v.endpoints()), v.ts_client_finished)
+            && done > *syn
+        {
+            v.total_from_syn_us = Some((done - syn) as f64 / 1e3);
+        }
+    }
+    views
+}
+
+/// Recent decided handshakes and those still in progress, oldest first,
+/// with what their TLS ClientHello and ServerHello said.
+pub fn conns(state: &Mutex<State>) -> Vec<ConnView> {
+    let now = clock::monotonic_ns();
+    let (mut views, records) = {
+        let state = lock(state);
+        let mut flows: Vec<&Flow> = state.conntrack.recent().chain(state.live.iter()).collect();
+        flows.sort_by_key(|f| f.ts_syn);
+        let views: Vec<ConnView> = flows.iter().map(|f| conn_view(f, now)).collect();
+        (views, state.tls.records())
+    };
+    let tls: HashMap<Endpoints, TlsView> = tls_views(&records, now)
+        .into_iter()
+        .map(|v| (v.endpoints(), v))
+        .collect();
+    for view in &mut views {
+        if let Some(t) = tls.get(&view.endpoints()) {
+            view.sni = t.sni.clone();
+            view.ja4 = Some(t.ja4.clone());
+            view.tls_version = t.version.clone();
+        }
+    }
+    views
+}

@@ -1,0 +1,52 @@
+//! The daemon's settings, validated: `cli::config` builds them from the
+//! flags, `daemon::run` takes them.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use crate::kernel::{
+    census::Source,
+    loader::{IngressHook, TableSizes, XdpMode},
+    netns::Netns,
+};
+
+#[derive(Debug)]
+pub struct DaemonConfig {
+    pub netns: Netns,
+    /// Interfaces to attach the packet hooks to, all present in `netns`.
+    pub interfaces: Vec<String>,
+    pub metrics_addr: SocketAddr,
+    pub ingress_hook: IngressHook,
+    pub xdp_mode: XdpMode,
+    pub api_socket: PathBuf,
+    pub handshake_timeout: Duration,
+    pub tables: TableSizes,
+    pub conn_history: usize,
+    pub half_open_top: usize,
+    /// How often the socket census runs in each watched namespace.
+    pub census_interval: Duration,
+    pub census_source: CensusSource,
+}
+
+/// How the census counts: as it can (`Auto`), or only one way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum CensusSource {
+    /// The `iter/tcp` program, or sock_diag netlink where it cannot be
+    /// loaded.
+    Auto,
+    /// The `iter/tcp` program or nothing: the daemon refuses to start
+    /// without it.
+    Iter,
+    /// sock_diag netlink, as `ss` counts.
+    Netlink,
+}
+
+impl CensusSource {
+    /// The one source this choice insists on, if any.
+    pub const fn required(self) -> Option<Source> {
+        match self {
+            Self::Auto => None,
+            Self::Iter => Some(Source::Iter),
+            Self::Netlink => Some(Source::Netlink),
+        }
+    }
+}

@@ -1,0 +1,644 @@
+//! Prometheus exposition: turns what the kernel counted ([`KernelCounts`]),
+//! the attach results and the model's aggregates into text format, and
+//! serves it through [`renderer`]. Rendering is pure (no maps, no I/O),
+//! so it is unit-tested without a kernel; the counters are read from the
+//! kernel at scrape time, never cached.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+};
+
+use handshake_common::{
+    abi::{
+        Direction, PacketKind, ParseError,
+        census::{SUMMARY_ROW_IPV4, SUMMARY_ROW_IPV6},
+        tcp_state,
+    },
+    flow::{Flow, ROLE_SERVER},
+};
+use prometheus::{
+    Encoder as _, TextEncoder,
+    proto::{self, Bucket, Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType},
+};
+
+use crate::{
+    daemon::{
+        http::Render,
+        state::{SelfStats, State, lock},
+    },
+    kernel::{
+        loader::Attachment,
+        maps::{Counters, FlowStats, KernelCounts, Table},
+    },
+    model::{
+        conntrack::{BUCKETS, Histogram, Phase, Totals},
+        states::{NetnsView, STUCK_STATES},
+        tls::{TlsPhase, TlsTotals},
+    },
+    wire::{Family, Outcome, Role, STATES, state_name},
+};
+
+/// Everything one scrape shows.
+#[derive(Debug)]
+pub struct Report<'a> {
+    pub counts: &'a KernelCounts,
+    pub attachments: &'a [Attachment],
+    pub totals: &'a Totals,
+    /// Handshakes in the kernel tables at the last sweep.
+    pub live: &'a [Flow],
+    pub flow_stats: FlowStats,
+    pub self_stats: SelfStats,
+    /// How many listening ports `handshake_tcp_half_open` shows.
+    pub half_open_top: usize,
+    /// The last census of each watched namespace.
+    pub census: &'a [NetnsView],
+    pub tls: &'a TlsTotals,
+}
+
+/// `/metrics`: the kernel's counters read now, the rest from the state.
+/// A failed map read answers the scrape with an error and is counted.
+pub fn renderer(
+    state: Arc<Mutex<State>>,
+    counters: Arc<Counters>,
+    attachments: Vec<Attachment>,
+    half_open_top: usize,
+) -> Render {
+    Arc::new(move || {
+        let counts = counters.read();
+        let mut state = lock(&state);
+        match counts {
+            Ok(counts) => Ok(render(&Report {
+                counts: &counts,
+                attachments: &attachments,
+                totals: state.conntrack.totals(),
+                live: &state.live,
+                flow_stats: state.flow_stats,
+                self_stats: state.self_stats,
+                half_open_top,
+                census: &state.census,
+                tls: &state.tls.totals,
+            })),
+            Err(error) => {
+                state.self_stats.map_read_errors += 1;
+                tracing::error!(%error, "reading the counter maps failed");
+                Err(format!("reading the counter maps failed: {error}"))
+            }
+        }
+    })
+}
+
+/// Renders every family in Prometheus text format.
+pub fn render(report: &Report<'_>) -> String {
+    let mut families = Families::default();
+    packet_families(report, &mut families);
+    probe_families(report, &mut families);
+    handshake_families(report, &mut families);
+    table_families(report, &mut families);
+    census_families(report, &mut families);
+    time_wait_families(report, &mut families);
+    tls_families(report, &mut families);
+
+    // The encoder rejects a family without samples (no transition seen
+    // yet, no port half-open); Prometheus reads an absent series as none.
+    let mut families = families.0;
+    families.retain(|f| !f.get_metric().is_empty());
+    let mut out = Vec::new();
+    if let Err(error) = TextEncoder::new().encode(&families, &mut out) {
+        // Families are built here from bounded label sets; this would be a
+        // bug, and a scrape must still answer.
+        tracing::error!(%error, "encoding metrics failed");
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The families of one scrape, in the order they are shown.
+#[derive(Default)]
+struct Families(Vec<MetricFamily>);
+
+impl Families {
+    fn add(&mut self, name: &str, help: &str, kind: MetricType, metrics: Vec<Metric>) {
+        let mut family = MetricFamily::default();
+        family.set_name(name.to_owned());
+        family.set_help(help.to_owned());
+        family.set_field_type(kind);
+        family.set_metric(metrics);
+        self.0.push(family);
+    }
+
+    fn counters(&mut self, name: &str, help: &str, metrics: Vec<Metric>) {
+        self.add(name, help, MetricType::COUNTER, metrics);
+    }
+
+    fn gauges(&mut self, name: &str, help: &str, metrics: Vec<Metric>) {
+        self.add(name, help, MetricType::GAUGE, metrics);
+    }
+
+    fn histograms(&mut self, name: &str, help: &str, metrics: Vec<Metric>) {
+        self.add(name, help, MetricType::HISTOGRAM, metrics);
+    }
+
+    /// A counter family of one series without labels.
+    fn counter(&mut self, name: &str, help: &str, value: u64) {
+        self.counters(name, help, vec![counter(&[], value)]);
+    }
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Vec<LabelPair> {
+    pairs
+        .iter()
+        .map(|(name, value)| {
+            let mut pair = LabelPair::default();
+            pair.set_name((*name).to_owned());
+            pair.set_value((*value).to_owned());
+            pair
+        })
+        .collect()
+}
+
+fn counter(pairs: &[(&str, &str)], value: u64) -> Metric {
+    let mut c = Counter::default();
+    c.set_value(value as f64);
+    let mut m = Metric::from_label(labels(pairs));
+    m.set_counter(c);
+    m
+}
+
+fn gauge(pairs: &[(&str, &str)], value: f64) -> Metric {
+    let mut g = Gauge::default();
+    g.set_value(value);
+    let mut m = Metric::from_label(labels(pairs));
+    m.set_gauge(g);
+    m
+}
+
+fn histogram(pairs: &[(&str, &str)], h: &Histogram) -> Metric {
+    let mut out = proto::Histogram::default();
+    out.set_sample_count(h.count);
+    out.set_sample_sum(h.sum);
+    out.set_bucket(
+        BUCKETS
+            .iter()
+            .zip(&h.buckets)
+            .map(|(bound, count)| {
+                let mut b = Bucket::default();
+                b.set_upper_bound(*bound);
+                b.set_cumulative_count(*count);
+                b
+            })
+            .collect(),
+    );
+    let mut m = Metric::from_label(labels(pairs));
+    m.set_histogram(out);
+    m
+}
+
+/// One histogram per (role, phase), empty ones included.
+fn phase_histograms<P: Copy + Ord>(
+    durations: &BTreeMap<(Role, P), Histogram>,
+    phases: impl IntoIterator<Item = (Role, P, &'static str)>,
+) -> Vec<Metric> {
+    let empty = Histogram::default();
+    phases
+        .into_iter()
+        .map(|(role, phase, name)| {
+            let h = durations.get(&(role, phase)).unwrap_or(&empty);
+            histogram(&[("role", role.name()), ("phase", name)], h)
+        })
+        .collect()
+}
+
+/// Server handshakes in progress per listening port (SYN-ACK sent, no ACK
+/// yet: what `ss` lists as SYN-RECV), the busiest `top` ports.
+pub fn half_open_by_port(live: &[Flow], top: usize) -> Vec<(u16, u64)> {
+    let mut ports: BTreeMap<u16, u64> = BTreeMap::new();
+    for flow in live {
+        if flow.role == ROLE_SERVER && flow.ts_synack != 0 && flow.ts_ack == 0 {
+            *ports.entry(flow.server_port).or_default() += 1;
+        }
+    }
+    let mut ports: Vec<(u16, u64)> = ports.into_iter().collect();
+    ports.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    ports.truncate(top);
+    ports
+}
+
+/// What the packet hooks and the state tracepoint counted.
+fn packet_families(report: &Report<'_>, families: &mut Families) {
+    let counts = report.counts;
+    let packets = Direction::ALL
+        .iter()
+        .flat_map(|direction| {
+            PacketKind::ALL.iter().map(move |kind| {
+                counter(
+                    &[("direction", direction.name()), ("kind", kind.name())],
+                    counts.packets(*direction, *kind),
+                )
+            })
+        })
+        .collect();
+    families.counters(
+        "handshake_packets_total",
+        "TCP handshake and TLS hello packets seen by the packet hooks.",
+        packets,
+    );
+    let errors = ParseError::ALL
+        .iter()
+        .map(|e| counter(&[("kind", e.name())], counts.parse_error(*e)))
+        .collect();
+    families.counters(
+        "handshake_parse_errors_total",
+        "Frames the packet parser could not read, by reason; they were passed on untouched.",
+        errors,
+    );
+    let transitions = counts
+        .transitions
+        .iter()
+        .map(|&(from, to, count)| {
+            counter(
+                &[("from", &state_name(from)), ("to", &state_name(to))],
+                count,
+            )
+        })
+        .collect();
+    families.counters(
+        "handshake_tcp_state_transitions_total",
+        "TCP socket state changes reported by sock:inet_sock_set_state, IPv4 and IPv6.",
+        transitions,
+    );
+}
+
+/// Where each probe is attached, and what the daemon lost.
+fn probe_families(report: &Report<'_>, families: &mut Families) {
+    let probes = report
+        .attachments
+        .iter()
+        .map(|a| {
+            gauge(
+                &[
+                    ("probe", a.probe),
+                    ("interface", a.interface.as_deref().unwrap_or("")),
+                    ("mode", if a.attached { &a.detail } else { "" }),
+                ],
+                if a.attached { 1.0 } else { 0.0 },
+            )
+        })
+        .collect();
+    families.gauges(
+        "handshake_probe_attached",
+        "1 when the probe is attached (mode: xdp-native, xdp-skb, tcx, tc-clsact, tracepoint, tp_btf, iter/tcp), 0 when attaching it failed (see the daemon's log).",
+        probes,
+    );
+    let stats = report.self_stats;
+    families.counter(
+        "handshake_map_read_errors_total",
+        "BPF map reads that failed (a scrape answered with an error, or a sweep lost).",
+        stats.map_read_errors,
+    );
+    families.counter(
+        "handshake_events_malformed_total",
+        "Ring-buffer records the daemon could not decode.",
+        stats.events_malformed,
+    );
+}
+
+/// Decided handshakes: phases, outcomes, retransmissions; and the ones
+/// half-open now.
+fn handshake_families(report: &Report<'_>, families: &mut Families) {
+    let totals = report.totals;
+    let phases = [
+        (Role::Client, Phase::Connect),
+        (Role::Server, Phase::SynToSynAck),
+        (Role::Server, Phase::SynAckToAck),
+    ];
+    families.histograms(
+        "handshake_tcp_handshake_duration_seconds",
+        "TCP handshake phases: connect (client: SYN out to SYN-ACK in), syn_to_synack (server: SYN in to SYN-ACK out), synack_to_ack (server: SYN-ACK out to ACK in).",
+        phase_histograms(
+            &totals.durations,
+            phases.map(|(role, phase)| (role, phase, phase.name())),
+        ),
+    );
+    let outcomes = Role::ALL
+        .iter()
+        .flat_map(|role| {
+            Outcome::DECIDED.iter().map(move |outcome| {
+                let n = totals.handshakes.get(&(*role, *outcome)).copied();
+                counter(
+                    &[("role", role.name()), ("outcome", outcome.name())],
+                    n.unwrap_or(0),
+                )
+            })
+        })
+        .collect();
+    families.counters(
+        "handshake_tcp_handshakes_total",
+        "Decided TCP handshakes by this host's role and outcome (reset: RST after the handshake, before data).",
+        outcomes,
+    );
+    for (name, help, source) in [
+        (
+            "handshake_tcp_syn_retransmits_total",
+            "Retransmitted SYNs of decided handshakes.",
+            &totals.syn_retransmits,
+        ),
+        (
+            "handshake_tcp_synack_retransmits_total",
+            "Retransmitted SYN-ACKs of decided handshakes.",
+            &totals.synack_retransmits,
+        ),
+    ] {
+        let metrics = Role::ALL
+            .iter()
+            .map(|role| {
+                let n = source.get(role).copied().unwrap_or(0);
+                counter(&[("role", role.name())], n)
+            })
+            .collect();
+        families.counters(name, help, metrics);
+    }
+    let half_open = half_open_by_port(report.live, report.half_open_top)
+        .into_iter()
+        .map(|(port, n)| gauge(&[("port", &port.to_string())], n as f64))
+        .collect();
+    families.gauges(
+        "handshake_tcp_half_open",
+        "Server handshakes in progress (SYN-ACK sent, no ACK yet) per listening port, busiest ports only.",
+        half_open,
+    );
+}
+
+/// The kernel's flow tables: what they lost and refused.
+fn table_families(report: &Report<'_>, families: &mut Families) {
+    let stats = report.flow_stats;
+    families.counter(
+        "handshake_ringbuf_dropped_total",
+        "Handshake events lost because the ring buffer was full.",
+        stats.events_dropped,
+    );
+    families.counters(
+        "handshake_map_evictions_total",
+        "Entries the kernel's LRU flow tables evicted (their handshakes are not reported).",
+        Table::ALL
+            .iter()
+            .map(|t| counter(&[("map", t.name())], stats.evictions[*t as usize]))
+            .collect(),
+    );
+    families.counter(
+        "handshake_map_insert_failures_total",
+        "Flow-table inserts the kernel refused.",
+        stats.insert_failures,
+    );
+    families.counter(
+        "handshake_kernel_synack_retransmits_total",
+        "SYN-ACK retransmissions as tcp:tcp_retransmit_synack reports them, host-wide.",
+        stats.synack_retransmits_kernel,
+    );
+}
+
+/// TLS handshakes from the hooks' hello records.
+fn tls_families(report: &Report<'_>, families: &mut Families) {
+    let tls = report.tls;
+    let phases = Role::ALL
+        .iter()
+        .flat_map(|role| TlsPhase::ALL.map(|phase| (*role, phase, phase.name())));
+    families.histograms(
+        "handshake_tls_handshake_duration_seconds",
+        "TLS handshake phases seen on the wire: client_hello_to_server_hello (ClientHello to ServerHello), server_hello_to_client_finished (ServerHello to the client's next record that is not ChangeCipherSpec).",
+        phase_histograms(&tls.durations, phases),
+    );
+    families.counters(
+        "handshake_tls_handshakes_total",
+        "TLS handshakes whose ServerHello was seen, by this host's role and the negotiated version.",
+        tls.handshakes
+            .iter()
+            .map(|((role, version), n)| counter(&[("role", role.name()), ("version", version)], *n))
+            .collect(),
+    );
+    families.counters(
+        "handshake_tls_client_hellos_total",
+        "ClientHellos by the highest version offered and the first ALPN (h2, http/1.1, h3, http/1.0, acme-tls/1, other, none).",
+        tls.client_hellos
+            .iter()
+            .map(|((version, alpn), n)| counter(&[("version", version), ("alpn", alpn)], *n))
+            .collect(),
+    );
+    families.counters(
+        "handshake_tls_parse_errors_total",
+        "TLS hellos the daemon could not use, by reason (truncated, bad_length, wrong_type, incomplete: bytes stopped arriving, server_hello_without_client_hello, too_many_in_flight).",
+        tls.parse_errors
+            .iter()
+            .map(|(reason, n)| counter(&[("reason", reason)], *n))
+            .collect(),
+    );
+    families.counters(
+        "handshake_tls_ringbuf_dropped_total",
+        "TLS hello records lost to a full ring buffer, and pending-capture inserts the kernel refused.",
+        vec![
+            counter(&[("what", "records")], report.flow_stats.tls_events_dropped),
+            counter(&[("what", "pending_inserts")], report.flow_stats.tls_pending_failures),
+        ],
+    );
+}
+
+/// The socket census: states per namespace, stuck sockets, and the
+/// census's own schedule and cost.
+fn census_families(report: &Report<'_>, families: &mut Families) {
+    let mut sockets = Vec::new();
+    let mut oldest = Vec::new();
+    let mut durations = Vec::new();
+    for view in report.census {
+        let netns = view.name.as_str();
+        for state in STUCK_STATES {
+            oldest.push(gauge(
+                &[("netns", netns), ("state", &state_name(state))],
+                view.oldest_seconds(state),
+            ));
+        }
+        for state in STATES {
+            for (row, family) in [
+                (SUMMARY_ROW_IPV4, Family::Ipv4),
+                (SUMMARY_ROW_IPV6, Family::Ipv6),
+            ] {
+                sockets.push(gauge(
+                    &[
+                        ("netns", netns),
+                        ("state", &state_name(state)),
+                        ("family", family.name()),
+                    ],
+                    view.snapshot.count_family(row, state) as f64,
+                ));
+            }
+        }
+        durations.push(gauge(
+            &[("netns", netns)],
+            view.snapshot.duration.as_secs_f64(),
+        ));
+    }
+    families.gauges(
+        "handshake_tcp_sockets",
+        "TCP sockets per state and family at the last census (iter/tcp), as ss counts them: request sockets as syn_recv, closed sockets waiting for their peer's FIN as fin_wait2.",
+        sockets,
+    );
+    families.gauges(
+        "handshake_tcp_state_oldest_seconds",
+        "Seconds the oldest socket in close_wait (the application never closed it), fin_wait2 (the peer never closed) or syn_sent (the peer never answered) has been in that state; 0 when none.",
+        oldest,
+    );
+    families.gauges(
+        "handshake_census_duration_seconds",
+        "Wall time of the last census of the namespace: walk, read and map drain.",
+        durations,
+    );
+    families.counter(
+        "handshake_socket_ages_untracked_total",
+        "State changes the kernel could not note because its table of socket ages was full (--socket-age-entries), once per change: those sockets' ages show as unknown.",
+        report.flow_stats.sock_ages_full,
+    );
+    families.gauges(
+        "handshake_census_interval_seconds",
+        "Seconds between scheduled censuses: --census-interval, stretched while a census is slow so that scheduled censuses take at most 1 % of one CPU (requests from the CLI always count afresh).",
+        vec![gauge(&[], report.self_stats.census_interval_s)],
+    );
+    families.counter(
+        "handshake_census_errors_total",
+        "Census runs that failed (see the daemon's log).",
+        report.self_stats.census_errors,
+    );
+}
+
+/// TIME_WAIT: sockets held, entries, and the port-exhaustion forecast.
+fn time_wait_families(report: &Report<'_>, families: &mut Families) {
+    let mut time_wait = Vec::new();
+    let mut exhaustion = Vec::new();
+    for view in report.census {
+        let netns = [("netns", view.name.as_str())];
+        time_wait.push(gauge(&netns, view.time_wait() as f64));
+        let soonest = view
+            .forecast()
+            .first()
+            .and_then(|f| f.seconds_to_exhaustion)
+            .unwrap_or(f64::INFINITY);
+        exhaustion.push(gauge(&netns, soonest));
+    }
+    families.gauges(
+        "handshake_tcp_time_wait_sockets",
+        "Sockets in TIME_WAIT at the last census.",
+        time_wait,
+    );
+    families.gauges(
+        "handshake_tcp_ephemeral_port_exhaustion_seconds",
+        "Seconds until the destination soonest to run out of local ports (ip_local_port_range against the TIME_WAIT sockets held towards it and their growth) has none free; +Inf when none is heading there.",
+        exhaustion,
+    );
+    let entries = report
+        .counts
+        .transitions
+        .iter()
+        .filter(|&&(from, to, _)| {
+            to == tcp_state::CLOSE && (from == tcp_state::FIN_WAIT2 || from == tcp_state::CLOSING)
+        })
+        .map(|&(_, _, count)| count)
+        .sum();
+    families.counter(
+        "handshake_tcp_time_wait_entries_total",
+        "Sockets that entered TIME_WAIT, host-wide: FIN_WAIT2 or CLOSING -> CLOSE as sock:inet_sock_set_state reports it (a minisock takes over).",
+        entries,
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use handshake_common::abi::{Direction, PacketKind, ParseError};
+
+    use super::*;
+    use crate::model::conntrack::{Histogram, Phase};
+
+    #[test]
+    fn empty_families_are_left_out_not_fatal() {
+        let text = render(&Report {
+            counts: &KernelCounts::default(),
+            attachments: &[],
+            totals: &Totals::default(),
+            live: &[],
+            flow_stats: FlowStats::default(),
+            self_stats: SelfStats::default(),
+            half_open_top: 5,
+            census: &[],
+            tls: &TlsTotals::default(),
+        });
+        assert!(text.contains("handshake_packets_total{"));
+        assert!(!text.contains("handshake_tcp_state_transitions_total"));
+        assert!(!text.contains("handshake_tcp_half_open"));
+    }
+
+    #[test]
+    fn renders_every_series_with_bounded_labels() {
+        let mut counts = KernelCounts::default();
+        counts.packets[Direction::Egress as usize][PacketKind::SynAck as usize] = 7;
+        counts.parse_errors[ParseError::TcpBadDataOffset as usize] = 2;
+        counts.transitions = vec![(tcp_state::SYN_SENT, tcp_state::ESTABLISHED, 5)];
+        let attachments = [Attachment {
+            probe: "xdp_handshake",
+            interface: Some("eth0".to_owned()),
+            detail: "xdp-native".to_owned(),
+            attached: true,
+        }];
+        let mut totals = Totals::default();
+        let mut h = Histogram::default();
+        h.observe(0.000_03);
+        totals
+            .durations
+            .insert((Role::Server, Phase::SynToSynAck), h);
+        totals
+            .handshakes
+            .insert((Role::Client, Outcome::Refused), 3);
+        let live = [Flow {
+            role: ROLE_SERVER,
+            ts_syn: 1,
+            ts_synack: 2,
+            server_port: 8080,
+            ..Flow::default()
+        }];
+        let text = render(&Report {
+            counts: &counts,
+            attachments: &attachments,
+            totals: &totals,
+            live: &live,
+            flow_stats: FlowStats::default(),
+            self_stats: SelfStats {
+                map_read_errors: 1,
+                events_malformed: 0,
+                census_errors: 0,
+                tls_events_malformed: 0,
+                census_interval_s: 1.0,
+            },
+            half_open_top: 5,
+            census: &[],
+            tls: &TlsTotals::default(),
+        });
+        for line in [
+            "handshake_packets_total{direction=\"egress\",kind=\"syn_ack\"} 7",
+            "handshake_packets_total{direction=\"ingress\",kind=\"client_hello\"} 0",
+            "handshake_parse_errors_total{kind=\"tcp_bad_data_offset\"} 2",
+            "handshake_tcp_state_transitions_total{from=\"syn_sent\",to=\"established\"} 5",
+            "handshake_probe_attached{probe=\"xdp_handshake\",interface=\"eth0\",mode=\"xdp-native\"} 1",
+            "handshake_map_read_errors_total 1",
+            "# TYPE handshake_packets_total counter",
+            "handshake_tcp_handshakes_total{role=\"client\",outcome=\"refused\"} 3",
+            "handshake_tcp_handshakes_total{role=\"server\",outcome=\"timeout\"} 0",
+            "handshake_tcp_handshake_duration_seconds_bucket{role=\"server\",phase=\"syn_to_synack\",le=\"0.00005\"} 1",
+            "handshake_tcp_handshake_duration_seconds_bucket{role=\"server\",phase=\"syn_to_synack\",le=\"0.00002\"} 0",
+            "handshake_tcp_handshake_duration_seconds_count{role=\"client\",phase=\"connect\"} 0",
+            "handshake_tcp_half_open{port=\"8080\"} 1",
+            "handshake_map_evictions_total{map=\"half_open\"} 0",
+            "handshake_ringbuf_dropped_total 0",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in:\n{text}"
+            );
+        }
+        assert_eq!(text.matches("handshake_packets_total{").count(), 12);
+    }
+}

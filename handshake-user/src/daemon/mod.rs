@@ -1,0 +1,221 @@
+//! `handshake daemon`: wiring and lifetime. Binds the metrics address and
+//! the API socket first (a clash fails before the kernel is touched), loads
+//! and attaches the programs, then runs its loops — ring-buffer events
+//! (`ingest`), the sweep of the flow tables, the census (`census`), and
+//! the two servers (`api`, `http` with `metrics`) — until SIGINT or
+//! SIGTERM, and detaches everything. The loops share one [`State`].
+
+pub mod api;
+pub mod census;
+pub mod config;
+pub mod http;
+pub mod ingest;
+pub mod metrics;
+pub mod state;
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use aya::maps::{MapData, RingBuf};
+use handshake_common::abi::tls_capture::TlsChunk;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{
+    daemon::{
+        census::{CensusRunner, census_loop},
+        config::{CensusSource, DaemonConfig},
+        state::State,
+    },
+    kernel::{
+        census::{CensusError, Source},
+        events::EventReader,
+        loader::Observer,
+        maps::{Counters, FlowTables, TlsMaps},
+    },
+    model::conntrack::Expiry,
+};
+
+/// A completed handshake with no data for this long counts as established.
+const IDLE_AFTER: Duration = Duration::from_secs(1);
+
+/// The census, shared by its schedule and the API's on-demand rounds.
+pub type SharedCensus = Arc<Mutex<CensusRunner>>;
+
+pub fn run(config: DaemonConfig) -> anyhow::Result<()> {
+    let listeners = Listeners::bind(&config)?;
+    let mut observer = Observer::load_with(config.tables, Some(config.ingress_hook))
+        .context("loading the kernel programs")?;
+    let feeds = Feeds::take(&mut observer)?;
+    let census = start_census(&mut observer, &config)?;
+    let observer = attach(observer, &config)?;
+    let served = serve(&config, listeners, feeds, census, &observer);
+    observer
+        .detach(&config.netns)
+        .context("detaching the kernel programs")?;
+    tracing::info!("detached; exiting");
+    served
+}
+
+/// The metrics address and the API socket, bound before anything touches
+/// the kernel.
+struct Listeners {
+    metrics: std::net::TcpListener,
+    api: std::os::unix::net::UnixListener,
+    /// Removes the socket file when the daemon stops.
+    _api_file: api::SocketFile,
+}
+
+impl Listeners {
+    fn bind(config: &DaemonConfig) -> anyhow::Result<Self> {
+        let metrics = std::net::TcpListener::bind(config.metrics_addr)
+            .with_context(|| format!("cannot listen on --metrics-addr {}", config.metrics_addr))?;
+        metrics.set_nonblocking(true)?;
+        let api = api::bind(&config.api_socket)?;
+        Ok(Self {
+            metrics,
+            api,
+            _api_file: api::SocketFile(config.api_socket.clone()),
+        })
+    }
+}
+
+/// The maps the loops read, taken out of the loaded object.
+struct Feeds {
+    counters: Arc<Counters>,
+    tables: FlowTables,
+    events: RingBuf<MapData>,
+    tls_events: RingBuf<MapData>,
+    tls_maps: TlsMaps,
+}
+
+impl Feeds {
+    fn take(observer: &mut Observer) -> anyhow::Result<Self> {
+        let (tls_events, tls_maps) = observer.take_tls()?;
+        Ok(Self {
+            counters: Arc::new(observer.take_counters()?),
+            tables: observer.take_flow_tables()?,
+            events: observer.take_events()?,
+            tls_events,
+            tls_maps,
+        })
+    }
+}
+
+/// The census, or `None` when it cannot run: the daemon goes on without
+/// it and says so (`handshake_probe_attached`), unless `--census-source
+/// iter` insists on the program. Names the namespaces whose sockets get
+/// ages before the state tracepoint is attached.
+fn start_census(
+    observer: &mut Observer,
+    config: &DaemonConfig,
+) -> anyhow::Result<Option<SharedCensus>> {
+    let census = observer.take_census().and_then(|mut census| {
+        match config.census_source.required() {
+            Some(Source::Netlink) => census.use_netlink(),
+            Some(Source::Iter) if census.source() != Source::Iter => {
+                return Err(CensusError::IterUnavailable);
+            }
+            _ => {}
+        }
+        CensusRunner::new(census, &config.netns)
+    });
+    observer.record_census(census.as_ref().map(CensusRunner::source));
+    let runner = match census {
+        Ok(runner) => runner,
+        Err(error) if config.census_source == CensusSource::Iter => return Err(error.into()),
+        Err(_) => return Ok(None),
+    };
+    observer
+        .age_sockets_in(&runner.inodes())
+        .context("naming the namespaces whose sockets get ages")?;
+    Ok(Some(Arc::new(Mutex::new(runner))))
+}
+
+/// Attaches the tracepoints and the packet hooks; fails, detaching what
+/// it can, only when nothing at all could be attached.
+fn attach(mut observer: Observer, config: &DaemonConfig) -> anyhow::Result<Observer> {
+    observer.attach_tracepoints();
+    observer.attach_interfaces(
+        &config.netns,
+        &config.interfaces,
+        config.ingress_hook,
+        config.xdp_mode,
+    )?;
+    if observer.attachments().iter().any(|a| a.attached) {
+        return Ok(observer);
+    }
+    let reasons: Vec<_> = observer
+        .attachments()
+        .iter()
+        .map(|a| format!("{}: {}", a.probe, a.detail))
+        .collect();
+    observer.detach(&config.netns)?;
+    bail!("no probe could be attached ({})", reasons.join("; "));
+}
+
+/// Runs every loop until a signal, or until one of them fails.
+fn serve(
+    config: &DaemonConfig,
+    listeners: Listeners,
+    feeds: Feeds,
+    census: Option<SharedCensus>,
+    observer: &Observer,
+) -> anyhow::Result<()> {
+    let state = Arc::new(Mutex::new(State::new(config.conn_history)));
+    let render = metrics::renderer(
+        Arc::clone(&state),
+        Arc::clone(&feeds.counters),
+        observer.attachments().to_vec(),
+        config.half_open_top,
+    );
+    let expiry = Expiry {
+        handshake_timeout_ns: config.handshake_timeout.as_nanos() as u64,
+        idle_ns: IDLE_AFTER.as_nanos() as u64,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let metrics_listener = tokio::net::TcpListener::from_std(listeners.metrics)?;
+        let api_listener = tokio::net::UnixListener::from_std(listeners.api)?;
+        let events = EventReader::new(feeds.events).context("polling the event ring buffer")?;
+        let tls_events = EventReader::<TlsChunk>::new(feeds.tls_events)
+            .context("polling the TLS ring buffer")?;
+        tracing::info!(
+            metrics = %config.metrics_addr,
+            api = %config.api_socket.display(),
+            netns = config.netns.name(),
+            interfaces = ?config.interfaces,
+            "serving"
+        );
+        let mut sigterm = signal(SignalKind::terminate())?;
+        let mut sigint = signal(SignalKind::interrupt())?;
+        tokio::select! {
+            () = http::serve(metrics_listener, render) => {}
+            () = api::serve(api_listener, Arc::clone(&state), census.clone()) => {}
+            result = ingest::feed(
+                events,
+                &state,
+                "event",
+                |state, flow| state.conntrack.record(*flow),
+                |stats| &mut stats.events_malformed,
+            ) => result?,
+            result = ingest::sweep(feeds.tables, feeds.tls_maps, expiry, &state) => result?,
+            result = ingest::feed(
+                tls_events,
+                &state,
+                "TLS",
+                |state, chunk| state.tls.record(chunk),
+                |stats| &mut stats.tls_events_malformed,
+            ) => result?,
+            () = census_loop(census, &feeds.counters, config.census_interval, &state) => {}
+            _ = sigterm.recv() => tracing::info!("SIGTERM: detaching"),
+            _ = sigint.recv() => tracing::info!("SIGINT: detaching"),
+        }
+        Ok::<_, anyhow::Error>(())
+    })
+}

@@ -1,0 +1,95 @@
+//! What the daemon's loops share behind one lock: decided handshakes, the
+//! last sweep's view of the flow tables, the censuses, the TLS tracker and
+//! the daemon's own counters.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Mutex, MutexGuard},
+};
+
+use handshake_common::flow::Flow;
+
+use crate::{
+    daemon::census::CensusRound,
+    kernel::{clock, loader::chain, maps::FlowStats},
+    model::{conntrack::Conntrack, states::NetnsView, tls::TlsTracker},
+};
+
+/// What the daemon itself counts, next to what the kernel counted.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SelfStats {
+    /// Map reads that failed (scrapes answered with an error, sweeps lost).
+    pub map_read_errors: u64,
+    /// Ring-buffer records of the wrong size.
+    pub events_malformed: u64,
+    /// Census runs that failed.
+    pub census_errors: u64,
+    /// TLS ring-buffer records of the wrong size.
+    pub tls_events_malformed: u64,
+    /// Seconds between the scheduled censuses as they run: the
+    /// `--census-interval`, or longer while a census is slow (see
+    /// `daemon::census::census_loop`); 0 before the first.
+    pub census_interval_s: f64,
+}
+
+/// What the loops share: decided handshakes, the last sweep's view of the
+/// tables, and the daemon's own counters.
+#[derive(Debug)]
+pub struct State {
+    pub conntrack: Conntrack,
+    /// Handshakes in the kernel tables at the last sweep.
+    pub live: Vec<Flow>,
+    pub flow_stats: FlowStats,
+    pub self_stats: SelfStats,
+    /// The last census of each watched namespace (host first).
+    pub census: Vec<NetnsView>,
+    /// TLS handshakes from the hooks' hello records.
+    pub tls: TlsTracker,
+    /// Host-wide state transitions per second, `from->to`, between the
+    /// last two censuses.
+    pub transitions_per_second: BTreeMap<String, f64>,
+}
+
+impl State {
+    /// Takes in one census round.
+    pub fn apply_census(&mut self, round: CensusRound) {
+        let now = clock::monotonic_ns();
+        for (name, result) in round {
+            match result {
+                Ok((snapshot, entries)) => match self.census.iter_mut().find(|v| v.name == name) {
+                    Some(view) => view.update(snapshot, entries, now),
+                    None => self
+                        .census
+                        .push(NetnsView::new(&name, snapshot, entries, now)),
+                },
+                Err(error) => {
+                    self.self_stats.census_errors += 1;
+                    tracing::error!(netns = %name, error = %chain(&error), "census failed");
+                }
+            }
+        }
+    }
+}
+
+impl State {
+    /// Empty, keeping `history` decided handshakes and TLS connections.
+    pub fn new(history: usize) -> Self {
+        Self {
+            conntrack: Conntrack::new(history),
+            live: Vec::new(),
+            flow_stats: FlowStats::default(),
+            self_stats: SelfStats::default(),
+            census: Vec::new(),
+            tls: TlsTracker::new(history),
+            transitions_per_second: BTreeMap::new(),
+        }
+    }
+}
+
+/// The state, even if a thread panicked while holding it: every loop
+/// leaves it consistent between statements that matter.
+pub fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    state
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}

@@ -1,0 +1,177 @@
+//! Field offsets from the running kernel's BTF. aya-ebpf has no CO-RE, so
+//! the programs that read kernel structs (the state tracepoint and the
+//! census read `sock_common`) get their offsets as read-only globals,
+//! resolved here at load time and checked against the sizes they read.
+
+use btf_rs::{Btf, Type};
+use handshake_common::abi::census::offsets;
+use thiserror::Error;
+
+/// Where the running kernel describes its types.
+pub const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+#[derive(Debug, Error)]
+pub enum BtfError {
+    #[error("reading the kernel's BTF at {path}: {reason}")]
+    Read { path: String, reason: String },
+    #[error("the kernel's BTF has no field {field} in struct {strukt} of {size} bytes")]
+    Field {
+        strukt: &'static str,
+        field: &'static str,
+        size: usize,
+    },
+}
+
+/// `struct sock_common` and `inet_timewait_sock` field offsets, as the
+/// program's globals want them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Offsets {
+    pub values: [(&'static str, u32); 12],
+}
+
+impl Offsets {
+    /// Resolves every field from the kernel's BTF at `path`, checking each
+    /// field's size against what the program reads.
+    pub fn resolve(path: &str) -> Result<Self, BtfError> {
+        let btf = Btf::from_file(path).map_err(|e| BtfError::Read {
+            path: path.to_owned(),
+            reason: format!("{e:#}"),
+        })?;
+        let sc = "sock_common";
+        let field = |strukt, field, size, global| -> Result<(&'static str, u32), BtfError> {
+            offset_of(&btf, strukt, field, size)
+                .map(|off| (global, off))
+                .ok_or(BtfError::Field {
+                    strukt,
+                    field,
+                    size,
+                })
+        };
+        Ok(Self {
+            values: [
+                field(sc, "skc_daddr", 4, offsets::SKC_DADDR)?,
+                field(sc, "skc_rcv_saddr", 4, offsets::SKC_RCV_SADDR)?,
+                field(sc, "skc_dport", 2, offsets::SKC_DPORT)?,
+                field(sc, "skc_num", 2, offsets::SKC_NUM)?,
+                field(sc, "skc_family", 2, offsets::SKC_FAMILY)?,
+                field(sc, "skc_state", 1, offsets::SKC_STATE)?,
+                field(sc, "skc_v6_daddr", 16, offsets::SKC_V6_DADDR)?,
+                field(sc, "skc_v6_rcv_saddr", 16, offsets::SKC_V6_RCV_SADDR)?,
+                field("inet_timewait_sock", "tw_substate", 1, offsets::TW_SUBSTATE)?,
+                field(sc, "skc_net", 8, offsets::SKC_NET)?,
+                field("sock", "sk_protocol", 2, offsets::SK_PROTOCOL)?,
+                (
+                    offsets::NET_NS_INUM,
+                    field("net", "ns", size_of_struct(&btf, "ns_common")?, "")?.1
+                        + field("ns_common", "inum", 4, "")?.1,
+                ),
+            ],
+        })
+    }
+}
+
+/// Size of struct `name`.
+fn size_of_struct(btf: &Btf, name: &'static str) -> Result<usize, BtfError> {
+    btf.resolve_types_by_name(name)
+        .ok()
+        .and_then(|types| {
+            types.into_iter().find_map(|t| match t {
+                Type::Struct(s) => Some(s.size()),
+                _ => None,
+            })
+        })
+        .ok_or(BtfError::Field {
+            strukt: name,
+            field: "(itself)",
+            size: 0,
+        })
+}
+
+/// Byte offset of `field` in struct `strukt`, looking through anonymous
+/// structs and unions, if its type is `size` bytes.
+fn offset_of(btf: &Btf, strukt: &str, field: &str, size: usize) -> Option<u32> {
+    let ty = btf
+        .resolve_types_by_name(strukt)
+        .ok()?
+        .into_iter()
+        .find(|t| matches!(t, Type::Struct(_)))?;
+    let Type::Struct(s) = ty else { return None };
+    find_member(btf, &s, field, size, 0)
+}
+
+fn find_member(
+    btf: &Btf,
+    s: &btf_rs::Struct,
+    field: &str,
+    size: usize,
+    base_bits: u32,
+) -> Option<u32> {
+    for member in &s.members {
+        let name = btf.resolve_name(member).unwrap_or_default();
+        let bits = base_bits + member.bit_offset();
+        let ty = btf.resolve_chained_type(member).ok()?;
+        if name == field {
+            return (member.bitfield_size().unwrap_or(0) == 0
+                && bits.is_multiple_of(8)
+                && type_size(btf, ty) == Some(size))
+            .then_some(bits / 8);
+        }
+        if let (true, Type::Struct(inner) | Type::Union(inner)) = (name.is_empty(), ty)
+            && let Some(off) = find_member(btf, &inner, field, size, bits)
+        {
+            return Some(off);
+        }
+    }
+    None
+}
+
+/// Size of a type, following typedefs and qualifiers.
+fn type_size(btf: &Btf, mut ty: Type) -> Option<usize> {
+    for _ in 0..16 {
+        ty = match ty {
+            Type::Int(i) => return Some(i.size()),
+            Type::Struct(s) | Type::Union(s) => return Some(s.size()),
+            Type::Enum(e) => return Some(e.size()),
+            Type::Array(a) => {
+                let elem = btf.resolve_chained_type(&a).ok()?;
+                return Some(a.len() * type_size(btf, elem)?);
+            }
+            Type::Typedef(_) | Type::Volatile(_) | Type::Const(_) | Type::Restrict(_) => {
+                btf.resolve_chained_type(ty.as_btf_type()?).ok()?
+            }
+            _ => return None,
+        };
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offsets_come_from_the_running_kernel() {
+        let Ok(offsets) = Offsets::resolve(KERNEL_BTF) else {
+            eprintln!("SKIPPED: no readable kernel BTF at {KERNEL_BTF}");
+            return;
+        };
+        let get = |name| offsets.values.iter().find(|(n, _)| *n == name).unwrap().1;
+        // Facts of every kernel since 4.x: the address pair opens the
+        // struct, family precedes state, TIME_WAIT fields follow it.
+        assert_eq!(get(offsets::SKC_DADDR), 0);
+        assert_eq!(get(offsets::SKC_RCV_SADDR), 4);
+        assert_eq!(get(offsets::SKC_STATE), get(offsets::SKC_FAMILY) + 2);
+        assert!(get(offsets::TW_SUBSTATE) >= 136);
+    }
+
+    #[test]
+    fn a_wrong_size_is_refused() {
+        let Ok(btf) = Btf::from_file(KERNEL_BTF) else {
+            eprintln!("SKIPPED: no readable kernel BTF at {KERNEL_BTF}");
+            return;
+        };
+        assert!(offset_of(&btf, "sock_common", "skc_state", 1).is_some());
+        assert!(offset_of(&btf, "sock_common", "skc_state", 4).is_none());
+        assert!(offset_of(&btf, "sock_common", "no_such_field", 1).is_none());
+    }
+}

@@ -1,0 +1,39 @@
+//! Why loading the kernel programs or opening their maps failed.
+
+use aya::programs::ProgramError;
+use handshake_common::abi::AGE_NETNS_SLOTS;
+use thiserror::Error;
+
+use crate::kernel::{btf::BtfError, netns::NetnsError};
+
+#[derive(Debug, Error)]
+pub enum LoadError {
+    #[error("parsing the embedded eBPF object")]
+    Object(#[source] aya::EbpfError),
+    #[error("the eBPF object has no program {0:?}")]
+    MissingProgram(&'static str),
+    #[error("loading program {name:?} into the kernel")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("the eBPF object has no map {0:?}")]
+    MissingMap(&'static str),
+    #[error("opening map {name:?}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("socket ages can be kept for {max} namespaces at most, not {0}", max = AGE_NETNS_SLOTS)]
+    TooManyNamespaces(usize),
+    #[error("namespace inode {0} does not fit the kernel's 32-bit inode numbers")]
+    NamespaceInode(u64),
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error(
+        "this kernel's BTF is needed (the state tracepoint and the census read kernel structs)"
+    )]
+    Btf(#[source] BtfError),
+}

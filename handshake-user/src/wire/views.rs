@@ -1,0 +1,179 @@
+//! The JSON objects the API answers with, as the daemon writes them and
+//! the CLI reads them back. Field names are the documented JSON; the
+//! daemon's model fills them in (`model`), the CLI only reads.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// (client address, client port, server address, server port): one
+/// connection, whichever side this host was.
+pub type Endpoints = (String, u16, String, u16);
+
+/// One connection as `handshake conns --json` prints it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConnView {
+    pub family: String,
+    pub local_addr: String,
+    pub local_port: u16,
+    pub remote_addr: String,
+    pub remote_port: u16,
+    pub role: String,
+    /// `established`, `refused`, `reset`, `timeout` or `in_progress`.
+    pub outcome: String,
+    /// Client: SYN out → SYN-ACK in, µs.
+    pub connect_us: Option<f64>,
+    /// Server: SYN in → SYN-ACK out, µs.
+    pub syn_to_synack_us: Option<f64>,
+    /// Server: SYN-ACK out → ACK in, µs.
+    pub synack_to_ack_us: Option<f64>,
+    pub syn_retransmits: u16,
+    pub synack_retransmits: u16,
+    /// Who sent the RST of a refused or reset handshake.
+    pub rst_from: Option<String>,
+    pub ifindex: u32,
+    /// Seconds since the first SYN.
+    pub age_s: f64,
+    /// From the connection's ClientHello, when it carried TLS.
+    pub sni: Option<String>,
+    pub ja4: Option<String>,
+    /// Negotiated, from the ServerHello.
+    pub tls_version: Option<String>,
+}
+
+impl ConnView {
+    /// Its client's and server's endpoints, whichever side this host was.
+    pub fn endpoints(&self) -> Endpoints {
+        let local = (self.local_addr.clone(), self.local_port);
+        let remote = (self.remote_addr.clone(), self.remote_port);
+        let (client, server) = if self.role == "client" {
+            (local, remote)
+        } else {
+            (remote, local)
+        };
+        (client.0, client.1, server.0, server.1)
+    }
+}
+
+/// One full socket from a census listing.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SocketView {
+    pub netns: String,
+    pub family: String,
+    pub state: String,
+    pub local_addr: String,
+    pub local_port: u16,
+    pub remote_addr: String,
+    pub remote_port: u16,
+    /// Seconds in this state; `null` when the socket entered it before the
+    /// daemon started.
+    pub state_age_s: Option<f64>,
+    /// The process that called connect(), for connections this host opened.
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+}
+
+impl SocketView {
+    /// Oldest first; unknown ages last.
+    pub fn sort(views: &mut [Self]) {
+        views.sort_by(|a, b| {
+            b.state_age_s
+                .unwrap_or(-1.0)
+                .total_cmp(&a.state_age_s.unwrap_or(-1.0))
+        });
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Forecast {
+    pub remote_addr: String,
+    pub remote_port: u16,
+    pub time_wait: u64,
+    pub growth_per_second: f64,
+    pub seconds_to_exhaustion: Option<f64>,
+}
+
+/// `handshake states --json`: one per watched namespace.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StatesView {
+    pub netns: String,
+    pub states: BTreeMap<String, u64>,
+    /// Host-wide (the state tracepoint sees every namespace): per
+    /// `from->to`, over the daemon's last second or so.
+    pub transitions_per_second: BTreeMap<String, f64>,
+    /// `iter/tcp`, or `sock_diag` (netlink) where the program is unavailable.
+    pub census_source: String,
+    pub census_seconds: f64,
+    /// For close_wait, fin_wait2 and syn_sent: the oldest sockets, oldest
+    /// first (a leak, a peer that never closes, a peer that never answers).
+    pub oldest: BTreeMap<String, Vec<SocketView>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Endpoint {
+    pub remote_addr: String,
+    /// 0: all ports of that address (this host's TIME_WAIT sockets as a
+    /// server, whose local port is not ephemeral).
+    pub remote_port: u16,
+    pub count: u64,
+}
+
+/// `handshake timewait --json`: one per watched namespace.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TimeWaitView {
+    pub netns: String,
+    pub count: u64,
+    pub entries_per_second: Option<f64>,
+    pub port_range: [u16; 2],
+    pub top: Vec<Endpoint>,
+    pub top_local: Vec<Endpoint>,
+    pub forecast: Vec<Forecast>,
+}
+
+/// One TLS connection as the hooks saw it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TlsView {
+    pub family: String,
+    pub client_addr: String,
+    pub client_port: u16,
+    pub server_addr: String,
+    pub server_port: u16,
+    /// This host's side: `client` when it sent the ClientHello.
+    pub role: String,
+    pub sni: Option<String>,
+    pub alpn: Vec<String>,
+    pub ja4: String,
+    pub ja4_r: String,
+    pub ja3: String,
+    pub ja3_hash: String,
+    /// The highest version the client offered.
+    pub offered_version: String,
+    /// Negotiated, once the ServerHello was seen.
+    pub version: Option<String>,
+    /// Negotiated cipher suite, `0x1301` style.
+    pub cipher: Option<String>,
+    pub client_hello_to_server_hello_us: Option<f64>,
+    pub server_hello_to_client_finished_us: Option<f64>,
+    /// From the connection's first SYN to the client's first record after
+    /// the ServerHello, when the TCP handshake was seen too.
+    pub total_from_syn_us: Option<f64>,
+    /// Kernel clock of the ClientHello, to join with the TCP handshake.
+    #[serde(skip)]
+    pub ts_client_hello: u64,
+    #[serde(skip)]
+    pub ts_client_finished: Option<u64>,
+    #[serde(skip)]
+    pub ifindex: u32,
+    pub age_s: f64,
+}
+
+impl TlsView {
+    pub fn endpoints(&self) -> Endpoints {
+        (
+            self.client_addr.clone(),
+            self.client_port,
+            self.server_addr.clone(),
+            self.server_port,
+        )
+    }
+}
