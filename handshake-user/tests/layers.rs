@@ -72,8 +72,14 @@ fn imports() -> Vec<(String, String, BTreeSet<String>)> {
     files
         .into_iter()
         .filter_map(|(path, text)| {
-            let relative = path.strip_prefix(&format!("{}/", src.display()))?.to_owned();
-            let top = relative.split('/').next()?.trim_end_matches(".rs").to_owned();
+            let relative = path
+                .strip_prefix(&format!("{}/", src.display()))?
+                .to_owned();
+            let top = relative
+                .split('/')
+                .next()?
+                .trim_end_matches(".rs")
+                .to_owned();
             Some((relative, top, imported(&text)))
         })
         .collect()
@@ -117,7 +123,8 @@ fn the_client_knows_the_daemon_only_through_wire() {
 
 #[test]
 fn groups_and_paths_are_both_read() {
-    let source = "use crate::{\n    daemon::{a, b},\n    kernel::clock,\n};\nfn f() { crate::wire::x(); }";
+    let source =
+        "use crate::{\n    daemon::{a, b},\n    kernel::clock,\n};\nfn f() { crate::wire::x(); }";
     let found: Vec<String> = imported(source).into_iter().collect();
     assert_eq!(found, ["daemon", "kernel", "wire"]);
 }

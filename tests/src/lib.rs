@@ -40,6 +40,27 @@ pub fn require_root() {
     );
 }
 
+/// Marks the running test as skipped: it cannot run on this machine
+/// (`reason` names the missing kernel feature). Says so on stderr and in
+/// the file `HANDSHAKE_SKIP_LOG` names, from which `cargo xtask test`
+/// counts it as skipped rather than passed. The test returns after this.
+pub fn skip(reason: &str) {
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("unnamed test")
+        .to_owned();
+    eprintln!("SKIPPED {test}: {reason}");
+    if let Some(path) = std::env::var_os("HANDSHAKE_SKIP_LOG") {
+        use std::io::Write as _;
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .expect("open HANDSHAKE_SKIP_LOG");
+        writeln!(log, "{test}: {reason}").expect("write HANDSHAKE_SKIP_LOG");
+    }
+}
+
 /// Runs a command and returns its stdout; panics with its stderr on failure.
 pub fn sh(program: &str, args: &[&str]) -> String {
     let out = Command::new(program)

@@ -26,6 +26,7 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("tcpreplay", "tcpreplay"),
     ("tshark", "tshark"),
     ("curl", "curl"),
+    ("bpftool", "bpftool"),
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq)]
