@@ -300,6 +300,11 @@ impl Daemon {
     /// Starts `handshake daemon ARGS --metrics-addr 127.0.0.1:<free>
     /// --api-socket <private path>` and waits until `/metrics` answers.
     pub fn start(args: &[&str]) -> Self {
+        Self::start_with_env(args, &[])
+    }
+
+    /// [`Self::start`] with `env` added to the daemon's environment.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
         let metrics_addr = format!("127.0.0.1:{}", free_port());
         let id = unique_id();
         let log = std::env::temp_dir().join(format!("handshake-daemon-{id}.log"));
@@ -311,6 +316,7 @@ impl Daemon {
             .args(["--metrics-addr", &metrics_addr])
             .arg("--api-socket")
             .arg(&api_socket)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().expect("log fd"))
             .stderr(log_file)
@@ -474,10 +480,28 @@ impl Metrics {
     }
 
     /// The sum of the series of `name` that carry all of `labels` (what
-    /// PromQL's `sum(name{labels})` gives); 0 when none does, as Prometheus
-    /// treats a counter it has not seen.
+    /// PromQL's `sum(name{labels})` gives). Panics when no series matches:
+    /// a renamed or vanished metric must fail a test, not read as 0.
     pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.0
+        self.find(name, labels).unwrap_or_else(|| {
+            panic!("no series {name}{labels:?} in the scrape: renamed, or not exported?")
+        })
+    }
+
+    /// Like [`Self::get`], but 0 when no series matches: only for series
+    /// that appear once something happened (a state transition, a port
+    /// half-open), read before it did. The family itself must exist.
+    pub fn get_or_zero(&self, family: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+        assert!(
+            self.0.keys().any(|(n, _)| n == family),
+            "no family {family} in the scrape: renamed, or not exported?"
+        );
+        self.find(name, labels).unwrap_or(0.0)
+    }
+
+    fn find(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let mut matching = self
+            .0
             .iter()
             .filter(|((n, pairs), _)| {
                 n == name
@@ -485,8 +509,10 @@ impl Metrics {
                         .iter()
                         .all(|(k, v)| pairs.iter().any(|(pk, pv)| pk == k && pv == v))
             })
-            .map(|(_, value)| value)
-            .sum()
+            .map(|(_, value)| *value)
+            .peekable();
+        matching.peek()?;
+        Some(matching.sum())
     }
 
     pub fn packets(&self, direction: &str, kind: &str) -> u64 {
@@ -496,11 +522,12 @@ impl Metrics {
         ) as u64
     }
 
+    /// State changes `from` → `to` so far: 0 before the first (the
+    /// series appears with it); the family must be there (the daemon
+    /// counts its own sockets' changes from its start).
     pub fn transitions(&self, from: &str, to: &str) -> u64 {
-        self.get(
-            "handshake_tcp_state_transitions_total",
-            &[("from", from), ("to", to)],
-        ) as u64
+        let name = "handshake_tcp_state_transitions_total";
+        self.get_or_zero(name, name, &[("from", from), ("to", to)]) as u64
     }
 }
 

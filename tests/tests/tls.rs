@@ -3,12 +3,12 @@
 //! the daemon's `handshake tls` must give every stream's published JA4,
 //! JA4_r and SNI.
 
-use std::{process::Command, time::Duration};
+use std::{collections::HashMap, process::Command, time::Duration};
 
 use handshake_tests::{
     NetnsPair, TlsServer,
     capture_file::{read_frames, reference_captures, write_ethernet_pcap},
-    require_root, serial,
+    median_p99, require_root, serial,
 };
 
 #[test]
@@ -93,7 +93,17 @@ fn replayed_reference_captures_give_their_published_ja4_and_sni() {
     }
     let _ = std::fs::remove_dir_all(&dir);
     eprintln!("{checked} replayed ClientHellos match their published JA4, JA4_r and SNI");
-    assert!(checked >= 60, "only {checked} checked");
+    let published: usize = reference_captures()
+        .iter()
+        .map(|(_, json)| {
+            let streams = json.as_array().expect("a list of streams");
+            streams.iter().filter(|s| s["JA4.1"].is_string()).count()
+        })
+        .sum();
+    assert_eq!(
+        checked, published,
+        "ClientHellos checked, of those published"
+    );
     let metrics = daemon.scrape();
     assert_eq!(
         metrics.get(
@@ -412,6 +422,8 @@ fn real_clients_agree_with_tshark() {
     let packets: serde_json::Value = serde_json::from_slice(&json.stdout).expect("tshark JSON");
     let seen = daemon.cli_json("tls", &[]);
     let seen = seen.as_array().unwrap();
+    let wire = wire_handshakes(&pcap, PORT);
+    let mut differences = Vec::new();
     let mut checked = 0;
     let mut spanning = 0;
     for packet in packets.as_array().unwrap() {
@@ -477,68 +489,55 @@ fn real_clients_agree_with_tshark() {
             ja4_from_tshark(hello),
             "{view}"
         );
-        assert!(view["version"].is_string(), "no ServerHello seen: {view}");
+        let wire = &wire[&(src.as_str().unwrap().to_owned(), sport)];
+        assert_eq!(view["offered_version"], wire.offered, "{view}");
+        assert_eq!(view["version"], wire.version, "{view}");
+        assert_eq!(view["cipher"], wire.cipher, "{view}");
         // Phases: ClientHello -> ServerHello -> the client's next record,
-        // and the whole from the TCP handshake's first SYN.
-        let phase = |name: &str| {
-            view[name]
+        // and the whole from the TCP handshake's first SYN, against the
+        // capture on the same interface.
+        for (name, truth) in [
+            (
+                "client_hello_to_server_hello_us",
+                wire.server_hello - wire.client_hello,
+            ),
+            (
+                "server_hello_to_client_finished_us",
+                wire.client_finished - wire.server_hello,
+            ),
+            ("total_from_syn_us", wire.client_finished - wire.syn),
+        ] {
+            let ours = view[name]
                 .as_f64()
-                .unwrap_or_else(|| panic!("no {name}: {view}"))
-        };
-        let (first, second) = (
-            phase("client_hello_to_server_hello_us"),
-            phase("server_hello_to_client_finished_us"),
-        );
-        assert!(first > 0.0 && second > 0.0, "{view}");
-        assert!(phase("total_from_syn_us") > first + second, "{view}");
+                .unwrap_or_else(|| panic!("no {name}: {view}"));
+            assert!(
+                (ours - truth).abs() <= PHASE_TOLERANCE_US,
+                "{name}: {ours:.0} us, the capture {truth:.0} us: {view}"
+            );
+            differences.push((ours - truth).abs());
+        }
         checked += 1;
     }
-    // Negotiated versions against tshark's ServerHellos.
-    let out = Command::new("tshark")
-        .arg("-r")
-        .arg(&pcap)
-        .args([
-            "-Y",
-            "tls.handshake.type == 2",
-            "-T",
-            "fields",
-            "-e",
-            "tcp.dstport",
-        ])
-        .args([
-            "-e",
-            "tls.handshake.extensions.supported_version",
-            "-e",
-            "tls.handshake.version",
-        ])
-        .output()
-        .unwrap();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let fields: Vec<&str> = line.split('\t').collect();
-        let port: u16 = fields[0].parse().unwrap();
-        let version = if fields[1].is_empty() {
-            fields[2]
-        } else {
-            fields[1]
-        };
-        let expected = match version {
-            "0x0304" => "1.3",
-            "0x0303" => "1.2",
-            other => panic!("unexpected version {other}"),
-        };
-        let view = seen.iter().find(|v| v["client_port"] == port).unwrap();
-        assert_eq!(view["version"], expected, "{view}");
-    }
+    let (median, p99) = median_p99(&mut differences);
+    assert!(
+        median <= PHASE_MEDIAN_US,
+        "TLS phases differ from the capture by {median:.0} us in the median"
+    );
     let multi = seen
         .iter()
         .filter(|v| v["client_hello_to_server_hello_us"].is_number())
         .count();
     eprintln!(
-        "{checked} ClientHellos agree with tshark ({multi} with a ServerHello, {spanning} spanning several segments)"
+        "{checked} ClientHellos agree with tshark ({multi} with a ServerHello, {spanning} spanning several segments); phases differ from the capture by {median:.0} us (median), {p99:.0} us (p99)"
     );
-    assert!(
-        spanning >= 3,
-        "only {spanning} ClientHellos spanned several segments"
+    // At an MTU of 256 every ClientHello spans several segments.
+    let small_mtu_runs = clients
+        .iter()
+        .filter(|c| !c.iter().any(|a| a.contains('[')))
+        .count();
+    assert_eq!(
+        spanning, small_mtu_runs,
+        "ClientHellos that spanned several segments"
     );
     assert_eq!(
         checked,
@@ -546,4 +545,213 @@ fn real_clients_agree_with_tshark() {
         "every client connected twice (IPv6 once)"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// How far a TLS phase may differ from the capture on the same interface:
+/// the hooks stamp a packet when they run, tcpdump when it was queued, and
+/// the 2-vCPU VM sometimes deschedules the work between (up to ~250 us
+/// seen for TCP phases) — so each phase within a millisecond, and the
+/// median within what stamping the wrong packet of a handshake (100 us or
+/// more apart over veth) would exceed.
+const PHASE_TOLERANCE_US: f64 = 1000.0;
+const PHASE_MEDIAN_US: f64 = 50.0;
+
+/// One TLS handshake as the capture shows it: times in µs, versions as
+/// the daemon names them, the cipher as `0x1302`.
+#[derive(Debug)]
+struct WireHandshake {
+    syn: f64,
+    /// The client's first payload packet (a ClientHello's first segment).
+    client_hello: f64,
+    /// The server's first payload packet.
+    server_hello: f64,
+    /// The client's first payload packet after that with a record that is
+    /// not ChangeCipherSpec.
+    client_finished: f64,
+    offered: &'static str,
+    version: &'static str,
+    cipher: String,
+}
+
+/// One TCP packet of the capture, as tshark decodes it.
+struct WirePacket {
+    at_us: f64,
+    /// The client's (address, port).
+    client: (String, u16),
+    from_client: bool,
+    syn_only: bool,
+    payload: bool,
+    content_types: Vec<String>,
+    handshake_types: Vec<String>,
+    cipher: String,
+    supported_versions: String,
+    legacy_version: String,
+}
+
+/// The packets to and from `port` in the capture at `pcap`.
+fn wire_packets(pcap: &std::path::Path, port: u16) -> Vec<WirePacket> {
+    const FIELDS: [&str; 16] = [
+        "frame.time_epoch",
+        "ip.src",
+        "ipv6.src",
+        "ip.dst",
+        "ipv6.dst",
+        "tcp.srcport",
+        "tcp.dstport",
+        "tcp.len",
+        "tcp.flags.syn",
+        "tcp.flags.ack",
+        "tls.record.content_type",
+        "tls.record.opaque_type",
+        "tls.handshake.type",
+        "tls.handshake.ciphersuite",
+        "tls.handshake.extensions.supported_version",
+        "tls.handshake.version",
+    ];
+    let mut command = Command::new("tshark");
+    command
+        .arg("-r")
+        .arg(pcap)
+        .args(["-T", "fields", "-E", "occurrence=a"]);
+    for field in FIELDS {
+        command.args(["-e", field]);
+    }
+    let out = command.output().expect("run tshark");
+    let list = |text: &str| {
+        text.split(',')
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned)
+            .collect()
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|line| {
+            let f: Vec<&str> = line.split('\t').collect();
+            let either = |a: &str, b: &str| if a.is_empty() { b } else { a }.to_owned();
+            let (src, dst) = (either(f[1], f[2]), either(f[3], f[4]));
+            let (sport, dport): (u16, u16) = (f[5].parse().unwrap(), f[6].parse().unwrap());
+            let from_client = dport == port;
+            WirePacket {
+                at_us: f[0].parse::<f64>().expect("frame time") * 1e6,
+                client: if from_client {
+                    (src, sport)
+                } else {
+                    (dst, dport)
+                },
+                from_client,
+                syn_only: f[8] == "1" && f[9] == "0",
+                payload: f[7] != "0",
+                // TLS 1.3 encrypted records: tshark names their type
+                // `opaque_type`.
+                content_types: [list(f[10]), list(f[11])].concat(),
+                handshake_types: list(f[12]),
+                cipher: f[13].split(',').next().unwrap_or_default().to_owned(),
+                supported_versions: f[14].to_owned(),
+                legacy_version: f[15].split(',').next().unwrap_or_default().to_owned(),
+            }
+        })
+        .collect()
+}
+
+/// The TLS handshakes to `port` in the capture at `pcap`, by client
+/// (address, port).
+fn wire_handshakes(pcap: &std::path::Path, port: u16) -> HashMap<(String, u16), WireHandshake> {
+    let mut by_client: HashMap<(String, u16), Vec<WirePacket>> = HashMap::new();
+    for packet in wire_packets(pcap, port) {
+        by_client
+            .entry(packet.client.clone())
+            .or_default()
+            .push(packet);
+    }
+    by_client
+        .into_iter()
+        .map(|(client, packets)| {
+            let at = |p: Option<&WirePacket>, what: &str| {
+                p.unwrap_or_else(|| {
+                    let seen: Vec<_> = packets
+                        .iter()
+                        .map(|p| {
+                            (
+                                p.from_client,
+                                p.payload,
+                                &p.content_types,
+                                &p.handshake_types,
+                            )
+                        })
+                        .collect();
+                    panic!("{client:?}: no {what} in the capture: {seen:?}")
+                })
+                .at_us
+            };
+            let syn = at(packets.iter().find(|p| p.from_client && p.syn_only), "SYN");
+            let hello = packets
+                .iter()
+                .find(|p| p.from_client && p.handshake_types.iter().any(|t| t == "1"));
+            let server = packets
+                .iter()
+                .find(|p| !p.from_client && p.handshake_types.iter().any(|t| t == "2"))
+                .unwrap_or_else(|| panic!("{client:?}: no ServerHello in the capture"));
+            let client_hello = at(
+                packets.iter().find(|p| p.from_client && p.payload),
+                "ClientHello",
+            );
+            let server_hello = at(
+                packets.iter().find(|p| !p.from_client && p.payload),
+                "ServerHello",
+            );
+            let client_finished = at(
+                packets.iter().find(|p| {
+                    p.from_client
+                        && p.at_us > server_hello
+                        && p.content_types.iter().any(|t| t != "20")
+                }),
+                "client record after the ServerHello",
+            );
+            let hello =
+                hello.unwrap_or_else(|| panic!("{client:?}: no ClientHello in the capture"));
+            let negotiated = server
+                .supported_versions
+                .split(',')
+                .find(|v| !v.is_empty())
+                .unwrap_or(&server.legacy_version);
+            let wire = WireHandshake {
+                syn,
+                client_hello,
+                server_hello,
+                client_finished,
+                offered: offered_version(&hello.supported_versions, &hello.legacy_version),
+                version: version_name(negotiated),
+                cipher: server.cipher.clone(),
+            };
+            (client, wire)
+        })
+        .collect()
+}
+
+/// The highest version a ClientHello offers, GREASE aside: from
+/// supported_versions when it has one, else its legacy version.
+fn offered_version(supported: &str, legacy: &str) -> &'static str {
+    let highest = supported
+        .split(',')
+        .filter(|v| !v.is_empty() && !is_grease_text(v))
+        .filter_map(|v| u16::from_str_radix(v.trim_start_matches("0x"), 16).ok())
+        .max();
+    match highest {
+        Some(v) => version_name(&format!("0x{v:04x}")),
+        None => version_name(legacy.split(',').next().unwrap_or(legacy)),
+    }
+}
+
+fn is_grease_text(version: &str) -> bool {
+    u16::from_str_radix(version.trim_start_matches("0x"), 16).is_ok_and(grease)
+}
+
+fn version_name(hex: &str) -> &'static str {
+    match hex {
+        "0x0304" => "1.3",
+        "0x0303" => "1.2",
+        "0x0302" => "1.1",
+        "0x0301" => "1.0",
+        other => panic!("unexpected TLS version {other}"),
+    }
 }
