@@ -956,3 +956,43 @@ fn without_iter_tcp_the_census_falls_back_to_netlink_or_refuses() {
         "{stderr}"
     );
 }
+
+/// Sockets that entered their state before the daemon started have no
+/// age (`null`, not a made-up one); once they change state, they do.
+#[test]
+fn sockets_older_than_the_daemon_have_no_age_until_they_change_state() {
+    require_root();
+    let _serial = serial();
+    const N: usize = 10;
+    let pair = NetnsPair::new();
+    let (clients, (listener, server_ends), _) = hold_connections(&pair, 7503, N);
+    let daemon = pair.server_daemon(&[]);
+    let rows = daemon.conns(&["--state", "established"]);
+    assert_eq!(rows.len(), N, "{rows:?}");
+    for row in &rows {
+        assert!(row["state_age_s"].is_null(), "{row}");
+        assert!(row["pid"].is_null(), "{row}");
+    }
+    // The clients close: the server ends go to CLOSE_WAIT now, while the
+    // daemon watches.
+    let closed_at = Instant::now();
+    drop(clients);
+    std::thread::sleep(Duration::from_millis(200));
+    let rows = daemon.conns(&["--state", "close_wait"]);
+    assert_eq!(rows.len(), N, "{rows:?}");
+    let ages: Vec<f64> = rows
+        .iter()
+        .map(|r| {
+            r["state_age_s"]
+                .as_f64()
+                .unwrap_or_else(|| panic!("no age: {r}"))
+        })
+        .collect();
+    ages_within(
+        &ages,
+        closed_at,
+        closed_at + Duration::from_millis(100),
+        Instant::now(),
+    );
+    drop((listener, server_ends));
+}

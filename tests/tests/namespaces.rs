@@ -206,6 +206,17 @@ fn stopping_the_daemon_leaves_nothing_attached() {
         ("xdp", libc::SIGKILL),
     ] {
         let daemon = pair.server_daemon(&["--ingress-hook", hook]);
+        // The API is root's alone unless opened up.
+        let socket = daemon.api_socket.clone();
+        let mode = std::fs::metadata(&socket)
+            .expect("API socket")
+            .permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600,
+            "{}",
+            socket.display()
+        );
         let attached = attachments(&pair);
         assert!(
             attached.contains("tc_eg_handshake"),
@@ -217,6 +228,7 @@ fn stopping_the_daemon_leaves_nothing_attached() {
                 status.success(),
                 "exit status after signal {signal}: {status}"
             );
+            assert!(!socket.exists(), "{} left behind", socket.display());
         }
         // Links held by a killed process are released asynchronously.
         let mut left = attachments(&pair);

@@ -368,6 +368,7 @@ fn refused_reset_and_timed_out_handshakes_on_both_roles() {
         (&client, "client", &client_packets),
     ] {
         let conns = daemon.conns(&[]);
+        filters_select_what_they_name(daemon, &conns);
         let (mut syn_rtx, mut synack_rtx) = (0, 0);
         for port in &timeout_ports {
             let (syns, synacks) = handshake_packets(packets, *port, 2_000_000_000);
@@ -476,4 +477,106 @@ fn twenty_thousand_connections_each_reported_once() {
     assert_eq!(m.get("handshake_ringbuf_dropped_total", &[]), 0.0);
     assert_eq!(m.get("handshake_map_evictions_total", &[]), 0.0);
     assert_eq!(m.get("handshake_map_insert_failures_total", &[]), 0.0);
+}
+
+/// A SYN flood into a half-open table of 64: the flood's own entries are
+/// evicted, exactly as many as did not fit, and counted; the real
+/// handshakes that follow are all measured, and no completed handshake is
+/// ever evicted.
+#[test]
+fn a_syn_flood_evicts_only_its_own_half_open_entries() {
+    require_root();
+    let _serial = serial();
+    let pair = NetnsPair::new();
+    const TABLE: usize = 64;
+    const FLOOD: usize = 500;
+    const REAL: usize = 50;
+    let (flood_port, real_port) = (9300, 9301);
+    let server = pair.server_daemon(&["--half-open-entries", &TABLE.to_string()]);
+    let flood_listener = spawn_in(&pair.server, move || TcpListener::bind(v4(flood_port)))
+        .join()
+        .unwrap()
+        .expect("bind the flooded port");
+    // No SYN-ACK of the flooded port reaches a client socket: every SYN
+    // leaves a half-open handshake behind.
+    let rule = drop_synacks(&pair.client, flood_port);
+    spawn_in(&pair.client, move || {
+        for _ in 0..FLOOD {
+            let attempt = TcpStream::connect_timeout(&v4(flood_port), Duration::from_millis(1));
+            assert!(attempt.is_err(), "a flood connection completed");
+        }
+    })
+    .join()
+    .unwrap();
+    let echo = echo_server(&pair.server, v4(real_port), REAL);
+    echo_clients(&pair.client, v4(real_port), REAL);
+    echo.join().unwrap();
+    // Two sweeps (200 ms each) after the last packet.
+    std::thread::sleep(Duration::from_millis(600));
+
+    let rows = by_client_port(
+        &server.conns(&["--port", &real_port.to_string()]),
+        "server",
+        real_port,
+    );
+    assert_eq!(rows.len(), REAL, "real handshakes measured");
+    for (client, rows) in &rows {
+        assert_eq!(rows.len(), 1, "{client:?}: {rows:?}");
+        assert_eq!(rows[0]["outcome"], "established", "{}", rows[0]);
+    }
+    let m = server.scrape();
+    let live = m.get(
+        "handshake_tcp_half_open",
+        &[("port", &flood_port.to_string())],
+    );
+    assert!(
+        live as usize <= TABLE,
+        "{live} half-open in a table of {TABLE}"
+    );
+    // Inserted: the flood and the real SYNs; left by the completing ACK:
+    // the real ones; still there: `live`. The rest were evicted.
+    let evicted = m.get("handshake_map_evictions_total", &[("map", "half_open")]);
+    eprintln!("{FLOOD} flood SYNs into a table of {TABLE}: {live} left, {evicted} evicted");
+    let (inserted, completed) = (FLOOD + REAL, REAL);
+    assert_eq!(
+        evicted,
+        (inserted - completed) as f64 - live,
+        "half-open evictions"
+    );
+    assert_eq!(
+        m.get("handshake_map_evictions_total", &[("map", "flows")]),
+        0.0
+    );
+    assert_eq!(m.get("handshake_ringbuf_dropped_total", &[]), 0.0);
+    drop(rule);
+    drop(flood_listener);
+}
+
+/// `conns --role` and `--outcome` list exactly the rows of the whole list
+/// that carry that role or outcome (ages aside: they grow between calls).
+fn filters_select_what_they_name(daemon: &handshake_tests::Daemon, all: &[Value]) {
+    let without_age = |rows: Vec<Value>| -> Vec<Value> {
+        rows.into_iter()
+            .map(|mut row| {
+                row.as_object_mut().expect("a JSON object").remove("age_s");
+                row
+            })
+            .collect()
+    };
+    for (flag, value, field, json) in [
+        ("--role", "client", "role", "client"),
+        ("--role", "server", "role", "server"),
+        ("--outcome", "refused", "outcome", "refused"),
+        ("--outcome", "reset", "outcome", "reset"),
+        ("--outcome", "timeout", "outcome", "timeout"),
+        ("--outcome", "established", "outcome", "established"),
+        ("--outcome", "in-progress", "outcome", "in_progress"),
+    ] {
+        let expected: Vec<Value> = all.iter().filter(|r| r[field] == json).cloned().collect();
+        assert_eq!(
+            without_age(daemon.conns(&[flag, value])),
+            without_age(expected),
+            "conns {flag} {value}"
+        );
+    }
 }

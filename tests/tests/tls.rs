@@ -544,6 +544,8 @@ fn real_clients_agree_with_tshark() {
         clients.len() + clients.len() - 2,
         "every client connected twice (IPv6 once)"
     );
+    tls_filters_select_what_they_name(&daemon, seen);
+    tls_metrics_count_what_was_listed(&daemon, seen);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -753,5 +755,101 @@ fn version_name(hex: &str) -> &'static str {
         "0x0302" => "1.1",
         "0x0301" => "1.0",
         other => panic!("unexpected TLS version {other}"),
+    }
+}
+
+/// `tls --sni`, `--ja4` and `--top` against the whole list (ages aside:
+/// they grow between calls).
+fn tls_filters_select_what_they_name(daemon: &handshake_tests::Daemon, all: &[serde_json::Value]) {
+    let without_age = |rows: &[serde_json::Value]| -> Vec<serde_json::Value> {
+        rows.iter()
+            .cloned()
+            .map(|mut row| {
+                row.as_object_mut().expect("a JSON object").remove("age_s");
+                row
+            })
+            .collect()
+    };
+    let listed = |args: &[&str]| {
+        let answer = daemon.cli_json("tls", args);
+        without_age(answer.as_array().expect("a JSON array"))
+    };
+    let sni = all[0]["sni"].as_str().expect("an SNI");
+    let ja4 = all[0]["ja4"].as_str().expect("a JA4");
+    for (flag, value, field) in [("--sni", sni, "sni"), ("--ja4", ja4, "ja4")] {
+        let expected: Vec<_> = all.iter().filter(|v| v[field] == value).cloned().collect();
+        assert!(!expected.is_empty());
+        assert_eq!(
+            listed(&[flag, value]),
+            without_age(&expected),
+            "tls {flag} {value}"
+        );
+    }
+    // The most frequent (SNI, JA4) pairs: count down, then JA4, then SNI.
+    let mut counts: HashMap<(String, Option<String>), u64> = HashMap::new();
+    for v in all {
+        let key = (
+            v["ja4"].as_str().unwrap().to_owned(),
+            v["sni"].as_str().map(str::to_owned),
+        );
+        *counts.entry(key).or_default() += 1;
+    }
+    let mut expected: Vec<_> = counts.into_iter().collect();
+    expected.sort_by(|a, b| (b.1, &a.0).cmp(&(a.1, &b.0)));
+    expected.truncate(3);
+    let top = daemon.cli_json("tls", &["--top", "3"]);
+    let top: Vec<_> = top
+        .as_array()
+        .expect("a JSON array")
+        .iter()
+        .map(|p| {
+            let key = (
+                p["ja4"].as_str().unwrap().to_owned(),
+                p["sni"].as_str().map(str::to_owned),
+            );
+            (key, p["count"].as_u64().unwrap())
+        })
+        .collect();
+    assert_eq!(top, expected, "tls --top 3");
+}
+
+/// The TLS metrics count the handshakes `tls` lists (all on the server
+/// side here).
+fn tls_metrics_count_what_was_listed(daemon: &handshake_tests::Daemon, all: &[serde_json::Value]) {
+    let metrics = daemon.scrape();
+    let count = |field: &str, value: &str| all.iter().filter(|v| v[field] == value).count() as f64;
+    for version in ["1.2", "1.3"] {
+        assert_eq!(
+            metrics.get(
+                "handshake_tls_handshakes_total",
+                &[("role", "server"), ("version", version)]
+            ),
+            count("version", version),
+            "TLS {version} handshakes"
+        );
+    }
+    assert_eq!(
+        metrics.get("handshake_tls_client_hellos_total", &[]),
+        all.len() as f64
+    );
+    for (phase, field) in [
+        (
+            "client_hello_to_server_hello",
+            "client_hello_to_server_hello_us",
+        ),
+        (
+            "server_hello_to_client_finished",
+            "server_hello_to_client_finished_us",
+        ),
+    ] {
+        let timed = all.iter().filter(|v| v[field].is_number()).count() as f64;
+        assert_eq!(
+            metrics.get(
+                "handshake_tls_handshake_duration_seconds_count",
+                &[("role", "server"), ("phase", phase)]
+            ),
+            timed,
+            "{phase}"
+        );
     }
 }

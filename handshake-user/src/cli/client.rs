@@ -165,7 +165,7 @@ pub fn tls(flags: &TlsFlags) -> anyhow::Result<()> {
             .into_iter()
             .map(|((sni, ja4), count)| TopPair { sni, ja4, count })
             .collect();
-        pairs.sort_by(|a, b| b.count.cmp(&a.count).then(a.ja4.cmp(&b.ja4)));
+        pairs.sort_by(|a, b| (b.count, &a.ja4, &a.sni).cmp(&(a.count, &b.ja4, &b.sni)));
         pairs.truncate(top);
         if flags.json {
             println!("{}", serde_json::to_string_pretty(&pairs)?);
