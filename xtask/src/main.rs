@@ -29,7 +29,7 @@ usage: cargo xtask <command>
                    and counted as skipped, not passed
   bench [-- WHICH] setup, build, then the benchmarks (docs/BENCHMARKS.md);
                    WHICH is `xdp`, `fingerprint`, `churn`, `census`,
-                   `tls` or `all` (default)
+                   `tls`, `forecast` or `all` (default)
 ";
 
 fn main() -> ExitCode {

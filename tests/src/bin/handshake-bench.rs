@@ -12,6 +12,8 @@
 //!    observer's conns/s as a ratio to the same round's no-observer rate.
 //! 4. `census`: the socket census against `ss` and node_exporter.
 //! 5. `tls`: full TLS handshakes per second with and without the daemon.
+//! 6. `forecast`: whether the port-exhaustion forecast comes true on the
+//!    wall clock (forecast seconds over the seconds exhaustion took).
 //!
 //! Each measurement is one BPF_PROG_TEST_RUN call repeating the frame
 //! `REPEAT` times. The kernel runs the repeats in the calling thread, so the
@@ -218,6 +220,9 @@ fn main() {
     }
     if which == "all" || which == "tls" {
         tls::run();
+    }
+    if which == "all" || which == "forecast" {
+        forecast::run();
     }
 }
 
@@ -1067,6 +1072,89 @@ mod tls {
         println!(
             "machine CPU per handshake, no observer over daemon: median {:.3}",
             super::median(&mut cpu_ratios)
+        );
+    }
+}
+
+/// Whether the port-exhaustion forecast comes true on the wall clock:
+/// steady churn towards one destination with a narrowed
+/// `ip_local_port_range`, the forecast read a few seconds in, then the
+/// churn goes on until connect() finds no free port. (The test suite
+/// checks what the forecast counts; only a clock can check when.)
+mod forecast {
+    use std::{
+        io::Read as _,
+        net::{SocketAddr, TcpListener, TcpStream},
+        sync::mpsc,
+        time::{Duration, Instant},
+    };
+
+    use handshake_tests::{NetnsPair, sh, spawn_in};
+
+    const PORTS: u16 = 1000;
+    const RATE: f64 = 100.0;
+
+    pub fn run() {
+        let pair = NetnsPair::new();
+        let range = format!("40000 {}", 40000 + PORTS - 1);
+        let sysctl = format!("net.ipv4.ip_local_port_range={range}");
+        sh(
+            "ip",
+            &["netns", "exec", &pair.client, "sysctl", "-qw", &sysctl],
+        );
+        let daemon = pair.client_daemon(&["--census-interval", "500ms"]);
+        let server: SocketAddr = format!("{}:7200", NetnsPair::SERVER_V4).parse().unwrap();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let _server = spawn_in(&pair.server, move || {
+            let listener = TcpListener::bind(server).unwrap();
+            ready_tx.send(()).unwrap();
+            for stream in listener.incoming() {
+                // The client closes first (TIME_WAIT on its side).
+                let Ok(mut stream) = stream else { break };
+                let _ = stream.read_to_end(&mut Vec::new());
+            }
+        });
+        ready_rx.recv().unwrap();
+        let started = Instant::now();
+        let churn = spawn_in(&pair.client, move || {
+            let mut n = 0u32;
+            loop {
+                let due = Duration::from_secs_f64(f64::from(n) / RATE);
+                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+                match TcpStream::connect(server) {
+                    Ok(stream) => drop(stream),
+                    Err(error) => return (started.elapsed(), n, error.to_string()),
+                }
+                n += 1;
+                assert!(
+                    n < 10 * u32::from(PORTS),
+                    "no exhaustion after {n} connections"
+                );
+            }
+        });
+        std::thread::sleep(Duration::from_secs(4));
+        let asked = started.elapsed();
+        let answer = daemon.cli_json("timewait", &[]);
+        let forecast = answer
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["netns"] == pair.client.as_str())
+            .and_then(|v| v["forecast"].as_array()?.first().cloned())
+            .unwrap_or_else(|| panic!("no forecast: {answer}"));
+        let (exhausted_at, made, error) = churn.join().unwrap();
+        let predicted = forecast["seconds_to_exhaustion"].as_f64();
+        let actual = (exhausted_at - asked).as_secs_f64();
+        println!(
+            "forecast: {PORTS} ports, {RATE}/s; asked at {:.2} s: {} left (growth {:.1}/s, {} held); connect() failed at {:.2} s after {made} connections ({error}): {actual:.2} s left; forecast/actual {}",
+            asked.as_secs_f64(),
+            predicted.map_or_else(|| "no exhaustion".to_owned(), |p| format!("{p:.2} s")),
+            forecast["growth_per_second"].as_f64().unwrap_or(f64::NAN),
+            forecast["time_wait"],
+            exhausted_at.as_secs_f64(),
+            predicted.map_or_else(|| "-".to_owned(), |p| format!("{:.3}", p / actual)),
         );
     }
 }
