@@ -240,6 +240,25 @@ pub fn echo_server(ns: &str, bind: SocketAddr, connections: usize) -> JoinHandle
     handle
 }
 
+/// A server at `at` in namespace `ns` that reads each connection to its
+/// end, then closes it, for as long as the process lives: its clients
+/// close first and keep the TIME_WAIT.
+pub fn sink_server(ns: &str, at: SocketAddr) -> JoinHandle<()> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let server = spawn_in(ns, move || {
+        let listener = TcpListener::bind(at).unwrap_or_else(|e| panic!("bind {at}: {e}"));
+        ready_tx.send(()).expect("test thread waits");
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { break };
+            let _ = stream.read_to_end(&mut Vec::new());
+        }
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("sink server did not start");
+    server
+}
+
 /// From namespace `ns`, opens `count` connections to `server` one after
 /// another: send, half-close, read the answer, close.
 pub fn echo_clients(ns: &str, server: SocketAddr, count: usize) {

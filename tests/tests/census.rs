@@ -12,7 +12,9 @@ use std::{
 };
 
 use handshake_common::abi::{census::SUMMARY_ROW_IPV4, census::SUMMARY_ROW_IPV6, tcp_state};
-use handshake_tests::{Daemon, NetnsPair, NftDrop, require_root, serial, sh, spawn_in};
+use handshake_tests::{
+    Daemon, NetnsPair, NftDrop, require_root, serial, sh, sink_server, spawn_in,
+};
 use handshake_user::{
     kernel::{
         loader::{Observer, PRETEND_MISSING},
@@ -442,7 +444,7 @@ fn the_port_exhaustion_forecast_counts_what_ss_counts() {
     );
     let daemon = pair.client_daemon(&["--census-interval", "500ms"]);
     let server_addr: SocketAddr = format!("{}:7200", NetnsPair::SERVER_V4).parse().unwrap();
-    let _server = echo_server_closing_after_peer(&pair.server, server_addr);
+    let _server = sink_server(&pair.server, server_addr);
     let entries_before = daemon
         .scrape()
         .get("handshake_tcp_time_wait_entries_total", &[]);
@@ -554,22 +556,6 @@ fn the_port_exhaustion_forecast_counts_what_ss_counts() {
         "exported {scheduled} s, answered {predicted} s"
     );
     assert_eq!(exhaustion("host"), f64::INFINITY, "the host heads nowhere");
-}
-
-/// A server at `at` in `ns` that reads each connection to its end, then
-/// closes it: the client closes first and keeps the TIME_WAIT.
-fn echo_server_closing_after_peer(ns: &str, at: SocketAddr) -> JoinHandle<()> {
-    let (ready_tx, ready_rx) = mpsc::channel();
-    let server = spawn_in(ns, move || {
-        let listener = TcpListener::bind(at).unwrap();
-        ready_tx.send(()).unwrap();
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { break };
-            let _ = stream.read_to_end(&mut Vec::new());
-        }
-    });
-    ready_rx.recv().unwrap();
-    server
 }
 
 /// Sockets stuck in CLOSE_WAIT (a server that never closes), FIN_WAIT2 (its

@@ -58,15 +58,7 @@ impl TryFrom<DaemonFlags> for DaemonConfig {
                 flags.census_interval
             );
         }
-        for (flag, value) in [
-            ("--half-open-entries", flags.half_open_entries),
-            ("--flow-entries", flags.flow_entries),
-            ("--socket-age-entries", flags.socket_age_entries),
-        ] {
-            if !(64..=1 << 24).contains(&value) {
-                bail!("{flag} {value} is out of range (64 to 16777216)");
-            }
-        }
+        let tables = table_sizes(&flags)?;
         if flags.conn_history == 0 {
             bail!("--conn-history must be at least 1");
         }
@@ -74,26 +66,7 @@ impl TryFrom<DaemonFlags> for DaemonConfig {
             Some(name) => Netns::open(name)?,
             None => Netns::host(),
         };
-        let interfaces = if flags.ifaces.is_empty() {
-            let up = netns.interfaces_up()?;
-            if up.is_empty() {
-                bail!("no interface is up in network namespace {:?}", netns.name());
-            }
-            up
-        } else {
-            for name in &flags.ifaces {
-                if netns.if_index(name)?.is_none() {
-                    bail!(
-                        "interface {name:?} not found in network namespace {:?}",
-                        netns.name()
-                    );
-                }
-            }
-            let mut names = flags.ifaces.clone();
-            names.sort();
-            names.dedup();
-            names
-        };
+        let interfaces = interfaces(&netns, &flags.ifaces)?;
         Ok(Self {
             netns,
             interfaces,
@@ -102,17 +75,55 @@ impl TryFrom<DaemonFlags> for DaemonConfig {
             xdp_mode: flags.xdp_mode,
             api_socket: flags.api_socket,
             handshake_timeout,
-            tables: TableSizes {
-                half_open: flags.half_open_entries,
-                flows: flags.flow_entries,
-                sock_ages: flags.socket_age_entries,
-            },
+            tables,
             conn_history: flags.conn_history,
             half_open_top: flags.half_open_top,
             census_interval,
             census_source: flags.census_source,
         })
     }
+}
+
+/// The kernel tables' sizes, each within what the kernel and memory allow.
+fn table_sizes(flags: &DaemonFlags) -> anyhow::Result<TableSizes> {
+    for (flag, value) in [
+        ("--half-open-entries", flags.half_open_entries),
+        ("--flow-entries", flags.flow_entries),
+        ("--socket-age-entries", flags.socket_age_entries),
+    ] {
+        if !(64..=1 << 24).contains(&value) {
+            bail!("{flag} {value} is out of range (64 to 16777216)");
+        }
+    }
+    Ok(TableSizes {
+        half_open: flags.half_open_entries,
+        flows: flags.flow_entries,
+        sock_ages: flags.socket_age_entries,
+    })
+}
+
+/// The interfaces to attach to: those named (each must exist in `netns`),
+/// or every one that is up there.
+fn interfaces(netns: &Netns, named: &[String]) -> anyhow::Result<Vec<String>> {
+    if named.is_empty() {
+        let up = netns.interfaces_up()?;
+        if up.is_empty() {
+            bail!("no interface is up in network namespace {:?}", netns.name());
+        }
+        return Ok(up);
+    }
+    for name in named {
+        if netns.if_index(name)?.is_none() {
+            bail!(
+                "interface {name:?} not found in network namespace {:?}",
+                netns.name()
+            );
+        }
+    }
+    let mut names = named.to_vec();
+    names.sort();
+    names.dedup();
+    Ok(names)
 }
 
 #[cfg(test)]

@@ -1083,13 +1083,11 @@ mod tls {
 /// checks what the forecast counts; only a clock can check when.)
 mod forecast {
     use std::{
-        io::Read as _,
-        net::{SocketAddr, TcpListener, TcpStream},
-        sync::mpsc,
+        net::{SocketAddr, TcpStream},
         time::{Duration, Instant},
     };
 
-    use handshake_tests::{NetnsPair, sh, spawn_in};
+    use handshake_tests::{NetnsPair, sh, sink_server, spawn_in};
 
     const PORTS: u16 = 1000;
     const RATE: f64 = 100.0;
@@ -1104,17 +1102,7 @@ mod forecast {
         );
         let daemon = pair.client_daemon(&["--census-interval", "500ms"]);
         let server: SocketAddr = format!("{}:7200", NetnsPair::SERVER_V4).parse().unwrap();
-        let (ready_tx, ready_rx) = mpsc::channel();
-        let _server = spawn_in(&pair.server, move || {
-            let listener = TcpListener::bind(server).unwrap();
-            ready_tx.send(()).unwrap();
-            for stream in listener.incoming() {
-                // The client closes first (TIME_WAIT on its side).
-                let Ok(mut stream) = stream else { break };
-                let _ = stream.read_to_end(&mut Vec::new());
-            }
-        });
-        ready_rx.recv().unwrap();
+        let _server = sink_server(&pair.server, server);
         let started = Instant::now();
         let churn = spawn_in(&pair.client, move || {
             let mut n = 0u32;
