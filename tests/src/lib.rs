@@ -772,7 +772,14 @@ mod tests {
         assert_eq!(m.get("x", &[("a", "1"), ("b", "2")]), 3.0);
         assert_eq!(m.get("plain", &[]), 4.0);
         assert_eq!(m.get("y", &[("probe", "p")]), 1.0);
-        assert_eq!(m.get("absent", &[]), 0.0);
+        assert_eq!(m.get_or_zero("x", "x", &[("a", "9")]), 0.0);
+        for absent in [
+            std::panic::catch_unwind(|| m.get("absent", &[])),
+            std::panic::catch_unwind(|| m.get("x", &[("a", "9")])),
+            std::panic::catch_unwind(|| m.get_or_zero("absent", "absent", &[])),
+        ] {
+            assert!(absent.is_err(), "an absent series must not read as a value");
+        }
     }
 }
 
