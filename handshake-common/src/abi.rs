@@ -9,6 +9,9 @@ pub mod program {
     pub const TC_EGRESS: &str = "tc_eg_handshake";
     pub const TP_SOCK_SET_STATE: &str = "tp_sock_state";
     pub const TP_RETRANSMIT_SYNACK: &str = "tp_synack_rtx";
+    /// `tcp_retransmit_skb` (BTF tracepoint): when a client's SYN is
+    /// retransmitted, notes when its first SYN left.
+    pub const TP_RETRANSMIT_SYN: &str = "tp_syn_rtx";
     /// A pass-only XDP program: the benchmark's baseline, never attached.
     pub const XDP_PASS_BASELINE: &str = "xdp_pass_base";
     /// `iter/tcp`: the socket census (see [`super::census`]).
@@ -16,21 +19,23 @@ pub mod program {
 
     /// The programs the daemon loads when it starts, before it attaches
     /// any (the census is loaded apart: it may fail and fall back).
-    pub const HOOKS: [&str; 5] = [
+    pub const HOOKS: [&str; 6] = [
         XDP_INGRESS,
         TC_INGRESS,
         TC_EGRESS,
         TP_SOCK_SET_STATE,
         TP_RETRANSMIT_SYNACK,
+        TP_RETRANSMIT_SYN,
     ];
 
     /// Every program of the eBPF object.
-    pub const ALL: [&str; 7] = [
+    pub const ALL: [&str; 8] = [
         XDP_INGRESS,
         TC_INGRESS,
         TC_EGRESS,
         TP_SOCK_SET_STATE,
         TP_RETRANSMIT_SYNACK,
+        TP_RETRANSMIT_SYN,
         XDP_PASS_BASELINE,
         ITER_TCP_CENSUS,
     ];
@@ -78,10 +83,16 @@ pub mod map {
     /// Per-CPU scratch space of the packet hooks (one `flow::Flow`) and of
     /// the TLS capture: kernel-only.
     pub const SCRATCH: &str = "SCRATCH";
+    /// Ring buffer of handshakes decided at the socket layer
+    /// ([`super::socket::SockHandshake`]).
+    pub const SOCK_EVENTS: &str = "SOCK_EVENTS";
+    /// LRU hash socket address → when its first SYN left, noted for
+    /// client sockets whose SYN was retransmitted (every namespace).
+    pub const SYN_SENT_AT: &str = "SYN_SENT_AT";
     pub const TLS_SCRATCH: &str = "TLS_SCRATCH";
 
     /// Every map of the eBPF object.
-    pub const ALL: [&str; 19] = [
+    pub const ALL: [&str; 21] = [
         PACKET_COUNTS,
         PARSE_ERRORS,
         TRANSITIONS,
@@ -101,6 +112,8 @@ pub mod map {
         AGE_NETNS,
         SCRATCH,
         TLS_SCRATCH,
+        SOCK_EVENTS,
+        SYN_SENT_AT,
     ];
 }
 
@@ -142,10 +155,12 @@ pub enum FlowStat {
     /// State changes the state tracepoint could not note (`SK_AGE` full):
     /// those sockets' ages show as unknown.
     SockAgesFull = 9,
+    /// Socket-layer handshakes lost because their ring buffer was full.
+    SockEventsDropped = 10,
 }
 
 impl FlowStat {
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 11;
 }
 
 /// Which way a packet crossed the interface.
@@ -456,6 +471,17 @@ pub mod census {
         pub const NET_NS_INUM: &str = "OFF_NET_NS_INUM";
         /// `struct sock`
         pub const SK_PROTOCOL: &str = "OFF_SK_PROTOCOL";
+        pub const SK_ERR: &str = "OFF_SK_ERR";
+        /// `struct inet_sock` (the start of a `tcp_sock`): the local port,
+        /// still set when `skc_num` has been zeroed on the way to CLOSE.
+        pub const INET_SPORT: &str = "OFF_INET_SPORT";
+        /// `struct tcp_sock`
+        pub const TCP_SRTT_US: &str = "OFF_TCP_SRTT_US";
+        pub const TCP_TOTAL_RETRANS: &str = "OFF_TCP_TOTAL_RETRANS";
+        pub const TCP_DATA_SEGS_IN: &str = "OFF_TCP_DATA_SEGS_IN";
+        pub const TCP_DATA_SEGS_OUT: &str = "OFF_TCP_DATA_SEGS_OUT";
+        /// When the first SYN left (ms of the TCP clock), in SYN_SENT.
+        pub const TCP_RETRANS_STAMP: &str = "OFF_TCP_RETRANS_STAMP";
     }
 
     /// Entries of [`super::map::TW_ENTRIES`]: namespaces counted apart;
@@ -491,6 +517,67 @@ pub mod census {
         pub comm: [u8; 16],
     }
     const _: () = assert!(size_of::<SockAge>() == 32);
+}
+
+/// Handshakes from the socket layer: the state tracepoint sees every TCP
+/// socket of every namespace change state, and writes one
+/// [`socket::SockHandshake`] when a handshake ends (and one more when an
+/// established connection is reset before any data). No packet is read.
+pub mod socket {
+    pub const EVENTS_BYTES: u32 = 1 << 20;
+    /// Wake the daemon once a quarter is waiting; it drains every 50 ms.
+    pub const EVENTS_WAKEUP_BYTES: u64 = EVENTS_BYTES as u64 / 4;
+    /// Entries of [`super::map::SYN_SENT_AT`]: client handshakes in
+    /// progress at once (LRU: the oldest give way).
+    pub const SYN_SENT_ENTRIES: u32 = 16 * 1024;
+
+    /// SYN_SENT or SYN_RECV → ESTABLISHED.
+    pub const KIND_ESTABLISHED: u8 = 1;
+    /// SYN_SENT → CLOSE: refused (`sk_err` ECONNREFUSED), or given up.
+    pub const KIND_FAILED: u8 = 2;
+    /// ESTABLISHED → CLOSE with no data segment either way: a reset, sent
+    /// (`sk_err` 0) or received (`sk_err` ECONNRESET).
+    pub const KIND_RESET: u8 = 3;
+
+    /// One socket's handshake as the state tracepoint saw it end.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct SockHandshake {
+        /// When the transition happened (`bpf_ktime_get_ns`).
+        pub ts_ns: u64,
+        /// When a client's first SYN left, noted when it was retransmitted
+        /// (millisecond precision; 0: not retransmitted, or unknown).
+        pub start_ns: u64,
+        /// The socket's address: pairs a reset with its handshake.
+        pub sk: u64,
+        /// IPv4 addresses in the first 4 bytes.
+        pub local_addr: [u8; 16],
+        pub remote_addr: [u8; 16],
+        /// The socket's network namespace (inode number).
+        pub netns: u32,
+        /// `tcp_sock.srtt_us` (µs × 8): the first RTT sample at
+        /// ESTABLISHED. Client: SYN out → SYN-ACK in; server: SYN-ACK out
+        /// → ACK in. 0 when no sample was taken (a retransmission).
+        pub srtt_us: u32,
+        /// `tcp_sock.total_retrans`: SYN (client) or SYN-ACK (server)
+        /// retransmissions.
+        pub total_retrans: u32,
+        pub sk_err: u32,
+        pub local_port: u16,
+        pub remote_port: u16,
+        /// `AF_INET` or `AF_INET6`.
+        pub family: u16,
+        /// `flow::ROLE_CLIENT`, `flow::ROLE_SERVER`, or 0 for a reset.
+        pub role: u8,
+        /// `KIND_*`.
+        pub kind: u8,
+    }
+    const _: () = assert!(size_of::<SockHandshake>() == 80);
+
+    // SAFETY: `repr(C)` plain integers and byte arrays, no implicit
+    // padding (size asserted above), valid for any bit pattern.
+    #[cfg(feature = "user")]
+    unsafe impl aya::Pod for SockHandshake {}
 }
 
 /// TLS hello capture: the packet hooks copy the first bytes of each TLS

@@ -60,9 +60,9 @@ static OFF_SKC_DPORT: u32 = 0;
 #[unsafe(no_mangle)]
 static OFF_SKC_NUM: u32 = 0;
 #[unsafe(no_mangle)]
-static OFF_SKC_FAMILY: u32 = 0;
+pub(crate) static OFF_SKC_FAMILY: u32 = 0;
 #[unsafe(no_mangle)]
-static OFF_SKC_STATE: u32 = 0;
+pub(crate) static OFF_SKC_STATE: u32 = 0;
 #[unsafe(no_mangle)]
 static OFF_SKC_V6_DADDR: u32 = 0;
 #[unsafe(no_mangle)]
@@ -102,7 +102,7 @@ static AGE_NETNS: Array<u32> = Array::with_max_entries(AGE_NETNS_SLOTS, 0);
 
 /// The inode number of `sk`'s network namespace (`sk->skc_net.net->ns.inum`).
 #[inline(always)]
-fn netns_inum(sk: *const u8) -> u32 {
+pub(crate) fn netns_inum(sk: *const u8) -> u32 {
     // SAFETY: `sk` is the tracepoint's BTF-typed socket and `skc_net.net`
     // a pointer field of it; the verifier types the loaded pointer as a
     // `struct net` and checks the second load against it (a fault reads 0).
@@ -227,7 +227,7 @@ pub fn time_wait_entry(inum: u32) {
 }
 
 #[inline(always)]
-fn offset(global: &u32) -> usize {
+pub(crate) fn offset(global: &u32) -> usize {
     // SAFETY: a plain read of a global.
     unsafe { ptr::read_volatile(global) as usize }
 }
@@ -257,7 +257,7 @@ pub struct IterTcp {
 /// `base` must be a BTF-typed pointer from the kernel and `off` a constant
 /// offset of a field of type `T` in it.
 #[inline(always)]
-unsafe fn field<T: Copy>(base: *const u8, off: usize) -> T {
+pub(crate) unsafe fn field<T: Copy>(base: *const u8, off: usize) -> T {
     unsafe { ptr::read(base.add(off).cast::<T>()) }
 }
 
@@ -446,7 +446,7 @@ fn bump(map: &HashMap<TwKey, u64>, key: &TwKey) -> bool {
 /// (local address, remote address, local port, remote port), host order
 /// for the ports; IPv4 addresses in the first four bytes.
 #[inline(always)]
-fn endpoints(sk: *const u8, fam: usize) -> ([u8; 16], [u8; 16], u16, u16) {
+pub(crate) fn endpoints(sk: *const u8, fam: usize) -> ([u8; 16], [u8; 16], u16, u16) {
     let mut local = [0u8; 16];
     let mut remote = [0u8; 16];
     // SAFETY: offsets of `struct sock_common` fields of these types.

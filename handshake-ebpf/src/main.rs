@@ -10,6 +10,7 @@
 #![no_main]
 
 mod census;
+mod socket;
 mod tls;
 
 use core::{ffi::c_void, mem::MaybeUninit};
@@ -312,10 +313,10 @@ pub fn tc_eg_handshake(ctx: TcContext) -> i32 {
 }
 
 /// `sock:inet_sock_set_state`, as a BTF tracepoint: the kernel passes the
-/// socket itself (no record to fill, cheaper than the classic tracepoint),
-/// which socket-local storage needs. Per TCP state change: one count per
-/// (old, new) state, the socket's age in its new state, and entries into
-/// TIME_WAIT per namespace (`census`).
+/// socket itself (no record to fill, cheaper than the classic tracepoint).
+/// Per TCP state change: one count per (old, new) state, the end of a
+/// handshake (`socket`), the socket's age in its new state, and entries
+/// into TIME_WAIT per namespace (`census`).
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn tp_sock_state(ctx: BtfTracePointContext) -> i32 {
     let sk: *const u8 = ctx.arg(0);
@@ -328,6 +329,7 @@ pub fn tp_sock_state(ctx: BtfTracePointContext) -> i32 {
     if let Some(index) = abi::transition_index(old, new) {
         bump(&TRANSITIONS, index);
     }
+    socket::state_change(sk, old, new);
     census::state_change(sk, old, new);
     0
 }
@@ -339,6 +341,16 @@ pub fn tp_sock_state(ctx: BtfTracePointContext) -> i32 {
 #[btf_tracepoint(function = "tcp_retransmit_synack")]
 pub fn tp_synack_rtx(_ctx: BtfTracePointContext) -> i32 {
     stat(FlowStat::SynAckRetransmits);
+    0
+}
+
+/// `tcp:tcp_retransmit_skb`: a client whose SYN is retransmitted gets its
+/// first SYN's time noted (`socket`), so its connect time can be told
+/// from the first SYN, not the last.
+#[btf_tracepoint(function = "tcp_retransmit_skb")]
+pub fn tp_syn_rtx(ctx: BtfTracePointContext) -> i32 {
+    let sk: *const u8 = ctx.arg(0);
+    socket::retransmit(sk);
     0
 }
 

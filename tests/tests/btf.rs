@@ -117,6 +117,25 @@ fn offsets_equal_what_bpftool_reads_from_the_same_btf() {
         ),
         (offsets::SKC_NET, raw.offset(sc, "skc_net")),
         (offsets::SK_PROTOCOL, raw.offset("sock", "sk_protocol")),
+        (offsets::SK_ERR, raw.offset("sock", "sk_err")),
+        (offsets::INET_SPORT, raw.offset("inet_sock", "inet_sport")),
+        (offsets::TCP_SRTT_US, raw.offset("tcp_sock", "srtt_us")),
+        (
+            offsets::TCP_TOTAL_RETRANS,
+            raw.offset("tcp_sock", "total_retrans"),
+        ),
+        (
+            offsets::TCP_DATA_SEGS_IN,
+            raw.offset("tcp_sock", "data_segs_in"),
+        ),
+        (
+            offsets::TCP_DATA_SEGS_OUT,
+            raw.offset("tcp_sock", "data_segs_out"),
+        ),
+        (
+            offsets::TCP_RETRANS_STAMP,
+            raw.offset("tcp_sock", "retrans_stamp"),
+        ),
         (
             offsets::NET_NS_INUM,
             raw.offset("net", "ns") + raw.offset("ns_common", "inum"),

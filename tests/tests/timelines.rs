@@ -6,14 +6,14 @@
 
 use std::{
     collections::BTreeMap,
-    io::Read as _,
+    io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
     time::Duration,
 };
 
 use handshake_tests::{
-    Capture, NetnsPair, NftDrop, Packet, captured_handshakes, echo_clients, echo_server,
-    median_p99, parse_capture, require_root, serial, sh, spawn_in,
+    Capture, CapturedHandshake, NetnsPair, NftDrop, Packet, captured_handshakes, echo_clients,
+    echo_server, median_p99, parse_capture, require_root, serial, sh, spawn_in,
 };
 use serde_json::Value;
 
@@ -212,6 +212,29 @@ fn phases_agree_with_tcpdump_on_both_roles() {
     );
 }
 
+/// When a capture saw one packet of a handshake.
+type PacketTime = fn(&CapturedHandshake) -> Option<u64>;
+
+/// Closes `stream` with a RST (SO_LINGER 0) instead of a FIN.
+fn close_with_reset(stream: TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt on our own socket with a valid linger struct.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&stream),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            size_of::<libc::linger>() as u32,
+        )
+    };
+    assert_eq!(rc, 0, "SO_LINGER");
+    drop(stream);
+}
+
 /// nftables in `ns`: drop incoming SYN-ACKs from `port` while it lives.
 fn drop_synacks(ns: &str, port: u16) -> NftDrop {
     NftDrop::input(
@@ -268,21 +291,7 @@ fn refused_reset_and_timed_out_handshakes_on_both_roles() {
             let listener = TcpListener::bind(target).expect("bind");
             ready_tx.send(()).unwrap();
             let (stream, _) = listener.accept().expect("accept");
-            let linger = libc::linger {
-                l_onoff: 1,
-                l_linger: 0,
-            };
-            // SAFETY: setsockopt on our own socket with a valid linger struct.
-            unsafe {
-                libc::setsockopt(
-                    std::os::fd::AsRawFd::as_raw_fd(&stream),
-                    libc::SOL_SOCKET,
-                    libc::SO_LINGER,
-                    (&raw const linger).cast(),
-                    size_of::<libc::linger>() as u32,
-                )
-            };
-            drop(stream);
+            close_with_reset(stream);
         });
         ready_rx.recv().unwrap();
         spawn_in(&pair.client, move || {
@@ -579,4 +588,224 @@ fn filters_select_what_they_name(daemon: &handshake_tests::Daemon, all: &[Value]
             "conns {flag} {value}"
         );
     }
+}
+
+/// The socket layer alone, in namespaces made after the daemon started and
+/// that it was never pointed at (its packet hooks sit on the host's `lo`):
+/// both ends of every connection, once each, with client `connect_us` and
+/// server `synack_to_ack_us` against tcpdump on each end's veth.
+#[test]
+fn the_socket_layer_times_both_ends_in_namespaces_made_after_the_start() {
+    require_root();
+    let _serial = serial();
+    let daemon = handshake_tests::Daemon::start(&["--iface", "lo"]);
+    let pair = NetnsPair::new();
+    let server_capture = Capture::start(&pair.server, &pair.server_if);
+    let client_capture = Capture::start(&pair.client, &pair.client_if);
+    let (n4, n6) = (60, 40);
+    for (addr, n) in [(v4(8081), n4), (v6(8081), n6)] {
+        let server = echo_server(&pair.server, addr, n);
+        echo_clients(&pair.client, addr, n);
+        server.join().expect("echo server");
+    }
+    let server_seen = captured_handshakes(&parse_capture(&server_capture.finish()), 8081);
+    let client_seen = captured_handshakes(&parse_capture(&client_capture.finish()), 8081);
+    // Established handshakes wait 1 s for a reset before they count.
+    std::thread::sleep(Duration::from_millis(1500));
+    let conns = daemon.conns(&["--port", "8081"]);
+    let mut all = Vec::new();
+    for (role, seen) in [("server", &server_seen), ("client", &client_seen)] {
+        let view = by_client_port(&conns, role, 8081);
+        assert_eq!(view.len(), n4 + n6, "{role} ends listed");
+        assert_eq!(
+            view.keys().collect::<Vec<_>>(),
+            seen.keys().collect::<Vec<_>>(),
+            "{role}: the connections of the capture"
+        );
+        for rows in view.values() {
+            assert_eq!(rows.len(), 1, "{role}: {rows:?}");
+            let row = &rows[0];
+            assert_eq!(row["outcome"], "established", "{row}");
+            assert_eq!(row["source"], "socket", "{row}");
+            assert_eq!(row["ifindex"], 0, "{row}");
+        }
+        let (phase, from, to): (&str, PacketTime, PacketTime) = if role == "server" {
+            // The SYN's arrival is not seen at the socket layer.
+            for rows in view.values() {
+                assert!(rows[0]["syn_to_synack_us"].is_null(), "{}", rows[0]);
+            }
+            ("synack_to_ack_us", |h| h.syn_ack, |h| h.ack)
+        } else {
+            ("connect_us", |h| h.syn, |h| h.syn_ack)
+        };
+        all.extend(compare(
+            &format!("{role} {phase} (socket)"),
+            view.iter()
+                .map(|(p, r)| (us(&r[0][phase]), from(&seen[p]), to(&seen[p]))),
+        ));
+    }
+    let (median, p99) = median_p99(&mut all.clone());
+    let late = all.iter().filter(|d| **d > 50.0).count();
+    println!("socket phases: median {median:.1} µs, p99 {p99:.1} µs, {late} past 50 µs");
+    assert!(
+        median <= 50.0,
+        "median |daemon - tcpdump| is {median:.1} µs"
+    );
+    assert!(
+        late * 20 <= all.len(),
+        "{late} of {} phases differ from tcpdump by more than 50 µs",
+        all.len()
+    );
+    let m = daemon.scrape();
+    for role in ["client", "server"] {
+        assert_eq!(
+            m.get(
+                "handshake_tcp_handshakes_total",
+                &[("role", role), ("outcome", "established")]
+            ),
+            (n4 + n6) as f64,
+            "{role}"
+        );
+    }
+    assert_eq!(m.get("handshake_socket_events_dropped_total", &[]), 0.0);
+}
+
+/// Refused, reset and timed-out handshakes from the socket layer alone
+/// (no packet hook on the path), at both ends where the end has a socket.
+#[test]
+fn the_socket_layer_decides_refused_reset_and_timed_out() {
+    require_root();
+    let _serial = serial();
+    let daemon = handshake_tests::Daemon::start(&["--iface", "lo", "--handshake-timeout", "2s"]);
+    let pair = NetnsPair::new();
+    let client_capture = Capture::start(&pair.client, &pair.client_if);
+    let (refused_port, reset_port, timeout_port) = (9401, 9402, 9403);
+
+    let error = spawn_in(&pair.client, move || {
+        TcpStream::connect(v4(refused_port)).unwrap_err()
+    })
+    .join()
+    .unwrap();
+    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionRefused);
+
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let reset_server = spawn_in(&pair.server, move || {
+        let listener = TcpListener::bind(v4(reset_port)).expect("bind");
+        ready_tx.send(()).unwrap();
+        let (stream, _) = listener.accept().expect("accept");
+        close_with_reset(stream);
+    });
+    ready_rx.recv().unwrap();
+    spawn_in(&pair.client, move || {
+        let mut stream = TcpStream::connect(v4(reset_port)).expect("connect");
+        assert!(stream.read(&mut [0u8; 1]).is_err(), "expected a reset");
+    })
+    .join()
+    .unwrap();
+    reset_server.join().unwrap();
+
+    let listener = spawn_in(&pair.server, move || TcpListener::bind(v4(timeout_port)))
+        .join()
+        .unwrap()
+        .expect("bind");
+    let rule = drop_synacks(&pair.client, timeout_port);
+    let error = spawn_in(&pair.client, move || {
+        TcpStream::connect_timeout(&v4(timeout_port), Duration::from_millis(1500)).unwrap_err()
+    })
+    .join()
+    .unwrap();
+    assert_eq!(error.kind(), std::io::ErrorKind::TimedOut);
+    drop(rule);
+    let packets = parse_capture(&client_capture.finish());
+    std::thread::sleep(Duration::from_millis(300));
+
+    let conns = daemon.conns(&[]);
+    let refused = only_row(&conns, "client", refused_port);
+    assert_eq!(
+        (
+            &refused["outcome"],
+            &refused["rst_from"],
+            &refused["source"]
+        ),
+        (&"refused".into(), &"server".into(), &"socket".into()),
+        "{refused}"
+    );
+    for role in ["client", "server"] {
+        let reset = only_row(&conns, role, reset_port);
+        assert_eq!(reset["outcome"], "reset", "{role}: {reset}");
+        assert_eq!(reset["rst_from"], "server", "{role}: {reset}");
+    }
+    let timeout = only_row(&conns, "client", timeout_port);
+    assert_eq!(timeout["outcome"], "timeout", "{timeout}");
+    // Every SYN the client sent before it gave up, the first aside.
+    let (syns, _) = handshake_packets(&packets, timeout_port, u64::MAX);
+    assert_eq!(timeout["syn_retransmits"], syns - 1, "{timeout}");
+    drop(listener);
+}
+
+/// 20,000 connections over loopback with the daemon's defaults there
+/// (packet hooks on `lo`, the socket layer everywhere): each handshake
+/// once per role, the client's end seen by both sources, nothing dropped.
+#[test]
+fn twenty_thousand_loopback_connections_once_per_role() {
+    require_root();
+    let _serial = serial();
+    let daemon = handshake_tests::Daemon::start(&["--iface", "lo"]);
+    let n = 20_000;
+    let port = handshake_tests::free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let listener = TcpListener::bind(addr).expect("bind");
+    // One connection at a time: the client waits for the server's answer.
+    let server = std::thread::spawn(move || {
+        for _ in 0..n {
+            let (mut stream, _) = listener.accept().expect("accept");
+            let _ = stream.read_to_end(&mut Vec::new());
+            let _ = stream.write_all(b"ok");
+        }
+    });
+    for _ in 0..n {
+        let mut stream = TcpStream::connect(addr).expect("connect");
+        stream.write_all(b"hi").expect("send");
+        stream
+            .shutdown(std::net::Shutdown::Write)
+            .expect("half-close");
+        let _ = stream.read_to_end(&mut Vec::new());
+    }
+    server.join().unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let conns = daemon.conns(&["--port", &port.to_string()]);
+    // Loopback reuses a client port 1 s after its TIME_WAIT began
+    // (tcp_tw_reuse), so one four-tuple may carry several connections:
+    // each must then have as many rows at one end as at the other.
+    let client = by_client_port(&conns, "client", port);
+    let server = by_client_port(&conns, "server", port);
+    for (role, view, source) in [("client", &client, "both"), ("server", &server, "socket")] {
+        assert_eq!(view.values().map(Vec::len).sum::<usize>(), n, "{role} rows");
+        let odd: Vec<_> = view
+            .values()
+            .flatten()
+            .filter(|row| row["source"] != source || row["outcome"] != "established")
+            .take(3)
+            .collect();
+        assert!(odd.is_empty(), "{role}: {odd:?}");
+    }
+    let unequal: Vec<_> = client
+        .iter()
+        .filter(|(key, rows)| server.get(*key).map(Vec::len) != Some(rows.len()))
+        .take(3)
+        .collect();
+    assert!(unequal.is_empty(), "ends listed unequally: {unequal:?}");
+    let m = daemon.scrape();
+    for role in ["client", "server"] {
+        assert_eq!(
+            m.get(
+                "handshake_tcp_handshakes_total",
+                &[("role", role), ("outcome", "established")]
+            ),
+            n as f64,
+            "{role}"
+        );
+    }
+    assert_eq!(m.get("handshake_socket_events_dropped_total", &[]), 0.0);
+    assert_eq!(m.get("handshake_ringbuf_dropped_total", &[]), 0.0);
 }

@@ -66,9 +66,10 @@ pub fn conns(flags: &ConnsFlags) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<6} {:<11} {:<41} {:<41} {:>10} {:>10} {:>10} {:>5} {:>8}  {:<4} SNI / JA4",
+        "{:<6} {:<11} {:<6} {:<41} {:<41} {:>10} {:>10} {:>10} {:>5} {:>8}  {:<4} SNI / JA4",
         "ROLE",
         "OUTCOME",
+        "SOURCE",
         "LOCAL",
         "REMOTE",
         "CONNECT",
@@ -86,9 +87,10 @@ pub fn conns(flags: &ConnsFlags) -> anyhow::Result<()> {
             (None, _) => String::new(),
         };
         println!(
-            "{:<6} {:<11} {:<41} {:<41} {:>10} {:>10} {:>10} {:>5} {:>7.1}s  {:<4} {tls}",
+            "{:<6} {:<11} {:<6} {:<41} {:<41} {:>10} {:>10} {:>10} {:>5} {:>7.1}s  {:<4} {tls}",
             v.role,
             v.outcome,
+            v.source,
             endpoint(&v.local_addr, v.local_port),
             endpoint(&v.remote_addr, v.remote_port),
             us(v.connect_us),

@@ -13,7 +13,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use handshake_common::flow::Flow;
+use handshake_common::flow::{Flow, OUTCOME_ESTABLISHED, OUTCOME_IN_PROGRESS};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},
@@ -23,17 +23,18 @@ use crate::{
     daemon::{
         SharedCensus,
         census::census_round,
+        http::Render,
         state::{State, lock},
     },
     kernel::clock,
     model::{
-        conntrack::conn_view,
+        conntrack::{conn_view, row_key},
         states::{STUCK_RECORDS, STUCK_STATES, stuck_mask, time_wait_view},
         tls::TlsRecord,
     },
     wire::{
-        ConnView, Endpoints, Request, SocketView, StatesView, TimeWaitView, TlsView, error_body,
-        state_name,
+        ConnView, Endpoints, Request, SocketView, Source, StatesView, TimeWaitView, TlsView,
+        error_body, state_name,
     },
 };
 
@@ -78,14 +79,20 @@ impl Drop for SocketFile {
 }
 
 /// Answers API requests until the future is dropped.
-pub async fn serve(listener: UnixListener, state: Arc<Mutex<State>>, census: Option<SharedCensus>) {
+pub async fn serve(
+    listener: UnixListener,
+    state: Arc<Mutex<State>>,
+    census: Option<SharedCensus>,
+    render: Render,
+) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
                 let state = Arc::clone(&state);
                 let census = census.clone();
+                let render = Arc::clone(&render);
                 tokio::spawn(async move {
-                    if let Err(error) = answer(stream, &state, census.as_ref()).await {
+                    if let Err(error) = answer(stream, &state, census.as_ref(), &render).await {
                         tracing::debug!(%error, "API request failed");
                     }
                 });
@@ -102,6 +109,7 @@ async fn answer(
     stream: UnixStream,
     state: &Mutex<State>,
     census: Option<&SharedCensus>,
+    render: &Render,
 ) -> io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
@@ -114,6 +122,7 @@ async fn answer(
         Err(error) => error_body(&error.to_string()),
         Ok(Request::Conns) => serde_json::to_string(&conns(state)).map_err(io::Error::other)?,
         Ok(Request::Tls) => serde_json::to_string(&tls(state)).map_err(io::Error::other)?,
+        Ok(Request::Metrics) => render().unwrap_or_else(|error| error_body(&error)),
         Ok(request) => match census {
             None => error_body(
                 "the socket census is not available (see the daemon's log and handshake_probe_attached{probe=\"iter_tcp_census\"})",
@@ -140,7 +149,7 @@ async fn census_answer(
     let source = census
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .source()
+        .method()
         .name();
     let mut state = lock(state);
     state.apply_census(round);
@@ -200,8 +209,9 @@ pub fn tls(state: &Mutex<State>) -> Vec<TlsView> {
         let syns: HashMap<Endpoints, u64> = state
             .conntrack
             .recent()
+            .map(|r| &r.flow)
             .chain(state.live.iter())
-            .map(|f| (conn_view(f, now).endpoints(), f.ts_syn))
+            .map(|f| (conn_view(f, Source::Wire, now).endpoints(), f.ts_syn))
             .collect();
         (state.tls.records(), syns)
     };
@@ -222,9 +232,41 @@ pub fn conns(state: &Mutex<State>) -> Vec<ConnView> {
     let now = clock::monotonic_ns();
     let (mut views, records) = {
         let state = lock(state);
-        let mut flows: Vec<&Flow> = state.conntrack.recent().chain(state.live.iter()).collect();
-        flows.sort_by_key(|f| f.ts_syn);
-        let views: Vec<ConnView> = flows.iter().map(|f| conn_view(f, now)).collect();
+        let mut rows: Vec<(Flow, Source)> = state
+            .conntrack
+            .recent()
+            .map(|r| (r.flow, r.source))
+            .collect();
+        // Ends not counted yet, each listed once: the packet hooks' in
+        // their tables, else the socket layer's held ones.
+        let decided = |flow: &Flow| state.conntrack.contains(&row_key(flow));
+        let live: Vec<&Flow> = state.live.iter().filter(|f| !decided(f)).collect();
+        let live_keys: std::collections::HashSet<_> = live.iter().map(|f| row_key(f)).collect();
+        rows.extend(live.iter().map(|f| (**f, Source::Wire)));
+        rows.extend(
+            state
+                .sockets
+                .held()
+                .filter(|f| !decided(f) && !live_keys.contains(&row_key(f)))
+                .map(|f| {
+                    // An established one may still turn out reset.
+                    let as_it_stands = if f.outcome == OUTCOME_ESTABLISHED {
+                        OUTCOME_IN_PROGRESS
+                    } else {
+                        f.outcome
+                    };
+                    let row = Flow {
+                        outcome: as_it_stands,
+                        ..*f
+                    };
+                    (row, Source::Socket)
+                }),
+        );
+        rows.sort_by_key(|(f, _)| f.ts_syn);
+        let views: Vec<ConnView> = rows
+            .iter()
+            .map(|(f, source)| conn_view(f, *source, now))
+            .collect();
         (views, state.tls.records())
     };
     let tls: HashMap<Endpoints, TlsView> = tls_views(&records, now)

@@ -10,7 +10,7 @@ use std::{
 use crate::{
     daemon::state::{State, lock},
     kernel::{
-        census::{Census, CensusError, NetnsCensus, Source},
+        census::{Census, CensusError, Method, NetnsCensus},
         clock,
         maps::Counters,
         netns::Netns,
@@ -33,8 +33,8 @@ pub struct CensusRunner {
 
 impl CensusRunner {
     /// How the census counts: `iter/tcp`, or sock_diag netlink.
-    pub const fn source(&self) -> Source {
-        self.census.source()
+    pub const fn method(&self) -> Method {
+        self.census.method()
     }
 
     pub fn new(census: Census, netns: &Netns) -> Result<Self, CensusError> {

@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use crate::kernel::{
-    census::Source,
+    census::Method,
     loader::{IngressHook, TableSizes, XdpMode},
     netns::Netns,
 };
@@ -42,11 +42,11 @@ pub enum CensusSource {
 
 impl CensusSource {
     /// The one source this choice insists on, if any.
-    pub const fn required(self) -> Option<Source> {
+    pub const fn required(self) -> Option<Method> {
         match self {
             Self::Auto => None,
-            Self::Iter => Some(Source::Iter),
-            Self::Netlink => Some(Source::Netlink),
+            Self::Iter => Some(Method::Iter),
+            Self::Netlink => Some(Method::Netlink),
         }
     }
 }

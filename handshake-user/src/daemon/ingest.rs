@@ -1,6 +1,6 @@
 //! Takes in what the kernel reports: ring-buffer records as they arrive,
-//! and the periodic sweep of the flow tables that decides timeouts and
-//! idle handshakes.
+//! and the periodic sweep that decides timeouts and idle handshakes (in
+//! the kernel's flow tables) and the socket layer's held handshakes.
 
 use std::{sync::Mutex, time::Duration};
 
@@ -66,7 +66,7 @@ pub async fn sweep(
         match result {
             Ok((sweep, stats)) => {
                 for flow in sweep.decided {
-                    state.conntrack.record(flow);
+                    state.record_wire(flow);
                 }
                 state.live = sweep.live;
                 state.flow_stats = stats;
@@ -76,5 +76,6 @@ pub async fn sweep(
                 tracing::error!(%error, "sweeping the flow tables failed");
             }
         }
+        state.sweep_sockets(now);
     }
 }

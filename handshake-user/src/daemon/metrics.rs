@@ -49,6 +49,9 @@ pub struct Report<'a> {
     pub live: &'a [Flow],
     pub flow_stats: FlowStats,
     pub self_stats: SelfStats,
+    /// Decoded records with a role, outcome or kind the kernel does not
+    /// write (handshakes and socket-layer records).
+    pub malformed_records: u64,
     /// How many listening ports `handshake_tcp_half_open` shows.
     pub half_open_top: usize,
     /// The last census of each watched namespace.
@@ -75,6 +78,7 @@ pub fn renderer(
                 live: &state.live,
                 flow_stats: state.flow_stats,
                 self_stats: state.self_stats,
+                malformed_records: state.conntrack.malformed + state.sockets.malformed,
                 half_open_top,
                 census: &state.census,
                 tls: &state.tls.totals,
@@ -297,8 +301,11 @@ fn probe_families(report: &Report<'_>, families: &mut Families) {
     );
     families.counter(
         "handshake_events_malformed_total",
-        "Ring-buffer records the daemon could not decode.",
-        stats.events_malformed,
+        "Ring-buffer records the daemon could not decode (of the wrong size, or with a role, outcome or kind the kernel does not write).",
+        stats.events_malformed
+            + stats.tls_events_malformed
+            + stats.sock_events_malformed
+            + report.malformed_records,
     );
 }
 
@@ -383,6 +390,11 @@ fn table_families(report: &Report<'_>, families: &mut Families) {
             .iter()
             .map(|t| counter(&[("map", t.name())], stats.evictions[*t as usize]))
             .collect(),
+    );
+    families.counter(
+        "handshake_socket_events_dropped_total",
+        "Handshakes decided at the socket layer and lost because their ring buffer was full.",
+        stats.sock_events_dropped,
     );
     families.counter(
         "handshake_map_insert_failures_total",
@@ -563,6 +575,7 @@ mod tests {
             live: &[],
             flow_stats: FlowStats::default(),
             self_stats: SelfStats::default(),
+            malformed_records: 0,
             half_open_top: 5,
             census: &[],
             tls: &TlsTotals::default(),
@@ -611,8 +624,10 @@ mod tests {
                 events_malformed: 0,
                 census_errors: 0,
                 tls_events_malformed: 0,
+                sock_events_malformed: 0,
                 census_interval_s: 1.0,
             },
+            malformed_records: 0,
             half_open_top: 5,
             census: &[],
             tls: &TlsTotals::default(),

@@ -20,7 +20,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use aya::maps::{MapData, RingBuf};
-use handshake_common::abi::tls_capture::TlsChunk;
+use handshake_common::abi::{socket::SockHandshake, tls_capture::TlsChunk};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
@@ -30,7 +30,7 @@ use crate::{
         state::State,
     },
     kernel::{
-        census::{CensusError, Source},
+        census::{CensusError, Method},
         events::EventReader,
         loader::Observer,
         maps::{Counters, FlowTables, TlsMaps},
@@ -87,6 +87,7 @@ struct Feeds {
     counters: Arc<Counters>,
     tables: FlowTables,
     events: RingBuf<MapData>,
+    sock_events: RingBuf<MapData>,
     tls_events: RingBuf<MapData>,
     tls_maps: TlsMaps,
 }
@@ -98,6 +99,7 @@ impl Feeds {
             counters: Arc::new(observer.take_counters()?),
             tables: observer.take_flow_tables()?,
             events: observer.take_events()?,
+            sock_events: observer.take_sock_events()?,
             tls_events,
             tls_maps,
         })
@@ -114,15 +116,15 @@ fn start_census(
 ) -> anyhow::Result<Option<SharedCensus>> {
     let census = observer.take_census().and_then(|mut census| {
         match config.census_source.required() {
-            Some(Source::Netlink) => census.use_netlink(),
-            Some(Source::Iter) if census.source() != Source::Iter => {
+            Some(Method::Netlink) => census.use_netlink(),
+            Some(Method::Iter) if census.method() != Method::Iter => {
                 return Err(CensusError::IterUnavailable);
             }
             _ => {}
         }
         CensusRunner::new(census, &config.netns)
     });
-    observer.record_census(census.as_ref().map(CensusRunner::source));
+    observer.record_census(census.as_ref().map(CensusRunner::method));
     let runner = match census {
         Ok(runner) => runner,
         Err(error) if config.census_source == CensusSource::Iter => return Err(error.into()),
@@ -183,6 +185,8 @@ fn serve(
         let metrics_listener = tokio::net::TcpListener::from_std(listeners.metrics)?;
         let api_listener = tokio::net::UnixListener::from_std(listeners.api)?;
         let events = EventReader::new(feeds.events).context("polling the event ring buffer")?;
+        let sock_events = EventReader::<SockHandshake>::new(feeds.sock_events)
+            .context("polling the socket ring buffer")?;
         let tls_events = EventReader::<TlsChunk>::new(feeds.tls_events)
             .context("polling the TLS ring buffer")?;
         tracing::info!(
@@ -195,14 +199,21 @@ fn serve(
         let mut sigterm = signal(SignalKind::terminate())?;
         let mut sigint = signal(SignalKind::interrupt())?;
         tokio::select! {
-            () = http::serve(metrics_listener, render) => {}
-            () = api::serve(api_listener, Arc::clone(&state), census.clone()) => {}
+            () = http::serve(metrics_listener, Arc::clone(&render)) => {}
+            () = api::serve(api_listener, Arc::clone(&state), census.clone(), render) => {}
             result = ingest::feed(
                 events,
                 &state,
                 "event",
-                |state, flow| state.conntrack.record(*flow),
+                |state, flow| state.record_wire(*flow),
                 |stats| &mut stats.events_malformed,
+            ) => result?,
+            result = ingest::feed(
+                sock_events,
+                &state,
+                "socket",
+                |state, record| state.record_socket(record),
+                |stats| &mut stats.sock_events_malformed,
             ) => result?,
             result = ingest::sweep(feeds.tables, feeds.tls_maps, expiry, &state) => result?,
             result = ingest::feed(

@@ -3,16 +3,22 @@
 //! the daemon's own counters.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
     sync::{Mutex, MutexGuard},
 };
 
-use handshake_common::flow::Flow;
+use handshake_common::{abi::socket::SockHandshake, flow::Flow};
 
 use crate::{
     daemon::census::CensusRound,
     kernel::{clock, loader::chain, maps::FlowStats},
-    model::{conntrack::Conntrack, states::NetnsView, tls::TlsTracker},
+    model::{
+        conntrack::{Conntrack, RowKey, SAME_HANDSHAKE_NS, row_key},
+        sockets::SocketHandshakes,
+        states::NetnsView,
+        tls::TlsTracker,
+    },
+    wire::Source,
 };
 
 /// What the daemon itself counts, next to what the kernel counted.
@@ -26,6 +32,8 @@ pub struct SelfStats {
     pub census_errors: u64,
     /// TLS ring-buffer records of the wrong size.
     pub tls_events_malformed: u64,
+    /// Socket-layer ring-buffer records of the wrong size.
+    pub sock_events_malformed: u64,
     /// Seconds between the scheduled censuses as they run: the
     /// `--census-interval`, or longer while a census is slow (see
     /// `daemon::census::census_loop`); 0 before the first.
@@ -37,6 +45,8 @@ pub struct SelfStats {
 #[derive(Debug)]
 pub struct State {
     pub conntrack: Conntrack,
+    /// Socket-layer handshakes waiting out their hold.
+    pub sockets: SocketHandshakes,
     /// Handshakes in the kernel tables at the last sweep.
     pub live: Vec<Flow>,
     pub flow_stats: FlowStats,
@@ -72,10 +82,44 @@ impl State {
 }
 
 impl State {
+    /// A handshake the packet hooks decided, with the socket layer's row
+    /// of the same handshake if that is still held: counted once, with the
+    /// wire's timings.
+    pub fn record_wire(&mut self, flow: Flow) {
+        let held = self
+            .sockets
+            .take(&row_key(&flow), flow.ts_syn, SAME_HANDSHAKE_NS);
+        let source = if held.is_some() {
+            Source::Both
+        } else {
+            Source::Wire
+        };
+        self.conntrack.record(flow, source);
+    }
+
+    /// A record of the socket layer: held until it may count.
+    pub fn record_socket(&mut self, record: &SockHandshake) {
+        let Self {
+            sockets, conntrack, ..
+        } = self;
+        sockets.record(record, |flow| conntrack.record(flow, Source::Socket));
+    }
+
+    /// Counts the socket layer's rows that are due and that the packet
+    /// hooks do not track (as of the last sweep of their tables).
+    pub fn sweep_sockets(&mut self, now_ns: u64) {
+        let live: HashSet<RowKey> = self.live.iter().map(row_key).collect();
+        let Self {
+            sockets, conntrack, ..
+        } = self;
+        sockets.sweep(now_ns, &live, |flow| conntrack.record(flow, Source::Socket));
+    }
+
     /// Empty, keeping `history` decided handshakes and TLS connections.
     pub fn new(history: usize) -> Self {
         Self {
             conntrack: Conntrack::new(history),
+            sockets: SocketHandshakes::default(),
             live: Vec::new(),
             flow_stats: FlowStats::default(),
             self_stats: SelfStats::default(),

@@ -1,6 +1,7 @@
 //! Field offsets from the running kernel's BTF. aya-ebpf has no CO-RE, so
-//! the programs that read kernel structs (the state tracepoint and the
-//! census read `sock_common`) get their offsets as read-only globals,
+//! the programs that read kernel structs (the census reads `sock_common`,
+//! the state tracepoint also `sock`, `inet_sock` and `tcp_sock`) get their
+//! offsets as read-only globals,
 //! resolved here at load time and checked against the sizes they read.
 
 use btf_rs::{Btf, Type};
@@ -26,7 +27,7 @@ pub enum BtfError {
 /// program's globals want them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Offsets {
-    pub values: [(&'static str, u32); 12],
+    pub values: [(&'static str, u32); 19],
 }
 
 impl Offsets {
@@ -60,6 +61,13 @@ impl Offsets {
                 field("inet_timewait_sock", "tw_substate", 1, offsets::TW_SUBSTATE)?,
                 field(sc, "skc_net", 8, offsets::SKC_NET)?,
                 field("sock", "sk_protocol", 2, offsets::SK_PROTOCOL)?,
+                field("sock", "sk_err", 4, offsets::SK_ERR)?,
+                field("inet_sock", "inet_sport", 2, offsets::INET_SPORT)?,
+                field("tcp_sock", "srtt_us", 4, offsets::TCP_SRTT_US)?,
+                field("tcp_sock", "total_retrans", 4, offsets::TCP_TOTAL_RETRANS)?,
+                field("tcp_sock", "data_segs_in", 4, offsets::TCP_DATA_SEGS_IN)?,
+                field("tcp_sock", "data_segs_out", 4, offsets::TCP_DATA_SEGS_OUT)?,
+                field("tcp_sock", "retrans_stamp", 4, offsets::TCP_RETRANS_STAMP)?,
                 (
                     offsets::NET_NS_INUM,
                     field("net", "ns", size_of_struct(&btf, "ns_common")?, "")?.1

@@ -110,12 +110,12 @@ impl NetnsCensus {
 /// How the census counts: the `iter/tcp` program, or sock_diag netlink
 /// where the program cannot be loaded (or on request).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Source {
+pub enum Method {
     Iter,
     Netlink,
 }
 
-impl Source {
+impl Method {
     pub const fn name(self) -> &'static str {
         match self {
             Self::Iter => "iter/tcp",
@@ -204,11 +204,11 @@ impl Census {
         self.link = None;
     }
 
-    pub const fn source(&self) -> Source {
+    pub const fn method(&self) -> Method {
         if self.link.is_some() {
-            Source::Iter
+            Method::Iter
         } else {
-            Source::Netlink
+            Method::Netlink
         }
     }
 

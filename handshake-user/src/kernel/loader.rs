@@ -17,7 +17,7 @@ use handshake_common::abi::{AGE_NETNS_SLOTS, map, program};
 use crate::kernel::{
     EBPF_OBJECT,
     btf::{BtfError, KERNEL_BTF, Offsets},
-    census::{Census, CensusError, Source},
+    census::{Census, CensusError, Method},
     error::LoadError,
     maps::{Counters, FlowTables, TlsMaps},
     netns::{Netns, NetnsError},
@@ -63,6 +63,7 @@ const fn traced_event(program: &str) -> Option<&'static str> {
     match program.as_bytes() {
         b"tp_sock_state" => Some("inet_sock_set_state"),
         b"tp_synack_rtx" => Some("tcp_retransmit_synack"),
+        b"tp_syn_rtx" => Some("tcp_retransmit_skb"),
         _ => None,
     }
 }
@@ -194,18 +195,21 @@ impl Observer {
 
     /// Takes the TLS hello ring buffer and the capture's pending table.
     pub fn take_tls(&mut self) -> Result<(RingBuf<MapData>, TlsMaps), LoadError> {
-        let name = map::TLS_EVENTS;
-        let events = self
-            .ebpf
-            .take_map(name)
-            .ok_or(LoadError::MissingMap(name))?;
-        let events = RingBuf::try_from(events).map_err(|source| LoadError::Map { name, source })?;
+        let events = self.take_ring(map::TLS_EVENTS)?;
         Ok((events, TlsMaps::take_from(&mut self.ebpf)?))
     }
 
-    /// Takes the ring buffer of decided handshakes.
+    /// Takes the ring buffer of handshakes the packet hooks decided.
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>, LoadError> {
-        let name = map::EVENTS;
+        self.take_ring(map::EVENTS)
+    }
+
+    /// Takes the ring buffer of handshakes decided at the socket layer.
+    pub fn take_sock_events(&mut self) -> Result<RingBuf<MapData>, LoadError> {
+        self.take_ring(map::SOCK_EVENTS)
+    }
+
+    fn take_ring(&mut self, name: &'static str) -> Result<RingBuf<MapData>, LoadError> {
         let events = self
             .ebpf
             .take_map(name)
@@ -217,10 +221,14 @@ impl Observer {
         &self.attachments
     }
 
-    /// The host-wide BTF tracepoints: `inet_sock_set_state` and
-    /// `tcp_retransmit_synack`.
+    /// The host-wide BTF tracepoints: `inet_sock_set_state`,
+    /// `tcp_retransmit_synack` and `tcp_retransmit_skb`.
     pub fn attach_tracepoints(&mut self) {
-        for name in [program::TP_SOCK_SET_STATE, program::TP_RETRANSMIT_SYNACK] {
+        for name in [
+            program::TP_SOCK_SET_STATE,
+            program::TP_RETRANSMIT_SYNACK,
+            program::TP_RETRANSMIT_SYN,
+        ] {
             let result = self
                 .ebpf
                 .program_mut(name)
@@ -327,11 +335,11 @@ impl Observer {
 
     /// Records how the census counts, as a probe of its own: the
     /// `iter/tcp` program, or (`sock_diag_census`) netlink instead.
-    pub fn record_census(&mut self, result: Result<Source, &CensusError>) {
+    pub fn record_census(&mut self, result: Result<Method, &CensusError>) {
         let iter = program::ITER_TCP_CENSUS;
         let attachments = match result {
-            Ok(Source::Iter) => vec![(iter, "iter/tcp".to_owned(), true)],
-            Ok(Source::Netlink) => {
+            Ok(Method::Iter) => vec![(iter, "iter/tcp".to_owned(), true)],
+            Ok(Method::Netlink) => {
                 tracing::warn!("counting sockets through sock_diag netlink, not iter/tcp");
                 vec![
                     (iter, "sock_diag netlink instead".to_owned(), false),

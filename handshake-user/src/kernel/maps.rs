@@ -156,6 +156,8 @@ pub struct FlowStats {
     /// State changes the state tracepoint could not note: its table was
     /// full.
     pub sock_ages_full: u64,
+    /// Socket-layer handshakes lost to a full ring buffer.
+    pub sock_events_dropped: u64,
     pub synack_retransmits_kernel: u64,
     /// LRU evictions per [`Table`], derived (see [`FlowTables::sweep`]).
     pub evictions: [u64; 2],
@@ -187,6 +189,7 @@ impl FlowTables {
             tls_events_dropped: self.stat(FlowStat::TlsEventsDropped)?,
             tls_pending_failures: self.stat(FlowStat::TlsPendingFailures)?,
             sock_ages_full: self.stat(FlowStat::SockAgesFull)?,
+            sock_events_dropped: self.stat(FlowStat::SockEventsDropped)?,
             synack_retransmits_kernel: self.stat(FlowStat::SynAckRetransmits)?,
             evictions: self.evictions,
         })

@@ -3,14 +3,14 @@
 //! retransmissions). Pure: records come in as `Flow`s from the ring buffer
 //! or the sweep; no aya, no tokio, no I/O.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use handshake_common::flow::{
     Flow, OUTCOME_ESTABLISHED, OUTCOME_IN_PROGRESS, OUTCOME_REFUSED, OUTCOME_RESET,
     OUTCOME_TIMEOUT, ROLE_CLIENT, ROLE_SERVER, SIDE_CLIENT, SIDE_SERVER,
 };
 
-use crate::wire::{ConnView, Family, Outcome, Role};
+use crate::wire::{ConnView, Family, Outcome, Role, Source};
 
 /// Upper bounds of the duration buckets, in seconds: 1-2-5 steps from 10 µs
 /// (a LAN) to 60 s (a WAN with retransmissions).
@@ -84,7 +84,8 @@ impl Phase {
 }
 
 /// Phase durations of a flow in nanoseconds, where both ends were seen.
-pub fn phases(flow: &Flow) -> Vec<(Phase, u64)> {
+/// The socket layer does not see when a server's SYN came (`sockets`).
+pub fn phases(flow: &Flow, source: Source) -> Vec<(Phase, u64)> {
     let span = |from: u64, to: u64| (from != 0 && to >= from).then(|| to - from);
     let mut out = Vec::new();
     match role_of(flow) {
@@ -92,7 +93,9 @@ pub fn phases(flow: &Flow) -> Vec<(Phase, u64)> {
             out.extend(span(flow.ts_syn, flow.ts_synack).map(|d| (Phase::Connect, d)));
         }
         Some(Role::Server) => {
-            out.extend(span(flow.ts_syn, flow.ts_synack).map(|d| (Phase::SynToSynAck, d)));
+            if source != Source::Socket {
+                out.extend(span(flow.ts_syn, flow.ts_synack).map(|d| (Phase::SynToSynAck, d)));
+            }
             out.extend(span(flow.ts_synack, flow.ts_ack).map(|d| (Phase::SynAckToAck, d)));
         }
         None => {}
@@ -101,7 +104,7 @@ pub fn phases(flow: &Flow) -> Vec<(Phase, u64)> {
 }
 
 /// One flow as `handshake conns` shows it, `now` giving its age.
-pub fn conn_view(flow: &Flow, now: u64) -> ConnView {
+pub fn conn_view(flow: &Flow, source: Source, now: u64) -> ConnView {
     let role = role_of(flow);
     let family = Family::from_ip_version(flow.family);
     let (local, remote) = if role == Some(Role::Client) {
@@ -115,7 +118,7 @@ pub fn conn_view(flow: &Flow, now: u64) -> ConnView {
             (&flow.client_addr, flow.client_port),
         )
     };
-    let phases = phases(flow);
+    let phases = phases(flow, source);
     let us = |phase| {
         phases
             .iter()
@@ -141,6 +144,7 @@ pub fn conn_view(flow: &Flow, now: u64) -> ConnView {
             _ => None,
         },
         ifindex: flow.ifindex,
+        source: source.name().to_owned(),
         age_s: now.saturating_sub(flow.ts_syn) as f64 / 1e9,
         sni: None,
         ja4: None,
@@ -157,10 +161,43 @@ pub struct Totals {
     pub synack_retransmits: BTreeMap<Role, u64>,
 }
 
-/// Decided handshakes: aggregates since start, and the most recent ones.
+/// One connection end as both sources name it: this host's role, the
+/// family, the client's and the server's address and port.
+pub type RowKey = (u8, u8, [u8; 16], u16, [u8; 16], u16);
+
+pub fn row_key(flow: &Flow) -> RowKey {
+    (
+        flow.role,
+        flow.family,
+        flow.client_addr,
+        flow.client_port,
+        flow.server_addr,
+        flow.server_port,
+    )
+}
+
+/// Rows of one connection end from the two sources are one row when their
+/// first SYNs lie this close: the same handshake, not a reused four-tuple
+/// (loopback may reuse one after 1 s).
+pub const SAME_HANDSHAKE_NS: u64 = 500_000_000;
+
+/// A decided handshake and where its timings came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Row {
+    pub flow: Flow,
+    pub source: Source,
+}
+
+/// Decided handshakes: aggregates since start, and the most recent ones,
+/// one row per connection end whichever sources saw it.
 #[derive(Debug)]
 pub struct Conntrack {
-    recent: VecDeque<Flow>,
+    recent: VecDeque<Row>,
+    /// Sequence number of `recent`'s first row.
+    first_seq: u64,
+    /// The rows of each connection end still in `recent`, oldest first
+    /// (several when a four-tuple was reused).
+    index: HashMap<RowKey, Vec<u64>>,
     capacity: usize,
     totals: Totals,
     /// Records that carried no valid role or outcome (a kernel/user
@@ -172,14 +209,18 @@ impl Conntrack {
     pub fn new(capacity: usize) -> Self {
         Self {
             recent: VecDeque::with_capacity(capacity.min(4096)),
+            first_seq: 0,
+            index: HashMap::new(),
             capacity: capacity.max(1),
             totals: Totals::default(),
             malformed: 0,
         }
     }
 
-    /// Takes one decided handshake.
-    pub fn record(&mut self, flow: Flow) {
+    /// Takes one decided handshake from `source`. The other source's row of
+    /// the same handshake takes it in instead (the packet hooks' timings
+    /// are kept: they are the wire's); it is counted once, when first seen.
+    pub fn record(&mut self, flow: Flow, source: Source) {
         let (Some(role), Some(outcome)) = (role_of(&flow), outcome_of(&flow)) else {
             self.malformed += 1;
             return;
@@ -188,8 +229,50 @@ impl Conntrack {
             self.malformed += 1;
             return;
         }
+        let key = row_key(&flow);
+        if let Some(row) = self.other_source(&key, &flow, source) {
+            if source == Source::Wire {
+                row.flow = flow;
+            }
+            row.source = Source::Both;
+            return;
+        }
+        self.count(&flow, source, role, outcome);
+        if self.recent.len() == self.capacity
+            && let Some(old) = self.recent.pop_front()
+        {
+            let old_key = row_key(&old.flow);
+            if let Some(seqs) = self.index.get_mut(&old_key) {
+                seqs.retain(|seq| *seq != self.first_seq);
+                if seqs.is_empty() {
+                    self.index.remove(&old_key);
+                }
+            }
+            self.first_seq += 1;
+        }
+        self.recent.push_back(Row { flow, source });
+        let seq = self.first_seq + self.recent.len() as u64 - 1;
+        self.index.entry(key).or_default().push(seq);
+    }
+
+    /// The row of the same handshake from the other source, if kept and
+    /// not merged yet.
+    fn other_source(&mut self, key: &RowKey, flow: &Flow, source: Source) -> Option<&mut Row> {
+        let first = self.first_seq;
+        let at = self.index.get(key)?.iter().rev().find_map(|seq| {
+            let at = usize::try_from(seq.checked_sub(first)?).ok()?;
+            let row = self.recent.get(at)?;
+            (row.source != source
+                && row.source != Source::Both
+                && row.flow.ts_syn.abs_diff(flow.ts_syn) < SAME_HANDSHAKE_NS)
+                .then_some(at)
+        })?;
+        self.recent.get_mut(at)
+    }
+
+    fn count(&mut self, flow: &Flow, source: Source, role: Role, outcome: Outcome) {
         *self.totals.handshakes.entry((role, outcome)).or_default() += 1;
-        for (phase, nanos) in phases(&flow) {
+        for (phase, nanos) in phases(flow, source) {
             self.totals
                 .durations
                 .entry((role, phase))
@@ -200,10 +283,6 @@ impl Conntrack {
             u64::from(flow.syn_count.saturating_sub(1));
         *self.totals.synack_retransmits.entry(role).or_default() +=
             u64::from(flow.synack_count.saturating_sub(1));
-        if self.recent.len() == self.capacity {
-            self.recent.pop_front();
-        }
-        self.recent.push_back(flow);
     }
 
     pub fn totals(&self) -> &Totals {
@@ -211,8 +290,13 @@ impl Conntrack {
     }
 
     /// Decided handshakes, oldest first.
-    pub fn recent(&self) -> impl Iterator<Item = &Flow> {
+    pub fn recent(&self) -> impl Iterator<Item = &Row> {
         self.recent.iter()
+    }
+
+    /// Whether a decided row of this connection end is still kept.
+    pub fn contains(&self, key: &RowKey) -> bool {
+        self.index.contains_key(key)
     }
 }
 
@@ -245,7 +329,7 @@ impl Expiry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use handshake_common::flow::IP_VERSION_4;
+    use handshake_common::flow::{IP_VERSION_4, OUTCOME_IN_PROGRESS};
 
     fn flow(role: u8, outcome: u8) -> Flow {
         Flow {
@@ -265,7 +349,7 @@ mod tests {
     #[test]
     fn server_handshake_feeds_both_server_phases() {
         let mut ct = Conntrack::new(10);
-        ct.record(flow(ROLE_SERVER, OUTCOME_ESTABLISHED));
+        ct.record(flow(ROLE_SERVER, OUTCOME_ESTABLISHED), Source::Wire);
         let t = ct.totals();
         assert_eq!(t.handshakes[&(Role::Server, Outcome::Established)], 1);
         let h = &t.durations[&(Role::Server, Phase::SynToSynAck)];
@@ -282,11 +366,11 @@ mod tests {
     #[test]
     fn client_connect_phase_and_a_refusal_without_synack() {
         let mut ct = Conntrack::new(10);
-        ct.record(flow(ROLE_CLIENT, OUTCOME_ESTABLISHED));
+        ct.record(flow(ROLE_CLIENT, OUTCOME_ESTABLISHED), Source::Wire);
         let mut refused = flow(ROLE_CLIENT, OUTCOME_REFUSED);
         refused.ts_synack = 0;
         refused.ts_ack = 0;
-        ct.record(refused);
+        ct.record(refused, Source::Wire);
         let t = ct.totals();
         assert_eq!(t.durations[&(Role::Client, Phase::Connect)].count, 1);
         assert_eq!(t.handshakes[&(Role::Client, Outcome::Refused)], 1);
@@ -298,9 +382,9 @@ mod tests {
         for port in 1..=3 {
             let mut f = flow(ROLE_CLIENT, OUTCOME_ESTABLISHED);
             f.client_port = port;
-            ct.record(f);
+            ct.record(f, Source::Wire);
         }
-        let ports: Vec<u16> = ct.recent().map(|f| f.client_port).collect();
+        let ports: Vec<u16> = ct.recent().map(|r| r.flow.client_port).collect();
         assert_eq!(ports, [2, 3]);
         assert_eq!(
             ct.totals().handshakes[&(Role::Client, Outcome::Established)],
@@ -331,10 +415,63 @@ mod tests {
     }
 
     #[test]
+    fn both_sources_of_one_handshake_make_one_row_counted_once() {
+        let mut ct = Conntrack::new(10);
+        let socket = flow(ROLE_CLIENT, OUTCOME_ESTABLISHED);
+        let mut wire = socket;
+        wire.ts_synack += 7;
+        wire.ifindex = 3;
+        ct.record(socket, Source::Socket);
+        ct.record(wire, Source::Wire);
+        let rows: Vec<Row> = ct.recent().copied().collect();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].source, Source::Both);
+        assert_eq!(rows[0].flow, wire, "the wire's timings are kept");
+        assert_eq!(
+            ct.totals().handshakes[&(Role::Client, Outcome::Established)],
+            1
+        );
+        // The server end of the same connection is a row of its own, and
+        // a later handshake on the same four-tuple is a new row.
+        ct.record(flow(ROLE_SERVER, OUTCOME_ESTABLISHED), Source::Socket);
+        let mut later = socket;
+        later.ts_syn += SAME_HANDSHAKE_NS;
+        ct.record(later, Source::Wire);
+        // A third on it comes and goes before the later one's socket row:
+        // each still finds its own.
+        let mut third = socket;
+        third.ts_syn += 2 * SAME_HANDSHAKE_NS;
+        ct.record(third, Source::Socket);
+        ct.record(third, Source::Wire);
+        ct.record(later, Source::Socket);
+        let sources: Vec<Source> = ct.recent().map(|r| r.source).collect();
+        assert_eq!(
+            sources,
+            [Source::Both, Source::Socket, Source::Both, Source::Both]
+        );
+    }
+
+    #[test]
+    fn the_index_forgets_rows_that_roll_out() {
+        let mut ct = Conntrack::new(2);
+        let first = flow(ROLE_CLIENT, OUTCOME_ESTABLISHED);
+        ct.record(first, Source::Socket);
+        for port in 1..=2 {
+            let mut f = first;
+            f.client_port = port;
+            ct.record(f, Source::Socket);
+        }
+        assert!(!ct.contains(&row_key(&first)));
+        // The wire's row of the rolled-out handshake is a row of its own.
+        ct.record(first, Source::Wire);
+        assert_eq!(ct.recent().last().unwrap().source, Source::Wire);
+    }
+
+    #[test]
     fn undecided_or_unknown_records_are_not_counted() {
         let mut ct = Conntrack::new(2);
-        ct.record(flow(ROLE_CLIENT, OUTCOME_IN_PROGRESS));
-        ct.record(flow(9, OUTCOME_RESET));
+        ct.record(flow(ROLE_CLIENT, OUTCOME_IN_PROGRESS), Source::Wire);
+        ct.record(flow(9, OUTCOME_RESET), Source::Wire);
         assert_eq!(ct.malformed, 2);
         assert!(ct.totals().handshakes.is_empty());
     }

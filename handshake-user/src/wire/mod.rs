@@ -8,7 +8,7 @@ mod views;
 
 use std::fmt;
 
-pub use names::{Family, Outcome, Role, STATES, state_by_name, state_name};
+pub use names::{Family, Outcome, Role, STATES, Source, state_by_name, state_name};
 pub use views::{
     ConnView, Endpoint, Endpoints, Forecast, SocketView, StatesView, TimeWaitView, TlsView,
 };
@@ -21,7 +21,7 @@ pub const DEFAULT_SOCKET: &str = "/run/handshake/handshake.sock";
 pub const DEFAULT_TOP: usize = 10;
 
 /// One request: a single line on the API socket, answered with one line
-/// of JSON (or `{"error": ...}`).
+/// of JSON (or `{"error": ...}`), or with the metrics text.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Request {
     /// Recent and in-progress handshakes: [`ConnView`]s.
@@ -35,6 +35,10 @@ pub enum Request {
     /// A fresh census listing the sockets in `state` (kernel number):
     /// [`SocketView`]s.
     Sockets { state: u32 },
+    /// What `/metrics` serves, in Prometheus text format (not JSON): for
+    /// readers on the host that should not open a TCP connection, which
+    /// the daemon would count as a handshake.
+    Metrics,
 }
 
 /// A request line the daemon cannot answer.
@@ -57,6 +61,7 @@ impl Request {
             "conns" => Ok(Self::Conns),
             "tls" => Ok(Self::Tls),
             "states" => Ok(Self::States),
+            "metrics" => Ok(Self::Metrics),
             "timewait" => Ok(Self::TimeWait {
                 top: argument.and_then(|n| n.parse().ok()).unwrap_or(DEFAULT_TOP),
             }),
@@ -76,6 +81,7 @@ impl fmt::Display for Request {
             Self::Conns => f.write_str("conns"),
             Self::Tls => f.write_str("tls"),
             Self::States => f.write_str("states"),
+            Self::Metrics => f.write_str("metrics"),
             Self::TimeWait { top } => write!(f, "timewait {top}"),
             Self::Sockets { state } => write!(f, "sockets {}", state_name(*state)),
         }
@@ -105,6 +111,7 @@ mod tests {
             Request::Conns,
             Request::Tls,
             Request::States,
+            Request::Metrics,
             Request::TimeWait { top: 3 },
             Request::Sockets {
                 state: tcp_state::CLOSE_WAIT,

@@ -103,6 +103,27 @@ impl Outcome {
     }
 }
 
+/// Where a handshake's timings came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// The packet hooks: wire-exact.
+    Wire,
+    /// The socket layer (the state tracepoint), every namespace.
+    Socket,
+    /// Both saw it; the timings are the wire's.
+    Both,
+}
+
+impl Source {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Wire => "wire",
+            Self::Socket => "socket",
+            Self::Both => "both",
+        }
+    }
+}
+
 /// The eleven TCP states `ss` reports, in the kernel's order.
 pub const STATES: [u32; 11] = [
     tcp_state::ESTABLISHED,

@@ -31,7 +31,11 @@ pub struct ConnView {
     pub synack_retransmits: u16,
     /// Who sent the RST of a refused or reset handshake.
     pub rst_from: Option<String>,
+    /// Interface of the packet hooks that saw it (0: the socket layer
+    /// only).
     pub ifindex: u32,
+    /// Where the timings came from: `socket`, `wire` or `both`.
+    pub source: String,
     /// Seconds since the first SYN.
     pub age_s: f64,
     /// From the connection's ClientHello, when it carried TLS.

@@ -1,0 +1,184 @@
+//! Handshakes from the socket layer, for every TCP socket of every network
+//! namespace: the state tracepoint sees each socket's handshake end, and
+//! this module writes one record then (`abi::socket`). No packet is read:
+//! a connection costs a few state changes, not a few packets per hook.
+//!
+//! What each end tells (6.18 sources):
+//! - a client goes CLOSE → SYN_SENT inside connect(), just before its SYN
+//!   leaves, and SYN_SENT → ESTABLISHED once the SYN-ACK is processed; its
+//!   first RTT sample (`srtt_us`, taken from the SYN's transmit stamp) is
+//!   then SYN out → SYN-ACK in. SYN_SENT → CLOSE carries `sk_err`:
+//!   ECONNREFUSED for a refusal, else the connect was given up.
+//! - a server's child socket appears at the final ACK (LISTEN → SYN_RECV,
+//!   then SYN_RECV → ESTABLISHED); its first RTT sample comes from the
+//!   request's SYN-ACK stamp, so it is SYN-ACK out → ACK in, unless the
+//!   SYN-ACK was retransmitted (Karn's rule: no sample, `srtt_us` 0).
+//! - `total_retrans` counts the SYNs or SYN-ACKs retransmitted.
+//!
+//! Fields past `struct sock` are read through `bpf_skc_to_tcp_sock`, so
+//! the verifier checks them against `struct tcp_sock`.
+
+use aya_ebpf::{
+    bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::generated::{bpf_ktime_get_ns, bpf_skc_to_tcp_sock},
+    macros::map,
+    maps::{LruHashMap, RingBuf},
+};
+use handshake_common::{
+    abi::{
+        AF_INET, FlowStat,
+        census::{SUMMARY_ROW_IPV4, SUMMARY_ROW_IPV6},
+        socket::{
+            EVENTS_BYTES, EVENTS_WAKEUP_BYTES, KIND_ESTABLISHED, KIND_FAILED, KIND_RESET,
+            SYN_SENT_ENTRIES, SockHandshake,
+        },
+        tcp_state,
+    },
+    flow::{ROLE_CLIENT, ROLE_SERVER},
+};
+
+use crate::census::{endpoints, field, netns_inum, offset};
+
+#[map]
+static SOCK_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
+/// When the first SYN of each client socket whose SYN was retransmitted
+/// left, until its handshake ends. Most handshakes never enter it: their
+/// connect time is their first RTT sample.
+#[map]
+static SYN_SENT_AT: LruHashMap<u64, u64> = LruHashMap::with_max_entries(SYN_SENT_ENTRIES, 0);
+
+// Field offsets, overridden at load time from the kernel's BTF
+// (`abi::census::offsets`).
+#[unsafe(no_mangle)]
+static OFF_SK_ERR: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_INET_SPORT: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_TCP_SRTT_US: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_TCP_TOTAL_RETRANS: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_TCP_DATA_SEGS_IN: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_TCP_DATA_SEGS_OUT: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_TCP_RETRANS_STAMP: u32 = 0;
+
+/// A TCP socket of any namespace changed state: start a client's clock,
+/// or report a handshake that ended.
+#[inline(always)]
+pub fn state_change(sk: *const u8, old: u32, new: u32) {
+    use tcp_state::{CLOSE, ESTABLISHED, SYN_RECV, SYN_SENT};
+    match (old, new) {
+        (SYN_SENT, ESTABLISHED) => report(sk, ROLE_CLIENT, KIND_ESTABLISHED, started(sk)),
+        (SYN_SENT, CLOSE) => report(sk, ROLE_CLIENT, KIND_FAILED, started(sk)),
+        (SYN_RECV, ESTABLISHED) => report(sk, ROLE_SERVER, KIND_ESTABLISHED, 0),
+        (ESTABLISHED, CLOSE) => report(sk, 0, KIND_RESET, 0),
+        _ => {}
+    }
+}
+
+/// When the client socket `sk`'s first SYN left, if it was noted (its SYN
+/// was retransmitted), forgotten.
+#[inline(always)]
+fn started(sk: *const u8) -> u64 {
+    let key = sk as u64;
+    // SAFETY: a valid map value, copied out at once.
+    let Some(start) = SYN_SENT_AT.get_ptr(&key).map(|at| unsafe { *at }) else {
+        return 0;
+    };
+    let _ = SYN_SENT_AT.remove(&key);
+    start
+}
+
+/// A segment of `sk` was retransmitted: if it is a client's SYN (the
+/// socket is in SYN_SENT), note when the first SYN left. `tcp_connect`
+/// stamps `retrans_stamp` with it, in ms of the TCP clock (the clock
+/// `bpf_ktime_get_ns` reads; 6.18, without the µs timestamp option).
+#[inline(always)]
+pub fn retransmit(sk: *const u8) {
+    // SAFETY: `sk` is the tracepoint's BTF-typed socket.
+    let state = unsafe { field::<u8>(sk, offset(&crate::census::OFF_SKC_STATE)) };
+    if u32::from(state) != tcp_state::SYN_SENT {
+        return;
+    }
+    // SAFETY: the helper checks that `sk` is a full TCP socket.
+    let tcp = unsafe { bpf_skc_to_tcp_sock(sk as *mut _) }.cast::<u8>();
+    if tcp.is_null() {
+        return;
+    }
+    // SAFETY: a field of `struct tcp_sock` at its BTF offset.
+    let first_ms = unsafe { field::<u32>(tcp, offset(&OFF_TCP_RETRANS_STAMP)) };
+    // SAFETY: a helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let since_ms = ((now / 1_000_000) as u32).wrapping_sub(first_ms);
+    let start = now.saturating_sub(u64::from(since_ms) * 1_000_000);
+    // Only the first retransmission notes it.
+    let _ = SYN_SENT_AT.insert(&(sk as u64), &start, u64::from(BPF_NOEXIST));
+}
+
+#[inline(always)]
+fn report(sk: *const u8, role: u8, kind: u8, start_ns: u64) {
+    // SAFETY: the helper checks that `sk` is a full TCP socket.
+    let tcp = unsafe { bpf_skc_to_tcp_sock(sk as *mut _) }.cast::<u8>();
+    if tcp.is_null() {
+        return;
+    }
+    // SAFETY: `tcp` is a BTF-typed `struct tcp_sock *` and the offsets are
+    // its fields' (resolved from BTF: `inet_sock` opens a `tcp_sock`).
+    let (srtt_us, total_retrans, segs_in, segs_out, sport) = unsafe {
+        (
+            field::<u32>(tcp, offset(&OFF_TCP_SRTT_US)),
+            field::<u32>(tcp, offset(&OFF_TCP_TOTAL_RETRANS)),
+            field::<u32>(tcp, offset(&OFF_TCP_DATA_SEGS_IN)),
+            field::<u32>(tcp, offset(&OFF_TCP_DATA_SEGS_OUT)),
+            field::<u16>(tcp, offset(&OFF_INET_SPORT)),
+        )
+    };
+    // A reset is one only before any data: an abort later is a close.
+    if kind == KIND_RESET && (segs_in != 0 || segs_out != 0) {
+        return;
+    }
+    // SAFETY: `sk` is the tracepoint's BTF-typed socket.
+    let (family, sk_err) = unsafe {
+        (
+            field::<u16>(sk, offset(&crate::census::OFF_SKC_FAMILY)),
+            field::<i32>(sk, offset(&OFF_SK_ERR)),
+        )
+    };
+    let row = if family == AF_INET {
+        SUMMARY_ROW_IPV4
+    } else {
+        SUMMARY_ROW_IPV6
+    };
+    let (local_addr, remote_addr, _, remote_port) = endpoints(sk, row);
+    let Some(mut entry) = SOCK_EVENTS.reserve::<SockHandshake>(0) else {
+        crate::stat(FlowStat::SockEventsDropped);
+        return;
+    };
+    // SAFETY: a helper without preconditions.
+    let ts_ns = unsafe { bpf_ktime_get_ns() };
+    entry.write(SockHandshake {
+        ts_ns,
+        start_ns,
+        sk: sk as u64,
+        local_addr,
+        remote_addr,
+        netns: netns_inum(sk),
+        srtt_us,
+        total_retrans,
+        sk_err: sk_err as u32,
+        local_port: u16::from_be(sport),
+        remote_port,
+        family,
+        role,
+        kind,
+    });
+    let flags = if SOCK_EVENTS.query(BPF_RB_AVAIL_DATA.into()) >= EVENTS_WAKEUP_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    entry.submit(flags.into());
+}

@@ -1,0 +1,364 @@
+//! Handshakes from the socket layer: the state tracepoint's records
+//! (`SockHandshake`) turned into the same `Flow` rows the packet hooks
+//! make, and held a moment before they count:
+//! - an established handshake waits [`HOLD_NS`], as the packet hooks wait
+//!   for data: a reset before any data in that time makes it `reset`;
+//! - any other waits [`GRACE_NS`], the time the packet hooks' own row of
+//!   the same handshake may take to arrive;
+//! - and every one waits while the packet hooks still track the same
+//!   connection end (their row will follow).
+//!
+//! A packet-hook row that finds its socket row held takes it in: the
+//! handshake is counted once, with the wire's timings. Pure: the daemon
+//! feeds it records, the hooks' live keys and a clock.
+
+use std::collections::{HashMap, HashSet};
+
+use handshake_common::{
+    abi::socket::{KIND_ESTABLISHED, KIND_FAILED, KIND_RESET, SockHandshake},
+    flow::{
+        Flow, IP_VERSION_4, IP_VERSION_6, OUTCOME_ESTABLISHED, OUTCOME_REFUSED, OUTCOME_RESET,
+        OUTCOME_TIMEOUT, ROLE_CLIENT, ROLE_SERVER, SIDE_CLIENT, SIDE_SERVER,
+    },
+};
+
+use crate::{
+    model::conntrack::{RowKey, row_key},
+    wire::Family,
+};
+
+/// How long an established handshake waits for a reset before it counts:
+/// as long as the packet hooks wait for data (`daemon::IDLE_AFTER`).
+pub const HOLD_NS: u64 = 1_000_000_000;
+
+/// How long any other socket-layer row waits for the packet hooks' row of
+/// the same handshake: a sweep (200 ms) and a ring-buffer drain (50 ms).
+pub const GRACE_NS: u64 = 300_000_000;
+
+/// Rows held at once, at most; past it the oldest are decided early,
+/// never dropped.
+const MAX_HELD: usize = 1 << 17;
+
+const ECONNREFUSED: u32 = 111;
+const ECONNRESET: u32 = 104;
+
+#[derive(Clone, Copy, Debug)]
+struct Held {
+    flow: Flow,
+    sk: u64,
+    /// When it may count.
+    due_ns: u64,
+}
+
+/// Socket-layer rows waiting to count, by connection end.
+#[derive(Debug, Default)]
+pub struct SocketHandshakes {
+    held: HashMap<RowKey, Held>,
+    /// Established rows by socket address, to pair resets with them.
+    by_socket: HashMap<u64, RowKey>,
+    /// Records of an unknown kind or role (a kernel/user mismatch; should
+    /// stay 0).
+    pub malformed: u64,
+}
+
+impl SocketHandshakes {
+    /// Takes one record; hands rows that must count now to `decided`.
+    pub fn record(&mut self, record: &SockHandshake, mut decided: impl FnMut(Flow)) {
+        let (outcome, wait) = match record.kind {
+            KIND_ESTABLISHED => (OUTCOME_ESTABLISHED, HOLD_NS),
+            KIND_FAILED if record.sk_err == ECONNREFUSED => (OUTCOME_REFUSED, GRACE_NS),
+            KIND_FAILED => (OUTCOME_TIMEOUT, GRACE_NS),
+            KIND_RESET => return self.reset(record),
+            _ => {
+                self.malformed += 1;
+                return;
+            }
+        };
+        let Some(flow) = flow_of(record, outcome) else {
+            self.malformed += 1;
+            return;
+        };
+        if self.held.len() >= MAX_HELD {
+            self.decide_oldest(&mut decided);
+        }
+        let held = Held {
+            flow,
+            sk: record.sk,
+            due_ns: record.ts_ns + wait,
+        };
+        let key = row_key(&flow);
+        // A four-tuple reused while held: the earlier handshake counts now.
+        if let Some(old) = self.held.insert(key, held) {
+            self.by_socket.remove(&old.sk);
+            decided(old.flow);
+        }
+        if outcome == OUTCOME_ESTABLISHED {
+            self.by_socket.insert(record.sk, key);
+        }
+    }
+
+    /// A connection reset before any data: its held handshake, if it is
+    /// still held (the same socket, the same ports), becomes `reset`.
+    fn reset(&mut self, record: &SockHandshake) {
+        let Some(key) = self.by_socket.get(&record.sk).copied() else {
+            return;
+        };
+        let Some(held) = self.held.get_mut(&key) else {
+            return;
+        };
+        let flow = &mut held.flow;
+        let (local_port, remote_port) = match flow.role {
+            ROLE_CLIENT => (flow.client_port, flow.server_port),
+            _ => (flow.server_port, flow.client_port),
+        };
+        if (local_port, remote_port) != (record.local_port, record.remote_port) {
+            return;
+        }
+        // Received (ECONNRESET) or sent by this socket.
+        let (local, remote) = if flow.role == ROLE_CLIENT {
+            (SIDE_CLIENT, SIDE_SERVER)
+        } else {
+            (SIDE_SERVER, SIDE_CLIENT)
+        };
+        flow.rst_from = if record.sk_err == ECONNRESET {
+            remote
+        } else {
+            local
+        };
+        flow.outcome = OUTCOME_RESET;
+        flow.ts_end = record.ts_ns;
+        // Waits its grace now, for the packet hooks' row of the reset.
+        held.due_ns = record.ts_ns + GRACE_NS;
+        self.by_socket.remove(&record.sk);
+    }
+
+    /// The held row of the connection end `key` whose first SYN lies
+    /// within `window_ns` of `ts_syn`, taken out: the packet hooks' row of
+    /// the same handshake has come.
+    pub fn take(&mut self, key: &RowKey, ts_syn: u64, window_ns: u64) -> Option<Flow> {
+        let held = self.held.get(key)?;
+        if held.flow.ts_syn.abs_diff(ts_syn) >= window_ns {
+            return None;
+        }
+        let held = self.held.remove(key)?;
+        self.by_socket.remove(&held.sk);
+        Some(held.flow)
+    }
+
+    /// Hands over the rows due by `now_ns` whose connection end the packet
+    /// hooks do not track (`live`): those will see no row of theirs.
+    pub fn sweep(&mut self, now_ns: u64, live: &HashSet<RowKey>, mut decided: impl FnMut(Flow)) {
+        let due: Vec<RowKey> = self
+            .held
+            .iter()
+            .filter(|(key, h)| now_ns >= h.due_ns && !live.contains(*key))
+            .map(|(key, _)| *key)
+            .collect();
+        for key in due {
+            if let Some(held) = self.held.remove(&key) {
+                self.by_socket.remove(&held.sk);
+                decided(held.flow);
+            }
+        }
+    }
+
+    fn decide_oldest(&mut self, decided: &mut impl FnMut(Flow)) {
+        let oldest = self
+            .held
+            .iter()
+            .min_by_key(|(_, h)| h.due_ns)
+            .map(|(key, _)| *key);
+        if let Some(held) = oldest.and_then(|key| self.held.remove(&key)) {
+            self.by_socket.remove(&held.sk);
+            decided(held.flow);
+        }
+    }
+
+    /// Rows still held, as they stand.
+    pub fn held(&self) -> impl Iterator<Item = &Flow> {
+        self.held.values().map(|h| &h.flow)
+    }
+}
+
+/// The row a record makes. Client: SYN out → SYN-ACK in is the first RTT
+/// sample when the SYN was not retransmitted, else the time since
+/// connect() began. Server: SYN-ACK out → ACK in is the first RTT sample
+/// unless the SYN-ACK was retransmitted; when the SYN came is not known
+/// at this layer (`ts_syn` is set to the SYN-ACK's time, and the phase
+/// is not reported: `conntrack::phases`).
+fn flow_of(record: &SockHandshake, outcome: u8) -> Option<Flow> {
+    let family = match Family::from_af(record.family) {
+        Family::Ipv4 => IP_VERSION_4,
+        Family::Ipv6 => IP_VERSION_6,
+    };
+    let now = record.ts_ns;
+    let rtt_ns = u64::from(record.srtt_us >> 3) * 1000;
+    let sampled = record.srtt_us != 0;
+    let retransmits = record.total_retrans.min(u32::from(u16::MAX - 1)) as u16;
+    let mut flow = Flow {
+        ts_end: now,
+        family,
+        role: record.role,
+        outcome,
+        ..Flow::default()
+    };
+    match record.role {
+        ROLE_CLIENT => {
+            (flow.client_addr, flow.server_addr) = (record.local_addr, record.remote_addr);
+            (flow.client_port, flow.server_port) = (record.local_port, record.remote_port);
+            flow.syn_count = 1 + retransmits;
+            let start = (record.start_ns != 0).then_some(record.start_ns);
+            if outcome == OUTCOME_ESTABLISHED {
+                flow.ts_synack = now;
+                flow.ts_ack = now;
+                flow.synack_count = 1;
+                flow.ts_syn = match (retransmits, sampled, start) {
+                    (0, true, _) => now - rtt_ns.min(now),
+                    (_, _, Some(start)) => start,
+                    _ => now - rtt_ns.min(now),
+                };
+            } else {
+                flow.ts_syn = start.unwrap_or(now);
+                if outcome == OUTCOME_REFUSED {
+                    flow.rst_from = SIDE_SERVER;
+                }
+            }
+        }
+        ROLE_SERVER => {
+            (flow.server_addr, flow.client_addr) = (record.local_addr, record.remote_addr);
+            (flow.server_port, flow.client_port) = (record.local_port, record.remote_port);
+            flow.syn_count = 1;
+            flow.synack_count = 1 + retransmits;
+            flow.ts_ack = now;
+            flow.ts_synack = if sampled && retransmits == 0 {
+                now - rtt_ns.min(now)
+            } else {
+                0
+            };
+            flow.ts_syn = if flow.ts_synack != 0 {
+                flow.ts_synack
+            } else {
+                now
+            };
+        }
+        _ => return None,
+    }
+    Some(flow)
+}
+
+#[cfg(test)]
+mod tests {
+    use handshake_common::abi::AF_INET;
+
+    use super::*;
+
+    fn record(role: u8, kind: u8) -> SockHandshake {
+        let mut local = [0; 16];
+        local[..4].copy_from_slice(&[10, 0, 0, 1]);
+        let mut remote = [0; 16];
+        remote[..4].copy_from_slice(&[10, 0, 0, 2]);
+        SockHandshake {
+            ts_ns: 5_000_000_000,
+            start_ns: 4_999_000_000,
+            sk: 0xffff_0000_1234,
+            local_addr: local,
+            remote_addr: remote,
+            netns: 1,
+            srtt_us: 40 << 3,
+            total_retrans: 0,
+            sk_err: 0,
+            local_port: if role == ROLE_CLIENT { 40000 } else { 80 },
+            remote_port: if role == ROLE_CLIENT { 80 } else { 40000 },
+            family: AF_INET,
+            role,
+            kind,
+        }
+    }
+
+    fn decided(tracker: &mut SocketHandshakes, record: &SockHandshake) -> Vec<Flow> {
+        let mut out = Vec::new();
+        tracker.record(record, |f| out.push(f));
+        out
+    }
+
+    #[test]
+    fn a_client_connect_is_its_first_rtt_sample_and_waits_for_a_reset() {
+        let mut tracker = SocketHandshakes::default();
+        let established = record(ROLE_CLIENT, KIND_ESTABLISHED);
+        assert!(decided(&mut tracker, &established).is_empty());
+        let mut out = Vec::new();
+        let none = HashSet::new();
+        tracker.sweep(established.ts_ns + HOLD_NS - 1, &none, |f| out.push(f));
+        assert!(out.is_empty());
+        // While the packet hooks track it, it waits for their row.
+        let live = HashSet::from([row_key(&tracker.held().next().copied().unwrap())]);
+        tracker.sweep(established.ts_ns + HOLD_NS, &live, |f| out.push(f));
+        assert!(out.is_empty());
+        tracker.sweep(established.ts_ns + HOLD_NS, &none, |f| out.push(f));
+        assert_eq!(out.len(), 1);
+        let flow = out[0];
+        assert_eq!(
+            (flow.role, flow.outcome),
+            (ROLE_CLIENT, OUTCOME_ESTABLISHED)
+        );
+        assert_eq!(flow.ts_synack - flow.ts_syn, 40_000, "40 µs");
+        assert_eq!((flow.client_port, flow.server_port), (40000, 80));
+    }
+
+    #[test]
+    fn a_server_without_a_sample_has_no_synack_time() {
+        let mut tracker = SocketHandshakes::default();
+        let mut established = record(ROLE_SERVER, KIND_ESTABLISHED);
+        established.total_retrans = 2;
+        established.srtt_us = 0;
+        decided(&mut tracker, &established);
+        let mut out = Vec::new();
+        tracker.sweep(u64::MAX, &HashSet::new(), |f| out.push(f));
+        assert_eq!((out[0].ts_synack, out[0].synack_count), (0, 3));
+        assert_eq!((out[0].client_port, out[0].server_port), (40000, 80));
+    }
+
+    #[test]
+    fn a_reset_before_data_decides_the_held_handshake() {
+        let mut tracker = SocketHandshakes::default();
+        decided(&mut tracker, &record(ROLE_SERVER, KIND_ESTABLISHED));
+        let mut reset = record(0, KIND_RESET);
+        (reset.local_port, reset.remote_port) = (80, 40000);
+        reset.sk_err = ECONNRESET;
+        assert!(decided(&mut tracker, &reset).is_empty());
+        let held = *tracker.held().next().unwrap();
+        assert_eq!((held.outcome, held.rst_from), (OUTCOME_RESET, SIDE_CLIENT));
+        // The packet hooks' row of the same handshake takes it.
+        let key = row_key(&held);
+        assert_eq!(tracker.take(&key, held.ts_syn + 1_000, 1_000), None);
+        assert_eq!(tracker.take(&key, held.ts_syn + 999, 1_000), Some(held));
+        assert_eq!(tracker.held().count(), 0);
+        // A reset of a socket not held (decided already) changes nothing.
+        assert!(decided(&mut tracker, &reset).is_empty());
+        assert_eq!(tracker.held().count(), 0);
+    }
+
+    #[test]
+    fn failures_wait_their_grace() {
+        let mut tracker = SocketHandshakes::default();
+        let mut refused = record(ROLE_CLIENT, KIND_FAILED);
+        refused.sk_err = ECONNREFUSED;
+        assert!(decided(&mut tracker, &refused).is_empty());
+        let mut out = Vec::new();
+        let none = HashSet::new();
+        tracker.sweep(refused.ts_ns + GRACE_NS - 1, &none, |f| out.push(f));
+        assert!(out.is_empty());
+        tracker.sweep(refused.ts_ns + GRACE_NS, &none, |f| out.push(f));
+        assert_eq!(
+            (out[0].outcome, out[0].rst_from),
+            (OUTCOME_REFUSED, SIDE_SERVER)
+        );
+        assert_eq!(out[0].ts_syn, refused.start_ns);
+        // The same four-tuple again while held: the earlier counts at once.
+        decided(&mut tracker, &record(ROLE_CLIENT, KIND_FAILED));
+        let out = decided(&mut tracker, &record(ROLE_CLIENT, KIND_FAILED));
+        assert_eq!(out[0].outcome, OUTCOME_TIMEOUT);
+        assert_eq!(decided(&mut tracker, &record(7, KIND_FAILED)).len(), 0);
+        assert_eq!(tracker.malformed, 1);
+    }
+}
