@@ -19,7 +19,7 @@ use aya_ebpf::{
     EbpfContext as _,
     bindings::{
         __sk_buff, BPF_F_NO_COMMON_LRU, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
-        TC_ACT_OK, xdp_action::XDP_PASS,
+        TC_ACT_UNSPEC, xdp_action::XDP_PASS,
     },
     helpers::generated::{bpf_ktime_get_ns, bpf_skb_load_bytes, bpf_xdp_load_bytes},
     macros::{btf_tracepoint, classifier, map, xdp},
@@ -300,16 +300,23 @@ pub fn xdp_handshake(ctx: XdpContext) -> u32 {
     XDP_PASS
 }
 
+/// The tc hooks' verdict: no opinion. Under TCX it is TCX_NEXT, so the
+/// programs attached after ours (another observer, a CNI's) still run,
+/// and the packet passes at the end of the chain; a clsact filter moves on
+/// to the next filter. `TC_ACT_OK` would end a TCX chain at us: a second
+/// daemon on the same interface saw no packet (seen on 6.18).
+const TC_VERDICT: i32 = TC_ACT_UNSPEC;
+
 #[classifier]
 pub fn tc_in_handshake(ctx: TcContext) -> i32 {
     observe(&Skb(&ctx), Direction::Ingress, skb_ifindex(&ctx));
-    TC_ACT_OK
+    TC_VERDICT
 }
 
 #[classifier]
 pub fn tc_eg_handshake(ctx: TcContext) -> i32 {
     observe(&Skb(&ctx), Direction::Egress, skb_ifindex(&ctx));
-    TC_ACT_OK
+    TC_VERDICT
 }
 
 /// `sock:inet_sock_set_state`, as a BTF tracepoint: the kernel passes the

@@ -334,3 +334,25 @@ fn bad_interface_or_namespace_is_one_line_and_non_zero() {
     // Nothing was attached by the failed starts.
     assert!(!attachments(&pair).contains("handshake"));
 }
+
+/// Two daemons on one interface: each sees every packet. The tc hooks
+/// pass the verdict on (TCX_NEXT), so neither ends the other's chain, nor
+/// that of any other program attached after ours.
+#[test]
+fn two_daemons_on_one_interface_both_see_every_packet() {
+    require_root();
+    let _serial = serial();
+    let pair = NetnsPair::new();
+    let first = pair.server_daemon(&[]);
+    let second = pair.server_daemon(&[]);
+    let n = 20;
+    let addr: SocketAddr = format!("{}:8085", NetnsPair::SERVER_V4).parse().unwrap();
+    let server = echo_server(&pair.server, addr, n);
+    echo_clients(&pair.client, addr, n);
+    server.join().expect("echo server");
+    for (which, daemon) in [("first", &first), ("second", &second)] {
+        let m = daemon.scrape();
+        assert_eq!(m.packets("ingress", "syn"), n as u64, "{which} daemon");
+        assert_eq!(m.packets("egress", "syn_ack"), n as u64, "{which} daemon");
+    }
+}

@@ -13,7 +13,8 @@ use handshake_tests::{require_root, serial};
 use handshake_user::kernel::{EBPF_OBJECT, loader::Observer, maps::KernelCounts};
 
 const XDP_PASS: u32 = 2;
-const TC_ACT_OK: u32 = 0;
+/// `TC_ACT_UNSPEC` (TCX_NEXT): the tc hooks let the next program decide.
+const TC_ACT_UNSPEC: u32 = -1i32 as u32;
 
 struct Case {
     name: &'static str,
@@ -265,7 +266,7 @@ fn every_frame_passes_and_counts_exactly() {
                 (xdp.test_run(opts), XDP_PASS)
             } else {
                 let tc: &mut SchedClassifier = prog.try_into().expect("tc program");
-                (tc.test_run(opts), TC_ACT_OK)
+                (tc.test_run(opts), TC_ACT_UNSPEC)
             };
             let verdict = match verdict {
                 Ok(verdict) => verdict,
