@@ -224,6 +224,26 @@ fn close_with_reset(stream: TcpStream) {
     drop(stream);
 }
 
+/// The daemon's metrics, after checking that they count `n` established
+/// handshakes at each end.
+fn established_at_both_ends(
+    daemon: &handshake_tests::Daemon,
+    n: usize,
+) -> handshake_tests::Metrics {
+    let m = daemon.scrape();
+    for role in ["client", "server"] {
+        assert_eq!(
+            m.get(
+                "handshake_tcp_handshakes_total",
+                &[("role", role), ("outcome", "established")]
+            ),
+            n as f64,
+            "{role}"
+        );
+    }
+    m
+}
+
 /// The differences `all` (µs) between the daemon's phases and tcpdump's:
 /// the median within `median_limit`, at most 5 % past 50 µs.
 fn agree(name: &str, all: &[f64], median_limit: f64) {
@@ -653,17 +673,7 @@ fn the_socket_layer_times_both_ends_in_namespaces_made_after_the_start() {
     // The child's first RTT sample runs to when the ACK was processed,
     // a few µs after tcpdump saw it.
     agree("socket phases", &all, 50.0);
-    let m = daemon.scrape();
-    for role in ["client", "server"] {
-        assert_eq!(
-            m.get(
-                "handshake_tcp_handshakes_total",
-                &[("role", role), ("outcome", "established")]
-            ),
-            (n4 + n6) as f64,
-            "{role}"
-        );
-    }
+    let m = established_at_both_ends(&daemon, n4 + n6);
     assert_eq!(m.get("handshake_socket_events_dropped_total", &[]), 0.0);
 }
 
@@ -792,17 +802,7 @@ fn twenty_thousand_loopback_connections_once_per_role() {
         .take(3)
         .collect();
     assert!(unequal.is_empty(), "ends listed unequally: {unequal:?}");
-    let m = daemon.scrape();
-    for role in ["client", "server"] {
-        assert_eq!(
-            m.get(
-                "handshake_tcp_handshakes_total",
-                &[("role", role), ("outcome", "established")]
-            ),
-            n as f64,
-            "{role}"
-        );
-    }
+    let m = established_at_both_ends(&daemon, n);
     assert_eq!(m.get("handshake_socket_events_dropped_total", &[]), 0.0);
     assert_eq!(m.get("handshake_ringbuf_dropped_total", &[]), 0.0);
 }
