@@ -139,9 +139,8 @@ pub fn is_tcp(sk: *const u8) -> bool {
 
 /// A TCP socket changed state: note when, and on connect() who.
 #[inline(always)]
-pub fn state_change(sk: *const u8, old: u32, new: u32) {
+pub fn state_change(sk: *const u8, old: u32, new: u32, inum: u32) {
     let key = sk as u64;
-    let inum = netns_inum(sk);
     let wanted = ages_wanted(inum);
     if new == tcp_state::CLOSE {
         if old == tcp_state::FIN_WAIT2 || old == tcp_state::CLOSING {

@@ -173,13 +173,24 @@ impl Packet for Skb<'_> {
 /// timer otherwise (a wakeup per event costs ~1 µs on 6.18).
 #[inline(always)]
 fn report(flow: &Flow) {
-    let flags = if EVENTS.query(BPF_RB_AVAIL_DATA.into()) >= EVENTS_WAKEUP_BYTES {
-        BPF_RB_FORCE_WAKEUP
-    } else {
-        BPF_RB_NO_WAKEUP
-    };
-    if EVENTS.output(flow, flags.into()).is_err() {
+    if EVENTS
+        .output(flow, wakeup_flags(&EVENTS, EVENTS_WAKEUP_BYTES))
+        .is_err()
+    {
         stat(FlowStat::EventsDropped);
+    }
+}
+
+/// The flags for a record written to `ring`: wake the daemon once
+/// `threshold` bytes wait, else not (it drains every 50 ms anyway; a
+/// wakeup per record costs ~1 µs on 6.18). Every ring buffer's writer uses
+/// it.
+#[inline(always)]
+pub(crate) fn wakeup_flags(ring: &RingBuf, threshold: u64) -> u64 {
+    if ring.query(BPF_RB_AVAIL_DATA.into()) >= threshold {
+        BPF_RB_FORCE_WAKEUP.into()
+    } else {
+        BPF_RB_NO_WAKEUP.into()
     }
 }
 
@@ -336,8 +347,10 @@ pub fn tp_sock_state(ctx: BtfTracePointContext) -> i32 {
     if let Some(index) = abi::transition_index(old, new) {
         bump(&TRANSITIONS, index);
     }
-    socket::state_change(sk, old, new);
-    census::state_change(sk, old, new);
+    // Read once: the handshake record and the socket's age both need it.
+    let inum = census::netns_inum(sk);
+    socket::state_change(sk, old, new, inum);
+    census::state_change(sk, old, new, inum);
     0
 }
 

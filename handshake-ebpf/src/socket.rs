@@ -19,7 +19,7 @@
 //! the verifier checks them against `struct tcp_sock`.
 
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::BPF_NOEXIST,
     helpers::generated::{bpf_ktime_get_ns, bpf_skc_to_tcp_sock},
     macros::map,
     maps::{LruHashMap, RingBuf},
@@ -37,7 +37,7 @@ use handshake_common::{
     flow::{ROLE_CLIENT, ROLE_SERVER},
 };
 
-use crate::census::{endpoints, field, netns_inum, offset};
+use crate::census::{endpoints, field, offset};
 
 #[map]
 static SOCK_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
@@ -68,13 +68,13 @@ static OFF_TCP_RETRANS_STAMP: u32 = 0;
 /// A TCP socket of any namespace changed state: start a client's clock,
 /// or report a handshake that ended.
 #[inline(always)]
-pub fn state_change(sk: *const u8, old: u32, new: u32) {
+pub fn state_change(sk: *const u8, old: u32, new: u32, inum: u32) {
     use tcp_state::{CLOSE, ESTABLISHED, SYN_RECV, SYN_SENT};
     match (old, new) {
-        (SYN_SENT, ESTABLISHED) => report(sk, ROLE_CLIENT, KIND_ESTABLISHED, started(sk)),
-        (SYN_SENT, CLOSE) => report(sk, ROLE_CLIENT, KIND_FAILED, started(sk)),
-        (SYN_RECV, ESTABLISHED) => report(sk, ROLE_SERVER, KIND_ESTABLISHED, 0),
-        (ESTABLISHED, CLOSE) => report(sk, 0, KIND_RESET, 0),
+        (SYN_SENT, ESTABLISHED) => report(sk, inum, ROLE_CLIENT, KIND_ESTABLISHED, started(sk)),
+        (SYN_SENT, CLOSE) => report(sk, inum, ROLE_CLIENT, KIND_FAILED, started(sk)),
+        (SYN_RECV, ESTABLISHED) => report(sk, inum, ROLE_SERVER, KIND_ESTABLISHED, 0),
+        (ESTABLISHED, CLOSE) => report(sk, inum, 0, KIND_RESET, 0),
         _ => {}
     }
 }
@@ -119,7 +119,7 @@ pub fn retransmit(sk: *const u8) {
 }
 
 #[inline(always)]
-fn report(sk: *const u8, role: u8, kind: u8, start_ns: u64) {
+fn report(sk: *const u8, netns: u32, role: u8, kind: u8, start_ns: u64) {
     // SAFETY: the helper checks that `sk` is a full TCP socket.
     let tcp = unsafe { bpf_skc_to_tcp_sock(sk as *mut _) }.cast::<u8>();
     if tcp.is_null() {
@@ -165,7 +165,7 @@ fn report(sk: *const u8, role: u8, kind: u8, start_ns: u64) {
         sk: sk as u64,
         local_addr,
         remote_addr,
-        netns: netns_inum(sk),
+        netns,
         srtt_us,
         total_retrans,
         sk_err: sk_err as u32,
@@ -175,10 +175,5 @@ fn report(sk: *const u8, role: u8, kind: u8, start_ns: u64) {
         role,
         kind,
     });
-    let flags = if SOCK_EVENTS.query(BPF_RB_AVAIL_DATA.into()) >= EVENTS_WAKEUP_BYTES {
-        BPF_RB_FORCE_WAKEUP
-    } else {
-        BPF_RB_NO_WAKEUP
-    };
-    entry.submit(flags.into());
+    entry.submit(crate::wakeup_flags(&SOCK_EVENTS, EVENTS_WAKEUP_BYTES));
 }

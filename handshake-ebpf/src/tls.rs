@@ -13,7 +13,6 @@
 use core::{ffi::c_void, ptr::write_volatile};
 
 use aya_ebpf::{
-    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::generated::bpf_ktime_get_ns,
     macros::map,
     maps::{Array, LruHashMap, PerCpuArray, RingBuf},
@@ -263,11 +262,7 @@ unsafe fn copy_key(key: &TlsKey, chunk: *mut TlsChunk) {
 
 #[inline(always)]
 fn wakeup() -> u64 {
-    if TLS_EVENTS.query(BPF_RB_AVAIL_DATA.into()) >= EVENTS_WAKEUP_BYTES {
-        BPF_RB_FORCE_WAKEUP.into()
-    } else {
-        BPF_RB_NO_WAKEUP.into()
-    }
+    crate::wakeup_flags(&TLS_EVENTS, EVENTS_WAKEUP_BYTES)
 }
 
 /// The hello a segment's bytes belong to.
