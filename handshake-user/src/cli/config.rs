@@ -9,7 +9,10 @@ use anyhow::{Context as _, bail};
 use crate::{
     cli::DaemonFlags,
     daemon::config::DaemonConfig,
-    kernel::{loader::TableSizes, netns::Netns},
+    kernel::{
+        loader::TableSizes,
+        netns::{Interface, Netns},
+    },
 };
 
 /// `10s`, `500ms`, `2m`, or plain seconds (`1.5`).
@@ -66,10 +69,11 @@ impl TryFrom<DaemonFlags> for DaemonConfig {
             Some(name) => Netns::open(name)?,
             None => Netns::host(),
         };
-        let interfaces = interfaces(&netns, &flags.ifaces)?;
+        let (interfaces, loopback_skipped) = interfaces(&netns, &flags.ifaces)?;
         Ok(Self {
             netns,
             interfaces,
+            loopback_skipped,
             metrics_addr,
             ingress_hook: flags.ingress_hook,
             xdp_mode: flags.xdp_mode,
@@ -102,15 +106,18 @@ fn table_sizes(flags: &DaemonFlags) -> anyhow::Result<TableSizes> {
     })
 }
 
-/// The interfaces to attach to: those named (each must exist in `netns`),
-/// or every one that is up there.
-fn interfaces(netns: &Netns, named: &[String]) -> anyhow::Result<Vec<String>> {
+/// The interfaces to attach the packet hooks to, and the loopback
+/// interfaces left out: those named (each must exist in `netns`), or every
+/// one that is up there except loopback. Every handshake on loopback is
+/// between two local sockets, which the socket layer times at both ends;
+/// hooks there would cost every local packet twice (egress and ingress)
+/// and tell nothing more but TLS hellos (docs/BENCHMARKS.md).
+fn interfaces(netns: &Netns, named: &[String]) -> anyhow::Result<(Vec<String>, Vec<String>)> {
     if named.is_empty() {
-        let up = netns.interfaces_up()?;
-        if up.is_empty() {
-            bail!("no interface is up in network namespace {:?}", netns.name());
-        }
-        return Ok(up);
+        let (loopback, others): (Vec<_>, Vec<_>) =
+            netns.interfaces_up()?.into_iter().partition(|i| i.loopback);
+        let names = |list: Vec<Interface>| list.into_iter().map(|i| i.name).collect();
+        return Ok((names(others), names(loopback)));
     }
     for name in named {
         if netns.if_index(name)?.is_none() {
@@ -123,7 +130,7 @@ fn interfaces(netns: &Netns, named: &[String]) -> anyhow::Result<Vec<String>> {
     let mut names = named.to_vec();
     names.sort();
     names.dedup();
-    Ok(names)
+    Ok((names, Vec::new()))
 }
 
 #[cfg(test)]

@@ -126,7 +126,9 @@ pub struct ConnsFlags {
 
 #[derive(Debug, Args)]
 pub struct DaemonFlags {
-    /// Interface to observe (repeatable). Default: every interface that is up.
+    /// Interface to attach the packet hooks to (repeatable). Default: every
+    /// interface that is up except loopback, whose handshakes the socket
+    /// layer times at both ends.
     #[arg(long = "iface", value_name = "NAME")]
     pub ifaces: Vec<String>,
 

@@ -12,8 +12,12 @@ use crate::kernel::{
 #[derive(Debug)]
 pub struct DaemonConfig {
     pub netns: Netns,
-    /// Interfaces to attach the packet hooks to, all present in `netns`.
+    /// Interfaces to attach the packet hooks to, all present in `netns`;
+    /// none is fine: the socket layer needs no interface.
     pub interfaces: Vec<String>,
+    /// Loopback interfaces that were up but left out, no interface having
+    /// been named (said in the start-up log).
+    pub loopback_skipped: Vec<String>,
     pub metrics_addr: SocketAddr,
     pub ingress_hook: IngressHook,
     pub xdp_mode: XdpMode,

@@ -139,6 +139,7 @@ fn start_census(
 /// Attaches the tracepoints and the packet hooks; fails, detaching what
 /// it can, only when nothing at all could be attached.
 fn attach(mut observer: Observer, config: &DaemonConfig) -> anyhow::Result<Observer> {
+    say_where_packets_are_seen(config);
     observer.attach_tracepoints();
     observer.attach_interfaces(
         &config.netns,
@@ -156,6 +157,25 @@ fn attach(mut observer: Observer, config: &DaemonConfig) -> anyhow::Result<Obser
         .collect();
     observer.detach(&config.netns)?;
     bail!("no probe could be attached ({})", reasons.join("; "));
+}
+
+/// The start-up log's word on the packet hooks: where they go, and why not
+/// on loopback unless asked.
+fn say_where_packets_are_seen(config: &DaemonConfig) {
+    if !config.loopback_skipped.is_empty() {
+        tracing::info!(
+            skipped = ?config.loopback_skipped,
+            "no packet hooks on loopback by default: handshakes between local sockets are \
+             timed at both ends by the socket layer; TLS hellos on loopback are not captured \
+             (--iface lo attaches there)"
+        );
+    }
+    if config.interfaces.is_empty() {
+        tracing::info!(
+            "no packet hooks: TCP handshakes of every namespace come from the socket layer; \
+             TLS hellos and wire timing need an interface (--iface NAME)"
+        );
+    }
 }
 
 /// Runs every loop until a signal, or until one of them fails.

@@ -134,8 +134,8 @@ impl Netns {
         })
     }
 
-    /// Names of the interfaces that are up in this namespace, sorted.
-    pub fn interfaces_up(&self) -> Result<Vec<String>, NetnsError> {
+    /// The interfaces that are up in this namespace, sorted by name.
+    pub fn interfaces_up(&self) -> Result<Vec<Interface>, NetnsError> {
         self.run(interfaces_up_here)?
             .map_err(|source| NetnsError::ListInterfaces {
                 name: self.name.clone(),
@@ -156,7 +156,14 @@ impl Netns {
     }
 }
 
-fn interfaces_up_here() -> io::Result<Vec<String>> {
+/// An interface of a namespace, as `getifaddrs` lists it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Interface {
+    pub name: String,
+    pub loopback: bool,
+}
+
+fn interfaces_up_here() -> io::Result<Vec<Interface>> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `head` with a list we free below.
     if unsafe { libc::getifaddrs(&mut head) } != 0 {
@@ -173,7 +180,10 @@ fn interfaces_up_here() -> io::Result<Vec<String>> {
         if is_link && entry.ifa_flags & libc::IFF_UP as u32 != 0 {
             // SAFETY: ifa_name is a NUL-terminated string owned by the list.
             let name = unsafe { CStr::from_ptr(entry.ifa_name) };
-            names.push(name.to_string_lossy().into_owned());
+            names.push(Interface {
+                name: name.to_string_lossy().into_owned(),
+                loopback: entry.ifa_flags & libc::IFF_LOOPBACK as u32 != 0,
+            });
         }
         cursor = entry.ifa_next;
     }
