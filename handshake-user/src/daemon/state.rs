@@ -3,7 +3,7 @@
 //! the daemon's own counters.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::BTreeMap,
     sync::{Mutex, MutexGuard},
 };
 
@@ -13,6 +13,7 @@ use crate::{
     daemon::census::CensusRound,
     kernel::{clock, loader::chain, maps::FlowStats},
     model::{
+        FastSet,
         conntrack::{Conntrack, RowKey, SAME_HANDSHAKE_NS, row_key},
         sockets::SocketHandshakes,
         states::NetnsView,
@@ -108,7 +109,7 @@ impl State {
     /// Counts the socket layer's rows that are due and that the packet
     /// hooks do not track (as of the last sweep of their tables).
     pub fn sweep_sockets(&mut self, now_ns: u64) {
-        let live: HashSet<RowKey> = self.live.iter().map(row_key).collect();
+        let live: FastSet<RowKey> = self.live.iter().map(row_key).collect();
         let Self {
             sockets, conntrack, ..
         } = self;

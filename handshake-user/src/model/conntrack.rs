@@ -3,14 +3,17 @@
 //! retransmissions). Pure: records come in as `Flow`s from the ring buffer
 //! or the sweep; no aya, no tokio, no I/O.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 use handshake_common::flow::{
     Flow, OUTCOME_ESTABLISHED, OUTCOME_IN_PROGRESS, OUTCOME_REFUSED, OUTCOME_RESET,
     OUTCOME_TIMEOUT, ROLE_CLIENT, ROLE_SERVER, SIDE_CLIENT, SIDE_SERVER,
 };
 
-use crate::wire::{ConnView, Family, Outcome, Role, Source};
+use crate::{
+    model::FastMap,
+    wire::{ConnView, Family, Outcome, Role, Source},
+};
 
 /// Upper bounds of the duration buckets, in seconds: 1-2-5 steps from 10 µs
 /// (a LAN) to 60 s (a WAN with retransmissions).
@@ -192,12 +195,13 @@ pub struct Row {
 /// one row per connection end whichever sources saw it.
 #[derive(Debug)]
 pub struct Conntrack {
-    recent: VecDeque<Row>,
+    recent: VecDeque<Slot>,
     /// Sequence number of `recent`'s first row.
     first_seq: u64,
-    /// The rows of each connection end still in `recent`, oldest first
-    /// (several when a four-tuple was reused).
-    index: HashMap<RowKey, Vec<u64>>,
+    /// The newest row of each connection end still in `recent`; older rows
+    /// of the same end (a four-tuple reused) hang off it through
+    /// [`Slot::prev`]. No list per key: a record costs no allocation.
+    index: FastMap<RowKey, u64>,
     capacity: usize,
     totals: Totals,
     /// Records that carried no valid role or outcome (a kernel/user
@@ -205,12 +209,22 @@ pub struct Conntrack {
     pub malformed: u64,
 }
 
+/// A row of the history and the sequence number of the previous row of
+/// the same connection end ([`NO_ROW`]: none).
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    row: Row,
+    prev: u64,
+}
+
+const NO_ROW: u64 = u64::MAX;
+
 impl Conntrack {
     pub fn new(capacity: usize) -> Self {
         Self {
             recent: VecDeque::with_capacity(capacity.min(4096)),
             first_seq: 0,
-            index: HashMap::new(),
+            index: FastMap::default(),
             capacity: capacity.max(1),
             totals: Totals::default(),
             malformed: 0,
@@ -241,33 +255,43 @@ impl Conntrack {
         if self.recent.len() == self.capacity
             && let Some(old) = self.recent.pop_front()
         {
-            let old_key = row_key(&old.flow);
-            if let Some(seqs) = self.index.get_mut(&old_key) {
-                seqs.retain(|seq| *seq != self.first_seq);
-                if seqs.is_empty() {
-                    self.index.remove(&old_key);
-                }
+            // Rows of a key roll out oldest first: the index entry goes
+            // with the key's newest row.
+            let old_key = row_key(&old.row.flow);
+            if self.index.get(&old_key) == Some(&self.first_seq) {
+                self.index.remove(&old_key);
             }
             self.first_seq += 1;
         }
-        self.recent.push_back(Row { flow, source });
-        let seq = self.first_seq + self.recent.len() as u64 - 1;
-        self.index.entry(key).or_default().push(seq);
+        let seq = self.first_seq + self.recent.len() as u64;
+        let prev = self.index.insert(key, seq).unwrap_or(NO_ROW);
+        self.recent.push_back(Slot {
+            row: Row { flow, source },
+            prev,
+        });
+    }
+
+    /// Positions in `recent` of the rows of connection end `key`, newest
+    /// first.
+    fn rows_of(&self, key: &RowKey) -> impl Iterator<Item = usize> + '_ {
+        let mut seq = self.index.get(key).copied().unwrap_or(NO_ROW);
+        std::iter::from_fn(move || {
+            let at = usize::try_from(seq.checked_sub(self.first_seq)?).ok()?;
+            seq = self.recent.get(at)?.prev;
+            Some(at)
+        })
     }
 
     /// The row of the same handshake from the other source, if kept and
     /// not merged yet.
     fn other_source(&mut self, key: &RowKey, flow: &Flow, source: Source) -> Option<&mut Row> {
-        let first = self.first_seq;
-        let at = self.index.get(key)?.iter().rev().find_map(|seq| {
-            let at = usize::try_from(seq.checked_sub(first)?).ok()?;
-            let row = self.recent.get(at)?;
-            (row.source != source
+        let at = self.rows_of(key).find(|at| {
+            let row = &self.recent[*at].row;
+            row.source != source
                 && row.source != Source::Both
-                && row.flow.ts_syn.abs_diff(flow.ts_syn) < SAME_HANDSHAKE_NS)
-                .then_some(at)
+                && row.flow.ts_syn.abs_diff(flow.ts_syn) < SAME_HANDSHAKE_NS
         })?;
-        self.recent.get_mut(at)
+        self.recent.get_mut(at).map(|slot| &mut slot.row)
     }
 
     fn count(&mut self, flow: &Flow, source: Source, role: Role, outcome: Outcome) {
@@ -291,7 +315,7 @@ impl Conntrack {
 
     /// Decided handshakes, oldest first.
     pub fn recent(&self) -> impl Iterator<Item = &Row> {
-        self.recent.iter()
+        self.recent.iter().map(|slot| &slot.row)
     }
 
     /// Whether a decided row of this connection end is still kept.

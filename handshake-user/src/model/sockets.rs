@@ -12,8 +12,6 @@
 //! handshake is counted once, with the wire's timings. Pure: the daemon
 //! feeds it records, the hooks' live keys and a clock.
 
-use std::collections::{HashMap, HashSet};
-
 use handshake_common::{
     abi::socket::{KIND_ESTABLISHED, KIND_FAILED, KIND_RESET, SockHandshake},
     flow::{
@@ -23,7 +21,10 @@ use handshake_common::{
 };
 
 use crate::{
-    model::conntrack::{RowKey, row_key},
+    model::{
+        FastMap, FastSet,
+        conntrack::{RowKey, row_key},
+    },
     wire::Family,
 };
 
@@ -53,9 +54,9 @@ struct Held {
 /// Socket-layer rows waiting to count, by connection end.
 #[derive(Debug, Default)]
 pub struct SocketHandshakes {
-    held: HashMap<RowKey, Held>,
+    held: FastMap<RowKey, Held>,
     /// Established rows by socket address, to pair resets with them.
-    by_socket: HashMap<u64, RowKey>,
+    by_socket: FastMap<u64, RowKey>,
     /// Records of an unknown kind or role (a kernel/user mismatch; should
     /// stay 0).
     pub malformed: u64,
@@ -147,18 +148,13 @@ impl SocketHandshakes {
 
     /// Hands over the rows due by `now_ns` whose connection end the packet
     /// hooks do not track (`live`): those will see no row of theirs.
-    pub fn sweep(&mut self, now_ns: u64, live: &HashSet<RowKey>, mut decided: impl FnMut(Flow)) {
-        let due: Vec<RowKey> = self
+    pub fn sweep(&mut self, now_ns: u64, live: &FastSet<RowKey>, mut decided: impl FnMut(Flow)) {
+        let due = self
             .held
-            .iter()
-            .filter(|(key, h)| now_ns >= h.due_ns && !live.contains(*key))
-            .map(|(key, _)| *key)
-            .collect();
-        for key in due {
-            if let Some(held) = self.held.remove(&key) {
-                self.by_socket.remove(&held.sk);
-                decided(held.flow);
-            }
+            .extract_if(|key, h| now_ns >= h.due_ns && !live.contains(key));
+        for (_, held) in due {
+            self.by_socket.remove(&held.sk);
+            decided(held.flow);
         }
     }
 
@@ -287,11 +283,11 @@ mod tests {
         let established = record(ROLE_CLIENT, KIND_ESTABLISHED);
         assert!(decided(&mut tracker, &established).is_empty());
         let mut out = Vec::new();
-        let none = HashSet::new();
+        let none = FastSet::default();
         tracker.sweep(established.ts_ns + HOLD_NS - 1, &none, |f| out.push(f));
         assert!(out.is_empty());
         // While the packet hooks track it, it waits for their row.
-        let live = HashSet::from([row_key(&tracker.held().next().copied().unwrap())]);
+        let live = FastSet::from_iter([row_key(&tracker.held().next().copied().unwrap())]);
         tracker.sweep(established.ts_ns + HOLD_NS, &live, |f| out.push(f));
         assert!(out.is_empty());
         tracker.sweep(established.ts_ns + HOLD_NS, &none, |f| out.push(f));
@@ -313,7 +309,7 @@ mod tests {
         established.srtt_us = 0;
         decided(&mut tracker, &established);
         let mut out = Vec::new();
-        tracker.sweep(u64::MAX, &HashSet::new(), |f| out.push(f));
+        tracker.sweep(u64::MAX, &FastSet::default(), |f| out.push(f));
         assert_eq!((out[0].ts_synack, out[0].synack_count), (0, 3));
         assert_eq!((out[0].client_port, out[0].server_port), (40000, 80));
     }
@@ -345,7 +341,7 @@ mod tests {
         refused.sk_err = ECONNREFUSED;
         assert!(decided(&mut tracker, &refused).is_empty());
         let mut out = Vec::new();
-        let none = HashSet::new();
+        let none = FastSet::default();
         tracker.sweep(refused.ts_ns + GRACE_NS - 1, &none, |f| out.push(f));
         assert!(out.is_empty());
         tracker.sweep(refused.ts_ns + GRACE_NS, &none, |f| out.push(f));
