@@ -14,6 +14,9 @@ pub mod program {
     pub const TP_RETRANSMIT_SYN: &str = "tp_syn_rtx";
     /// A pass-only XDP program: the benchmark's baseline, never attached.
     pub const XDP_PASS_BASELINE: &str = "xdp_pass_base";
+    /// A pass-only tc program: the churn benchmark's floor, attached only
+    /// by the benchmark.
+    pub const TC_PASS_BASELINE: &str = "tc_pass_base";
     /// `iter/tcp`: the socket census (see [`super::census`]).
     pub const ITER_TCP_CENSUS: &str = "iter_tcp_census";
 
@@ -29,7 +32,7 @@ pub mod program {
     ];
 
     /// Every program of the eBPF object.
-    pub const ALL: [&str; 8] = [
+    pub const ALL: [&str; 9] = [
         XDP_INGRESS,
         TC_INGRESS,
         TC_EGRESS,
@@ -37,6 +40,7 @@ pub mod program {
         TP_RETRANSMIT_SYNACK,
         TP_RETRANSMIT_SYN,
         XDP_PASS_BASELINE,
+        TC_PASS_BASELINE,
         ITER_TCP_CENSUS,
     ];
 }

@@ -387,3 +387,12 @@ fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
 pub fn xdp_pass_base(_ctx: XdpContext) -> u32 {
     XDP_PASS
 }
+
+/// Benchmark floor only, never attached by the daemon: a tc program that
+/// returns at once, attached by `cargo xtask bench -- churn` where the
+/// daemon's hooks would go, to tell what any packet hook costs from what
+/// ours do.
+#[classifier]
+pub fn tc_pass_base(_ctx: TcContext) -> i32 {
+    TC_VERDICT
+}

@@ -536,6 +536,12 @@ impl Metrics {
         self.find(name, labels).unwrap_or(0.0)
     }
 
+    /// Like [`Self::get`], `None` when no series matches: for a benchmark
+    /// that checks whether a peer counted anything at all.
+    pub fn try_get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        self.find(name, labels)
+    }
+
     fn find(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         let mut matching = self
             .0

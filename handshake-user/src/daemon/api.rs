@@ -239,7 +239,8 @@ pub fn conns(state: &Mutex<State>) -> Vec<ConnView> {
             .collect();
         // Ends not counted yet, each listed once: the packet hooks' in
         // their tables, else the socket layer's held ones.
-        let decided = |flow: &Flow| state.conntrack.contains(&row_key(flow));
+        let kept = state.conntrack.keys();
+        let decided = |flow: &Flow| kept.contains(&row_key(flow));
         let live: Vec<&Flow> = state.live.iter().filter(|f| !decided(f)).collect();
         let live_keys: std::collections::HashSet<_> = live.iter().map(|f| row_key(f)).collect();
         rows.extend(live.iter().map(|f| (**f, Source::Wire)));

@@ -14,7 +14,7 @@ use crate::{
     kernel::{clock, loader::chain, maps::FlowStats},
     model::{
         FastSet,
-        conntrack::{Conntrack, RowKey, SAME_HANDSHAKE_NS, row_key},
+        conntrack::{Conntrack, RowKey, row_key},
         sockets::SocketHandshakes,
         states::NetnsView,
         tls::TlsTracker,
@@ -50,6 +50,8 @@ pub struct State {
     pub sockets: SocketHandshakes,
     /// Handshakes in the kernel tables at the last sweep.
     pub live: Vec<Flow>,
+    /// Their connection ends, as of the last sweep of the socket rows.
+    live_before: FastSet<RowKey>,
     pub flow_stats: FlowStats,
     pub self_stats: SelfStats,
     /// The last census of each watched namespace (host first).
@@ -83,19 +85,11 @@ impl State {
 }
 
 impl State {
-    /// A handshake the packet hooks decided, with the socket layer's row
-    /// of the same handshake if that is still held: counted once, with the
-    /// wire's timings.
+    /// A handshake the packet hooks decided. The socket layer's row of the
+    /// same handshake, held while the hooks tracked it, joins it when it
+    /// comes due: counted once, with the wire's timings.
     pub fn record_wire(&mut self, flow: Flow) {
-        let held = self
-            .sockets
-            .take(&row_key(&flow), flow.ts_syn, SAME_HANDSHAKE_NS);
-        let source = if held.is_some() {
-            Source::Both
-        } else {
-            Source::Wire
-        };
-        self.conntrack.record(flow, source);
+        self.conntrack.record(flow, Source::Wire);
     }
 
     /// A record of the socket layer: held until it may count.
@@ -108,12 +102,21 @@ impl State {
 
     /// Counts the socket layer's rows that are due and that the packet
     /// hooks do not track (as of the last sweep of their tables).
+    ///
+    /// A connection end counts as tracked if the last sweep or the one
+    /// before saw it: a handshake the hooks decided just before a sweep
+    /// reaches the daemon through the ring buffer, up to a drain (50 ms)
+    /// later, and its socket row must not count before it comes.
     pub fn sweep_sockets(&mut self, now_ns: u64) {
         let live: FastSet<RowKey> = self.live.iter().map(row_key).collect();
+        let mut tracked = std::mem::replace(&mut self.live_before, live);
+        tracked.extend(self.live_before.iter().copied());
         let Self {
             sockets, conntrack, ..
         } = self;
-        sockets.sweep(now_ns, &live, |flow| conntrack.record(flow, Source::Socket));
+        sockets.sweep(now_ns, &tracked, |flow| {
+            conntrack.record(flow, Source::Socket)
+        });
     }
 
     /// Empty, keeping `history` decided handshakes and TLS connections.
@@ -122,6 +125,7 @@ impl State {
             conntrack: Conntrack::new(history),
             sockets: SocketHandshakes::default(),
             live: Vec::new(),
+            live_before: FastSet::default(),
             flow_stats: FlowStats::default(),
             self_stats: SelfStats::default(),
             census: Vec::new(),

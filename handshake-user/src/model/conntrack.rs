@@ -11,7 +11,7 @@ use handshake_common::flow::{
 };
 
 use crate::{
-    model::FastMap,
+    model::{FastMap, FastSet},
     wire::{ConnView, Family, Outcome, Role, Source},
 };
 
@@ -198,9 +198,13 @@ pub struct Conntrack {
     recent: VecDeque<Slot>,
     /// Sequence number of `recent`'s first row.
     first_seq: u64,
-    /// The newest row of each connection end still in `recent`; older rows
-    /// of the same end (a four-tuple reused) hang off it through
-    /// [`Slot::prev`]. No list per key: a record costs no allocation.
+    /// The newest packet-hook row (`wire` or `both`) of each connection end
+    /// still in `recent`; older ones of the same end (a four-tuple reused)
+    /// hang off it through [`Slot::prev`]. Socket rows are not indexed:
+    /// the socket layer's row of a handshake counts after the packet
+    /// hooks' (`sockets` holds it while they track the connection), so
+    /// only a socket row looks for a wire row, never the other way; and an
+    /// index entry per socket row was a cache miss per connection.
     index: FastMap<RowKey, u64>,
     capacity: usize,
     totals: Totals,
@@ -257,14 +261,20 @@ impl Conntrack {
         {
             // Rows of a key roll out oldest first: the index entry goes
             // with the key's newest row.
-            let old_key = row_key(&old.row.flow);
-            if self.index.get(&old_key) == Some(&self.first_seq) {
-                self.index.remove(&old_key);
+            if old.row.source != Source::Socket {
+                let old_key = row_key(&old.row.flow);
+                if self.index.get(&old_key) == Some(&self.first_seq) {
+                    self.index.remove(&old_key);
+                }
             }
             self.first_seq += 1;
         }
         let seq = self.first_seq + self.recent.len() as u64;
-        let prev = self.index.insert(key, seq).unwrap_or(NO_ROW);
+        let prev = if source == Source::Socket {
+            NO_ROW
+        } else {
+            self.index.insert(key, seq).unwrap_or(NO_ROW)
+        };
         self.recent.push_back(Slot {
             row: Row { flow, source },
             prev,
@@ -282,9 +292,12 @@ impl Conntrack {
         })
     }
 
-    /// The row of the same handshake from the other source, if kept and
-    /// not merged yet.
+    /// The packet hooks' row of the same handshake as socket row `flow`,
+    /// if kept and not merged yet.
     fn other_source(&mut self, key: &RowKey, flow: &Flow, source: Source) -> Option<&mut Row> {
+        if source != Source::Socket || self.index.is_empty() {
+            return None;
+        }
         let at = self.rows_of(key).find(|at| {
             let row = &self.recent[*at].row;
             row.source != source
@@ -318,9 +331,13 @@ impl Conntrack {
         self.recent.iter().map(|slot| &slot.row)
     }
 
-    /// Whether a decided row of this connection end is still kept.
-    pub fn contains(&self, key: &RowKey) -> bool {
-        self.index.contains_key(key)
+    /// The connection ends of the decided rows still kept (built when
+    /// asked: the API's, not a record's, cost).
+    pub fn keys(&self) -> FastSet<RowKey> {
+        self.recent
+            .iter()
+            .map(|slot| row_key(&slot.row.flow))
+            .collect()
     }
 }
 
@@ -445,8 +462,10 @@ mod tests {
         let mut wire = socket;
         wire.ts_synack += 7;
         wire.ifindex = 3;
-        ct.record(socket, Source::Socket);
+        // The socket layer's row counts after the packet hooks' (it is
+        // held while they track the connection) and joins it.
         ct.record(wire, Source::Wire);
+        ct.record(socket, Source::Socket);
         let rows: Vec<Row> = ct.recent().copied().collect();
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].source, Source::Both);
@@ -461,18 +480,23 @@ mod tests {
         let mut later = socket;
         later.ts_syn += SAME_HANDSHAKE_NS;
         ct.record(later, Source::Wire);
-        // A third on it comes and goes before the later one's socket row:
-        // each still finds its own.
+        // A third on it comes before the later one's socket row: each
+        // socket row still finds its own.
         let mut third = socket;
         third.ts_syn += 2 * SAME_HANDSHAKE_NS;
-        ct.record(third, Source::Socket);
         ct.record(third, Source::Wire);
+        ct.record(third, Source::Socket);
         ct.record(later, Source::Socket);
         let sources: Vec<Source> = ct.recent().map(|r| r.source).collect();
         assert_eq!(
             sources,
             [Source::Both, Source::Socket, Source::Both, Source::Both]
         );
+        // A socket row with no packet-hook row is a row of its own.
+        let mut alone = socket;
+        alone.client_port += 1;
+        ct.record(alone, Source::Socket);
+        assert_eq!(ct.recent().last().unwrap().source, Source::Socket);
     }
 
     #[test]
@@ -485,7 +509,7 @@ mod tests {
             f.client_port = port;
             ct.record(f, Source::Socket);
         }
-        assert!(!ct.contains(&row_key(&first)));
+        assert!(!ct.keys().contains(&row_key(&first)));
         // The wire's row of the rolled-out handshake is a row of its own.
         ct.record(first, Source::Wire);
         assert_eq!(ct.recent().last().unwrap().source, Source::Wire);

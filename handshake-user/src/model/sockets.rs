@@ -8,9 +8,15 @@
 //! - and every one waits while the packet hooks still track the same
 //!   connection end (their row will follow).
 //!
-//! A packet-hook row that finds its socket row held takes it in: the
-//! handshake is counted once, with the wire's timings. Pure: the daemon
-//! feeds it records, the hooks' live keys and a clock.
+//! Rows wait in arrival order, one queue per wait, so a record costs an
+//! append and a sweep takes from the front: no table keyed by connection
+//! (each such insert was a cache miss, ~1 µs a connection under loopback
+//! churn). A reset, rare, is kept by socket until its handshake comes due.
+//! The packet hooks' row of the same handshake is found when the socket
+//! row counts (`conntrack` merges them). Pure: the daemon feeds it
+//! records, the hooks' live keys and a clock.
+
+use std::collections::VecDeque;
 
 use handshake_common::{
     abi::socket::{KIND_ESTABLISHED, KIND_FAILED, KIND_RESET, SockHandshake},
@@ -40,6 +46,11 @@ pub const GRACE_NS: u64 = 300_000_000;
 /// never dropped.
 const MAX_HELD: usize = 1 << 17;
 
+/// Resets kept at once, at most, waiting for their handshake to come due;
+/// past it the oldest are forgotten (their handshakes count as
+/// established).
+const MAX_RESETS: usize = 1 << 14;
+
 const ECONNREFUSED: u32 = 111;
 const ECONNRESET: u32 = 104;
 
@@ -51,12 +62,26 @@ struct Held {
     due_ns: u64,
 }
 
-/// Socket-layer rows waiting to count, by connection end.
+/// A connection reset before any data, by socket address.
+#[derive(Clone, Copy, Debug)]
+struct Reset {
+    local_port: u16,
+    remote_port: u16,
+    sk_err: u32,
+    ts_ns: u64,
+}
+
+/// Socket-layer rows waiting to count, in arrival order.
 #[derive(Debug, Default)]
 pub struct SocketHandshakes {
-    held: FastMap<RowKey, Held>,
-    /// Established rows by socket address, to pair resets with them.
-    by_socket: FastMap<u64, RowKey>,
+    /// Established handshakes, waiting [`HOLD_NS`].
+    established: VecDeque<Held>,
+    /// Refused and timed-out ones, waiting [`GRACE_NS`].
+    failed: VecDeque<Held>,
+    /// Due, but the packet hooks still track their connection end.
+    waiting: Vec<Held>,
+    /// Resets before data, by socket address.
+    resets: FastMap<u64, Reset>,
     /// Records of an unknown kind or role (a kernel/user mismatch; should
     /// stay 0).
     pub malformed: u64,
@@ -79,100 +104,112 @@ impl SocketHandshakes {
             self.malformed += 1;
             return;
         };
-        if self.held.len() >= MAX_HELD {
-            self.decide_oldest(&mut decided);
+        if self.len() >= MAX_HELD
+            && let Some(oldest) = self.established.pop_front()
+        {
+            decided(self.settle(oldest));
         }
-        let held = Held {
+        let queue = if outcome == OUTCOME_ESTABLISHED {
+            &mut self.established
+        } else {
+            &mut self.failed
+        };
+        queue.push_back(Held {
             flow,
             sk: record.sk,
             due_ns: record.ts_ns + wait,
-        };
-        let key = row_key(&flow);
-        // A four-tuple reused while held: the earlier handshake counts now.
-        if let Some(old) = self.held.insert(key, held) {
-            self.by_socket.remove(&old.sk);
-            decided(old.flow);
-        }
-        if outcome == OUTCOME_ESTABLISHED {
-            self.by_socket.insert(record.sk, key);
-        }
+        });
     }
 
-    /// A connection reset before any data: its held handshake, if it is
-    /// still held (the same socket, the same ports), becomes `reset`.
+    fn len(&self) -> usize {
+        self.established.len() + self.failed.len() + self.waiting.len()
+    }
+
+    /// A connection reset before any data: kept until its handshake comes
+    /// due (a reset of a handshake decided already changes nothing).
     fn reset(&mut self, record: &SockHandshake) {
-        let Some(key) = self.by_socket.get(&record.sk).copied() else {
-            return;
+        if self.resets.len() >= MAX_RESETS {
+            self.resets.clear();
+        }
+        self.resets.insert(
+            record.sk,
+            Reset {
+                local_port: record.local_port,
+                remote_port: record.remote_port,
+                sk_err: record.sk_err,
+                ts_ns: record.ts_ns,
+            },
+        );
+    }
+
+    /// `held` as it counts: `reset` if its socket was reset before data
+    /// (the same socket, the same ports) while it waited.
+    fn settle(&mut self, held: Held) -> Flow {
+        let mut flow = held.flow;
+        if flow.outcome != OUTCOME_ESTABLISHED || self.resets.is_empty() {
+            return flow;
+        }
+        let Some(reset) = self.resets.remove(&held.sk) else {
+            return flow;
         };
-        let Some(held) = self.held.get_mut(&key) else {
-            return;
+        // This end's ports, and which side this end and its peer are.
+        let (ports, (this_side, peer_side)) = if flow.role == ROLE_CLIENT {
+            (
+                (flow.client_port, flow.server_port),
+                (SIDE_CLIENT, SIDE_SERVER),
+            )
+        } else {
+            (
+                (flow.server_port, flow.client_port),
+                (SIDE_SERVER, SIDE_CLIENT),
+            )
         };
-        let flow = &mut held.flow;
-        let (local_port, remote_port) = match flow.role {
-            ROLE_CLIENT => (flow.client_port, flow.server_port),
-            _ => (flow.server_port, flow.client_port),
-        };
-        if (local_port, remote_port) != (record.local_port, record.remote_port) {
-            return;
+        if ports != (reset.local_port, reset.remote_port) {
+            return flow;
         }
         // Received (ECONNRESET) or sent by this socket.
-        let (local, remote) = if flow.role == ROLE_CLIENT {
-            (SIDE_CLIENT, SIDE_SERVER)
+        flow.rst_from = if reset.sk_err == ECONNRESET {
+            peer_side
         } else {
-            (SIDE_SERVER, SIDE_CLIENT)
-        };
-        flow.rst_from = if record.sk_err == ECONNRESET {
-            remote
-        } else {
-            local
+            this_side
         };
         flow.outcome = OUTCOME_RESET;
-        flow.ts_end = record.ts_ns;
-        // Waits its grace now, for the packet hooks' row of the reset.
-        held.due_ns = record.ts_ns + GRACE_NS;
-        self.by_socket.remove(&record.sk);
-    }
-
-    /// The held row of the connection end `key` whose first SYN lies
-    /// within `window_ns` of `ts_syn`, taken out: the packet hooks' row of
-    /// the same handshake has come.
-    pub fn take(&mut self, key: &RowKey, ts_syn: u64, window_ns: u64) -> Option<Flow> {
-        let held = self.held.get(key)?;
-        if held.flow.ts_syn.abs_diff(ts_syn) >= window_ns {
-            return None;
-        }
-        let held = self.held.remove(key)?;
-        self.by_socket.remove(&held.sk);
-        Some(held.flow)
+        flow.ts_end = reset.ts_ns;
+        flow
     }
 
     /// Hands over the rows due by `now_ns` whose connection end the packet
     /// hooks do not track (`live`): those will see no row of theirs.
     pub fn sweep(&mut self, now_ns: u64, live: &FastSet<RowKey>, mut decided: impl FnMut(Flow)) {
-        let due = self
-            .held
-            .extract_if(|key, h| now_ns >= h.due_ns && !live.contains(key));
-        for (_, held) in due {
-            self.by_socket.remove(&held.sk);
-            decided(held.flow);
+        let mut due = std::mem::take(&mut self.waiting);
+        for queue in [&mut self.established, &mut self.failed] {
+            while queue.front().is_some_and(|h| now_ns >= h.due_ns) {
+                due.extend(queue.pop_front());
+            }
         }
-    }
-
-    fn decide_oldest(&mut self, decided: &mut impl FnMut(Flow)) {
-        let oldest = self
-            .held
-            .iter()
-            .min_by_key(|(_, h)| h.due_ns)
-            .map(|(key, _)| *key);
-        if let Some(held) = oldest.and_then(|key| self.held.remove(&key)) {
-            self.by_socket.remove(&held.sk);
-            decided(held.flow);
+        for held in due {
+            if !live.is_empty() && live.contains(&row_key(&held.flow)) {
+                self.waiting.push(held);
+            } else {
+                let flow = self.settle(held);
+                decided(flow);
+            }
+        }
+        // Resets whose handshake was never held (decided already, or made
+        // before the daemon started) are forgotten once it would be due.
+        if !self.resets.is_empty() {
+            self.resets
+                .retain(|_, r| now_ns < r.ts_ns + HOLD_NS + GRACE_NS);
         }
     }
 
     /// Rows still held, as they stand.
     pub fn held(&self) -> impl Iterator<Item = &Flow> {
-        self.held.values().map(|h| &h.flow)
+        self.established
+            .iter()
+            .chain(&self.failed)
+            .chain(&self.waiting)
+            .map(|h| &h.flow)
     }
 }
 
@@ -317,21 +354,44 @@ mod tests {
     #[test]
     fn a_reset_before_data_decides_the_held_handshake() {
         let mut tracker = SocketHandshakes::default();
-        decided(&mut tracker, &record(ROLE_SERVER, KIND_ESTABLISHED));
+        let established = record(ROLE_SERVER, KIND_ESTABLISHED);
+        decided(&mut tracker, &established);
         let mut reset = record(0, KIND_RESET);
         (reset.local_port, reset.remote_port) = (80, 40000);
         reset.sk_err = ECONNRESET;
+        reset.ts_ns += 1_000;
         assert!(decided(&mut tracker, &reset).is_empty());
-        let held = *tracker.held().next().unwrap();
-        assert_eq!((held.outcome, held.rst_from), (OUTCOME_RESET, SIDE_CLIENT));
-        // The packet hooks' row of the same handshake takes it.
-        let key = row_key(&held);
-        assert_eq!(tracker.take(&key, held.ts_syn + 1_000, 1_000), None);
-        assert_eq!(tracker.take(&key, held.ts_syn + 999, 1_000), Some(held));
-        assert_eq!(tracker.held().count(), 0);
-        // A reset of a socket not held (decided already) changes nothing.
+        let mut out = Vec::new();
+        tracker.sweep(established.ts_ns + HOLD_NS, &FastSet::default(), |f| {
+            out.push(f)
+        });
+        assert_eq!(out.len(), 1);
+        assert_eq!(
+            (out[0].outcome, out[0].rst_from, out[0].ts_end),
+            (OUTCOME_RESET, SIDE_CLIENT, reset.ts_ns)
+        );
+        // A reset of a socket not held (decided already) changes nothing,
+        // and is forgotten once its handshake would have been due.
         assert!(decided(&mut tracker, &reset).is_empty());
-        assert_eq!(tracker.held().count(), 0);
+        out.clear();
+        tracker.sweep(reset.ts_ns + HOLD_NS + GRACE_NS, &FastSet::default(), |f| {
+            out.push(f)
+        });
+        assert!(out.is_empty());
+        assert!(tracker.resets.is_empty());
+    }
+
+    #[test]
+    fn a_reset_of_other_ports_at_the_same_address_is_not_this_handshake() {
+        let mut tracker = SocketHandshakes::default();
+        let established = record(ROLE_CLIENT, KIND_ESTABLISHED);
+        decided(&mut tracker, &established);
+        let mut reset = record(0, KIND_RESET);
+        (reset.local_port, reset.remote_port) = (40001, 80);
+        decided(&mut tracker, &reset);
+        let mut out = Vec::new();
+        tracker.sweep(u64::MAX, &FastSet::default(), |f| out.push(f));
+        assert_eq!(out[0].outcome, OUTCOME_ESTABLISHED);
     }
 
     #[test]
@@ -350,10 +410,15 @@ mod tests {
             (OUTCOME_REFUSED, SIDE_SERVER)
         );
         assert_eq!(out[0].ts_syn, refused.start_ns);
-        // The same four-tuple again while held: the earlier counts at once.
+        // The same four-tuple twice while held: two handshakes, in order.
+        let mut later = record(ROLE_CLIENT, KIND_FAILED);
+        later.ts_ns += 1;
         decided(&mut tracker, &record(ROLE_CLIENT, KIND_FAILED));
-        let out = decided(&mut tracker, &record(ROLE_CLIENT, KIND_FAILED));
-        assert_eq!(out[0].outcome, OUTCOME_TIMEOUT);
+        decided(&mut tracker, &later);
+        out.clear();
+        tracker.sweep(u64::MAX, &none, |f| out.push(f));
+        let ends: Vec<u64> = out.iter().map(|f| f.ts_end).collect();
+        assert_eq!(ends, [later.ts_ns - 1, later.ts_ns]);
         assert_eq!(decided(&mut tracker, &record(7, KIND_FAILED)).len(), 0);
         assert_eq!(tracker.malformed, 1);
     }

@@ -94,12 +94,15 @@ fn rounds(default: usize) -> usize {
 }
 
 /// The daemon's kernel programs, by name.
-const PROGRAMS: [&str; 5] = [
+const PROGRAMS: [&str; 8] = [
     "tc_in_handshake",
     "xdp_handshake",
     "tc_eg_handshake",
     "tp_sock_state",
+    "tp_synack_rtx",
+    "tp_syn_rtx",
     "iter_tcp_census",
+    "tc_pass_base",
 ];
 
 /// Runs and run time so far of each of [`PROGRAMS`], summed over the
@@ -213,7 +216,10 @@ fn main() {
         fingerprint_cost();
     }
     if which == "all" || which == "churn" {
-        churn::run(std::env::args().nth(2).as_deref());
+        churn::run(
+            std::env::args().nth(2).as_deref(),
+            std::env::args().nth(3).as_deref(),
+        );
     }
     if which == "all" || which == "census" {
         census::run();
@@ -357,113 +363,342 @@ fn fingerprint_cost() {
 }
 
 mod churn {
-    //! Connection churn: the client namespace connects as fast as two
-    //! threads can; the server namespace accepts and closes at once (the
-    //! server closes first, so TIME_WAIT lands on the server side and client
-    //! ports stay free). One round is `ROUND` of churn per observer.
+    //! Connection churn, in two scenes: two namespaces joined by a veth
+    //! pair, and two sockets of the host over loopback. Two client threads
+    //! connect as fast as they can; a server thread accepts and closes at
+    //! once (the server closes first, so TIME_WAIT lands on the server side
+    //! and client ports stay free); the client reads the EOF and closes.
+    //! Each round runs every observer of the scene for `ROUND`, the order
+    //! rotated each round. Every observer is checked to be running and to
+    //! have seen the round's connections before its figure counts; one that
+    //! was not gets no ratio.
 
     use std::{
-        io::Read as _,
+        io::{BufRead as _, BufReader, Read as _},
         net::{SocketAddr, TcpListener, TcpStream},
         process::{Child, Command, Stdio},
         sync::{
             Arc,
             atomic::{AtomicBool, AtomicU64, Ordering},
         },
+        thread::JoinHandle,
         time::{Duration, Instant},
     };
 
+    use aya::programs::{SchedClassifier, TcAttachType, tc::TcAttach};
+    use handshake_common::abi::program;
     use handshake_tests::{Daemon, NetnsPair, spawn_in};
+    use handshake_user::kernel::{loader, netns::Netns};
 
-    const ROUNDS: usize = 7;
+    const ROUNDS: usize = 15;
     const ROUND: Duration = Duration::from_secs(3);
     const PORT: u16 = 7000;
 
     #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    enum Scene {
+        /// Client and server namespaces over a veth pair.
+        Namespaces,
+        /// Client and server sockets of the host over 127.0.0.1.
+        Loopback,
+    }
+
+    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
     enum Observer {
         None,
-        DaemonXdp,
-        DaemonTc,
+        /// `handshake daemon` with no flags, in the host: no packet hook on
+        /// the churn's path (none on loopback, none in the namespaces).
+        Defaults,
+        /// The daemon with its packet hooks on the churn's path: the
+        /// server-side veth (tc or XDP ingress), or `lo`.
+        HooksTc,
+        HooksXdp,
+        /// Programs that return at once, attached where the hooks go.
+        PassOnly,
+        /// libbpf-tools `tcpstates`, host-wide.
         Tcpstates,
     }
 
     impl Observer {
-        const ALL: [Self; 4] = [Self::None, Self::DaemonTc, Self::DaemonXdp, Self::Tcpstates];
-
         fn parse(name: &str) -> Option<Self> {
             Some(match name {
                 "none" => Self::None,
-                "xdp" => Self::DaemonXdp,
-                "tc" => Self::DaemonTc,
+                "defaults" => Self::Defaults,
+                "tc" => Self::HooksTc,
+                "xdp" => Self::HooksXdp,
+                "pass" => Self::PassOnly,
                 "tcpstates" => Self::Tcpstates,
                 _ => return None,
             })
         }
 
-        const fn label(self) -> &'static str {
-            match self {
-                Self::None => "no observer",
-                Self::DaemonXdp => "handshake daemon (XDP ingress)",
-                Self::DaemonTc => "handshake daemon (tc ingress, default)",
-                Self::Tcpstates => "libbpf-tools tcpstates",
+        fn label(self, scene: Scene) -> &'static str {
+            match (self, scene) {
+                (Self::None, _) => "no observer",
+                (Self::Defaults, _) => "daemon, defaults (no hook on the path)",
+                (Self::HooksTc, Scene::Namespaces) => "daemon, tc hooks on the veth",
+                (Self::HooksTc, Scene::Loopback) => "daemon, tc hooks on lo (--iface lo)",
+                (Self::HooksXdp, _) => "daemon, XDP (generic) + tc on the veth",
+                (Self::PassOnly, Scene::Namespaces) => "pass-only tc hooks on the veth",
+                (Self::PassOnly, Scene::Loopback) => "pass-only tc hooks on lo",
+                (Self::Tcpstates, _) => "libbpf-tools tcpstates",
             }
         }
+
+        const fn is_daemon(self) -> bool {
+            matches!(self, Self::Defaults | Self::HooksTc | Self::HooksXdp)
+        }
+
+        const fn default_list(scene: Scene) -> &'static [Self] {
+            match scene {
+                Scene::Namespaces => &[
+                    Self::None,
+                    Self::Defaults,
+                    Self::HooksTc,
+                    Self::HooksXdp,
+                    Self::PassOnly,
+                    Self::Tcpstates,
+                ],
+                Scene::Loopback => &[
+                    Self::None,
+                    Self::Defaults,
+                    Self::HooksTc,
+                    Self::PassOnly,
+                    Self::Tcpstates,
+                ],
+            }
+        }
+    }
+
+    /// Where the churn runs: the namespaces (or none: the host), the
+    /// interface the hooks go on, and the server's address.
+    struct Place {
+        scene: Scene,
+        pair: Option<NetnsPair>,
+        server: SocketAddr,
+    }
+
+    impl Place {
+        fn new(scene: Scene) -> Self {
+            match scene {
+                Scene::Namespaces => Self {
+                    scene,
+                    server: format!("{}:{PORT}", NetnsPair::SERVER_V4).parse().unwrap(),
+                    pair: Some(NetnsPair::new()),
+                },
+                Scene::Loopback => Self {
+                    scene,
+                    server: format!("127.0.0.1:{}", PORT + 1).parse().unwrap(),
+                    pair: None,
+                },
+            }
+        }
+
+        fn client_ns(&self) -> Option<&str> {
+            self.pair.as_ref().map(|p| p.client.as_str())
+        }
+
+        fn server_ns(&self) -> Option<&str> {
+            self.pair.as_ref().map(|p| p.server.as_str())
+        }
+
+        /// The interface the hooks go on, in the server's namespace.
+        fn hook_iface(&self) -> &str {
+            self.pair.as_ref().map_or("lo", |p| p.server_if.as_str())
+        }
+
+        fn spawn<T: Send + 'static>(
+            ns: Option<&str>,
+            f: impl FnOnce() -> T + Send + 'static,
+        ) -> JoinHandle<T> {
+            match ns {
+                Some(ns) => spawn_in(ns, f),
+                None => std::thread::spawn(f),
+            }
+        }
+
+        /// `ss -K` of the TIME_WAIT sockets the last round left (only this
+        /// churn's port on the host).
+        fn clear_time_wait(&self) {
+            let filter = format!("( sport = :{0} or dport = :{0} )", self.server.port());
+            let namespaces: Vec<Option<&str>> = match &self.pair {
+                Some(p) => vec![Some(p.client.as_str()), Some(p.server.as_str())],
+                None => vec![None],
+            };
+            for ns in namespaces {
+                let mut command = match ns {
+                    Some(ns) => {
+                        let mut c = Command::new("ip");
+                        c.args(["netns", "exec", ns, "ss"]);
+                        c
+                    }
+                    None => Command::new("ss"),
+                };
+                let _ = command
+                    .args(["-K", "state", "time-wait", &filter])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+    }
+
+    /// The pass-only floor: `tc_pass_base` from the daemon's own object,
+    /// loaded once, attached at ingress and egress for its rounds.
+    struct PassOnly {
+        observer: loader::Observer,
+    }
+
+    impl PassOnly {
+        fn load() -> Self {
+            let mut observer = loader::Observer::load().expect("load the kernel programs");
+            let prog: &mut SchedClassifier = observer
+                .ebpf_mut()
+                .program_mut(program::TC_PASS_BASELINE)
+                .expect("the pass-only tc program")
+                .try_into()
+                .expect("a tc program");
+            prog.load().expect("load the pass-only tc program");
+            Self { observer }
+        }
+
+        fn attach(&mut self, place: &Place) {
+            let netns = match place.server_ns() {
+                Some(ns) => Netns::open(ns).expect("server namespace"),
+                None => Netns::host(),
+            };
+            let iface = std::ffi::CString::new(place.hook_iface()).unwrap();
+            let prog: &mut SchedClassifier = self
+                .observer
+                .ebpf_mut()
+                .program_mut(program::TC_PASS_BASELINE)
+                .unwrap()
+                .try_into()
+                .unwrap();
+            netns
+                .run(|| {
+                    for attach_type in [TcAttachType::Ingress, TcAttachType::Egress] {
+                        prog.attach(
+                            iface.as_c_str(),
+                            TcAttach::Tcx {
+                                attach_type,
+                                order: Default::default(),
+                            },
+                        )
+                        .expect("attach the pass-only tc program (TCX)");
+                    }
+                })
+                .expect("enter the server namespace");
+        }
+
+        /// Detaches both links (TCX links detach with their owner, wherever
+        /// they were made).
+        fn detach(&mut self) {
+            let prog: &mut SchedClassifier = self
+                .observer
+                .ebpf_mut()
+                .program_mut(program::TC_PASS_BASELINE)
+                .unwrap()
+                .try_into()
+                .unwrap();
+            let _ = prog.unload();
+            prog.load().expect("reload the pass-only tc program");
+        }
+    }
+
+    /// `tcpstates` and the count of lines it printed (a header, then one
+    /// line per state change).
+    struct Tcpstates {
+        child: Child,
+        lines: Arc<AtomicU64>,
     }
 
     enum Running {
         Nothing,
         Daemon(Daemon),
-        Tool(Child),
+        Pass,
+        Tool(Tcpstates),
     }
 
-    fn start(observer: Observer, pair: &NetnsPair) -> Running {
-        let daemon = |hook: &str| Running::Daemon(pair.server_daemon(&["--ingress-hook", hook]));
+    fn start(observer: Observer, place: &Place, pass: &mut Option<PassOnly>) -> Running {
+        let hooks = |hook: &str| {
+            Running::Daemon(match &place.pair {
+                Some(pair) => pair.server_daemon(&["--ingress-hook", hook]),
+                None => Daemon::start(&["--iface", "lo", "--ingress-hook", hook]),
+            })
+        };
         match observer {
             Observer::None => Running::Nothing,
-            Observer::DaemonXdp => daemon("xdp"),
-            Observer::DaemonTc => daemon("tc"),
+            Observer::Defaults => Running::Daemon(Daemon::start(&[])),
+            Observer::HooksTc => hooks("tc"),
+            Observer::HooksXdp => hooks("xdp"),
+            Observer::PassOnly => {
+                pass.get_or_insert_with(PassOnly::load).attach(place);
+                Running::Pass
+            }
             Observer::Tcpstates => {
-                let child = Command::new("tcpstates")
-                    .stdout(Stdio::null())
+                // Line-buffered: it prints with stdio, which would hold a
+                // pipe's lines back a block at a time.
+                let mut child = Command::new("stdbuf")
+                    .args(["-oL", "tcpstates"])
+                    .stdout(Stdio::piped())
                     .stderr(Stdio::null())
                     .spawn()
                     .expect("start tcpstates (Debian package libbpf-tools)");
-                // It prints nothing until a socket changes state; give it
-                // time to load and attach.
-                std::thread::sleep(Duration::from_secs(2));
-                Running::Tool(child)
+                let lines = Arc::new(AtomicU64::new(0));
+                let out = child.stdout.take().expect("piped stdout");
+                let counted = Arc::clone(&lines);
+                std::thread::spawn(move || {
+                    for _ in BufReader::new(out).lines().map_while(Result::ok) {
+                        counted.fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+                // It prints its header once attached.
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while lines.load(Ordering::Relaxed) == 0 && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Running::Tool(Tcpstates { child, lines })
             }
         }
     }
 
-    fn daemon_cpu(running: &Running) -> f64 {
+    /// Stops the observer; whether it was running and saw the round's
+    /// connections, and if not, why.
+    fn stop(running: Running, pass: &mut Option<PassOnly>) -> Result<(), String> {
         match running {
-            Running::Daemon(daemon) => daemon.cpu_seconds(),
-            _ => 0.0,
-        }
-    }
-
-    fn stop(running: Running) {
-        match running {
-            Running::Nothing => {}
+            Running::Nothing => Ok(()),
+            Running::Pass => {
+                if let Some(pass) = pass {
+                    pass.detach();
+                }
+                Ok(())
+            }
             Running::Daemon(daemon) => {
+                let metrics = daemon.scrape();
+                let counted = metrics
+                    .try_get("handshake_tcp_handshakes_total", &[("role", "server")])
+                    .unwrap_or(0.0);
                 daemon.stop(libc::SIGTERM);
+                if counted > 0.0 {
+                    Ok(())
+                } else {
+                    Err("the daemon counted no server handshake".to_owned())
+                }
             }
-            Running::Tool(mut child) => {
+            Running::Tool(mut tool) => {
                 // SAFETY: kill on our own child's pid.
-                unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-                let _ = child.wait();
+                unsafe { libc::kill(tool.child.id() as i32, libc::SIGINT) };
+                let status = tool.child.wait();
+                let lines = tool.lines.load(Ordering::Relaxed);
+                // A header line, then events.
+                if lines > 1 {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "tcpstates printed {lines} line(s) and exited {status:?}: not attached"
+                    ))
+                }
             }
-        }
-    }
-
-    fn clear_time_wait(pair: &NetnsPair) {
-        for ns in [&pair.client, &pair.server] {
-            let _ = Command::new("ip")
-                .args(["netns", "exec", ns, "ss", "-K", "state", "time-wait"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
         }
     }
 
@@ -474,13 +709,14 @@ mod churn {
     }
 
     /// Connections completed by two client threads in `ROUND`.
-    fn round(pair: &NetnsPair, server: SocketAddr) -> f64 {
+    fn round(place: &Place) -> f64 {
         let done = Arc::new(AtomicU64::new(0));
         let deadline = Instant::now() + ROUND;
+        let server = place.server;
         let clients: Vec<_> = (0..2)
             .map(|_| {
                 let done = Arc::clone(&done);
-                spawn_in(&pair.client, move || {
+                Place::spawn(place.client_ns(), move || {
                     let mut buf = [0u8; 16];
                     while Instant::now() < deadline {
                         if let Ok(mut stream) = TcpStream::connect(server) {
@@ -497,39 +733,113 @@ mod churn {
         done.load(Ordering::Relaxed) as f64 / ROUND.as_secs_f64()
     }
 
-    /// `list`: observers to compare, comma-separated (`none,tc,xdp,tcpstates`
-    /// by default); the first must be `none`, the baseline. Repeating `none`
-    /// measures the benchmark's own noise.
-    pub fn run(list: Option<&str>) {
-        let observers: Vec<Observer> = match list {
-            None => Observer::ALL.to_vec(),
-            Some(list) => list
-                .split(',')
+    /// One observer's figures over the rounds.
+    #[derive(Default)]
+    struct Figures {
+        rates: Vec<f64>,
+        /// The machine's busy CPU per connection, µs.
+        machine_us: Vec<f64>,
+        /// The daemon process's CPU per connection, µs.
+        daemon_us: Vec<f64>,
+        /// Why a round did not count, if one did not.
+        failures: Vec<String>,
+    }
+
+    /// Mounts tracefs for `tcpstates` (a classic tracepoint) when it is
+    /// not mounted, as on a freshly booted machine here; unmounts it again
+    /// when dropped.
+    struct Tracefs {
+        mounted_here: bool,
+    }
+
+    impl Tracefs {
+        const PATH: &str = "/sys/kernel/tracing";
+
+        fn ensure() -> Self {
+            if std::path::Path::new(Self::PATH).join("events").exists() {
+                return Self {
+                    mounted_here: false,
+                };
+            }
+            let status = Command::new("mount")
+                .args(["-t", "tracefs", "nodev", Self::PATH])
+                .status();
+            let mounted_here = matches!(status, Ok(s) if s.success());
+            println!(
+                "tracefs was not mounted: {} (tcpstates needs it)",
+                if mounted_here {
+                    "mounted it for tcpstates, unmounted after"
+                } else {
+                    "could not mount it"
+                }
+            );
+            Self { mounted_here }
+        }
+    }
+
+    impl Drop for Tracefs {
+        fn drop(&mut self) {
+            if self.mounted_here {
+                let _ = Command::new("umount").arg(Self::PATH).status();
+            }
+        }
+    }
+
+    /// `args`: `[SCENE] [OBSERVERS]`, SCENE one of `all` (default),
+    /// `namespaces`, `loopback`; OBSERVERS comma-separated, `none` first
+    /// (the baseline), from `none,defaults,tc,xdp,pass,tcpstates`.
+    /// Repeating `none` measures the benchmark's own noise.
+    pub fn run(scene: Option<&str>, list: Option<&str>) {
+        let scenes = match scene.unwrap_or("all") {
+            "all" => vec![Scene::Loopback, Scene::Namespaces],
+            "namespaces" => vec![Scene::Namespaces],
+            "loopback" => vec![Scene::Loopback],
+            other => {
+                eprintln!(
+                    "handshake-bench: unknown churn scene {other:?} (all, namespaces, loopback)"
+                );
+                std::process::exit(2)
+            }
+        };
+        let chosen: Option<Vec<Observer>> = list.map(|list| {
+            list.split(',')
                 .map(|name| {
                     Observer::parse(name).unwrap_or_else(|| {
                         eprintln!(
-                            "handshake-bench: unknown observer {name:?} (none, xdp, tc, tcpstates)"
+                            "handshake-bench: unknown observer {name:?} (none, defaults, tc, xdp, pass, tcpstates)"
                         );
                         std::process::exit(2)
                     })
                 })
-                .collect(),
-        };
-        if observers.first() != Some(&Observer::None) {
+                .collect()
+        });
+        if let Some(list) = &chosen
+            && list.first() != Some(&Observer::None)
+        {
             eprintln!("handshake-bench: the first observer must be `none`, the baseline");
             std::process::exit(2);
         }
-        let pair = NetnsPair::new();
-        let server: SocketAddr = format!("{}:{PORT}", NetnsPair::SERVER_V4).parse().unwrap();
-        let stop_servers = Arc::new(AtomicBool::new(false));
+        let _tracefs = Tracefs::ensure();
+        for scene in scenes {
+            let observers = chosen
+                .clone()
+                .unwrap_or_else(|| Observer::default_list(scene).to_vec());
+            run_scene(scene, &observers);
+        }
+    }
+
+    fn run_scene(scene: Scene, observers: &[Observer]) {
+        let place = Place::new(scene);
+        let server = place.server;
+        let stop_server = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let acceptor = {
-            let stop_servers = Arc::clone(&stop_servers);
-            spawn_in(&pair.server, move || {
+            let stop_server = Arc::clone(&stop_server);
+            Place::spawn(place.server_ns(), move || {
                 let listener = TcpListener::bind(server).expect("bind churn server");
                 ready_tx.send(()).expect("bench waits");
                 for stream in listener.incoming() {
-                    if stop_servers.load(Ordering::Relaxed) {
+                    if stop_server.load(Ordering::Relaxed) {
                         break;
                     }
                     drop(stream);
@@ -537,96 +847,153 @@ mod churn {
             })
         };
         ready_rx.recv().expect("churn server");
+        let mut pass = None;
 
         let rounds = super::rounds(ROUNDS);
         println!();
         println!(
-            "Connection churn between two namespaces (IPv4, 2 client threads, {} s rounds, {rounds} interleaved rounds)",
+            "Connection churn, {} (IPv4, 2 client threads, {} s rounds, {rounds} interleaved rounds)",
+            match scene {
+                Scene::Namespaces => "two namespaces over veth",
+                Scene::Loopback => "host loopback",
+            },
             ROUND.as_secs()
         );
-        let mut rates: Vec<Vec<f64>> = vec![Vec::new(); observers.len()];
+        let mut figures: Vec<Figures> = observers.iter().map(|_| Figures::default()).collect();
         for r in 0..rounds {
             // Rotate the order each round, so no observer always follows the
-            // same one (what a round leaves behind, such as sockets still
-            // being freed, falls on every observer alike).
+            // same one.
             for k in 0..observers.len() {
                 let i = (k + r) % observers.len();
-                let observer = &observers[i];
-                let running = start(*observer, &pair);
-                clear_time_wait(&pair);
+                let observer = observers[i];
+                let running = start(observer, &place, &mut pass);
+                place.clear_time_wait();
                 settle();
                 let cpu_before = daemon_cpu(&running);
-                let rate = round(&pair, server);
+                let busy_before = super::machine_busy_seconds();
+                let rate = round(&place);
+                let busy = super::machine_busy_seconds() - busy_before;
                 let cpu = daemon_cpu(&running) - cpu_before;
-                stop(running);
-                let own_cpu = if *observer == Observer::DaemonXdp || *observer == Observer::DaemonTc
-                {
-                    format!(
-                        "  daemon CPU {:.1} % of one core, {:.2} µs per connection",
-                        cpu / ROUND.as_secs_f64() * 100.0,
-                        cpu * 1e6 / (rate * ROUND.as_secs_f64())
-                    )
+                let verified = stop(running, &mut pass);
+                let conns = rate * ROUND.as_secs_f64();
+                let f = &mut figures[i];
+                let own = if observer.is_daemon() {
+                    format!("  daemon {:.2} µs/conn", cpu * 1e6 / conns)
                 } else {
                     String::new()
                 };
                 println!(
-                    "  round {} {:<40} {:>9.0} conns/s{own_cpu}",
+                    "  round {:>2} {:<44} {rate:>8.0} conns/s  machine {:>6.1} µs/conn{own}{}",
                     r + 1,
-                    observer.label(),
-                    rate
+                    observer.label(scene),
+                    busy * 1e6 / conns,
+                    verified
+                        .as_ref()
+                        .err()
+                        .map_or(String::new(), |e| format!("  NOT COUNTED: {e}"))
                 );
-                rates[i].push(rate);
+                match verified {
+                    Ok(()) => {
+                        f.rates.push(rate);
+                        f.machine_us.push(busy * 1e6 / conns);
+                        f.daemon_us.push(cpu * 1e6 / conns);
+                    }
+                    Err(e) => f.failures.push(e),
+                }
             }
         }
-        if observers.contains(&Observer::DaemonTc) {
-            // One more round, apart: the kernel's per-program statistics
-            // cost two clock reads a run.
-            let running = start(Observer::DaemonTc, &pair);
-            clear_time_wait(&pair);
-            settle();
-            let costs = super::ProgramCosts::start();
-            let cpu_before = daemon_cpu(&running);
-            let rate = round(&pair, server);
-            let cpu = daemon_cpu(&running) - cpu_before;
-            let conns = rate * ROUND.as_secs_f64();
-            println!(
-                "Where the daemon's cost goes (one more round, tc ingress, kernel statistics on, {rate:.0} conns/s):"
-            );
-            costs.report(conns, "connection", cpu, rate);
-            stop(running);
+        for observer in observers
+            .iter()
+            .filter(|o| **o != Observer::None && **o != Observer::Tcpstates)
+        {
+            cost_round(*observer, &place, &mut pass);
         }
-        stop_servers.store(true, Ordering::Relaxed);
-        let _ = TcpStream::connect(server);
-        spawn_in(&pair.client, move || {
+        stop_server.store(true, Ordering::Relaxed);
+        Place::spawn(place.client_ns(), move || {
             let _ = TcpStream::connect(server);
         })
         .join()
         .ok();
         acceptor.join().ok();
+        summary(scene, observers, &figures);
+    }
 
+    fn daemon_cpu(running: &Running) -> f64 {
+        match running {
+            Running::Daemon(daemon) => daemon.cpu_seconds(),
+            _ => 0.0,
+        }
+    }
+
+    /// One more round with the kernel's per-program statistics on
+    /// (BPF_ENABLE_STATS: two clock reads a run, so apart from the ratio
+    /// rounds): what each program costs per connection.
+    fn cost_round(observer: Observer, place: &Place, pass: &mut Option<PassOnly>) {
+        let running = start(observer, place, pass);
+        place.clear_time_wait();
+        settle();
+        let costs = super::ProgramCosts::start();
+        let cpu_before = daemon_cpu(&running);
+        let rate = round(place);
+        let cpu = daemon_cpu(&running) - cpu_before;
+        let conns = rate * ROUND.as_secs_f64();
         println!(
-            "{:<40} {:>12} {:>8} {:>8} {:>8}",
-            "observer", "median c/s", "ratio", "min", "max"
+            "Where the cost goes: {} (kernel statistics on, {rate:.0} conns/s):",
+            observer.label(place.scene)
         );
-        for (i, observer) in observers.iter().enumerate() {
-            let mut ratios: Vec<f64> = rates[i]
+        costs.report(conns, "connection", cpu, rate);
+        if let Err(e) = stop(running, pass) {
+            println!("    NOT COUNTED: {e}");
+        }
+    }
+
+    fn summary(scene: Scene, observers: &[Observer], figures: &[Figures]) {
+        println!(
+            "{:<44} {:>9} {:>7} {:>7} {:>7} {:>10} {:>10} {:>10}",
+            "observer", "median/s", "ratio", "min", "max", "machine µs", "over none", "daemon µs"
+        );
+        let mut base_machine = figures[0].machine_us.clone();
+        let base_machine = super::median(&mut base_machine);
+        for (observer, f) in observers.iter().zip(figures) {
+            let label = observer.label(scene);
+            if f.rates.is_empty() {
+                println!(
+                    "{label:<44} no ratio: not verified running and emitting ({})",
+                    f.failures.first().map_or("", String::as_str)
+                );
+                continue;
+            }
+            // Ratios of the rounds in which this observer counted.
+            let mut ratios: Vec<f64> = f
+                .rates
                 .iter()
-                .zip(&rates[0])
+                .zip(&figures[0].rates)
                 .map(|(o, base)| o / base)
                 .collect();
             let (min, max) = super::spread(&ratios);
-            let mut own = rates[i].clone();
+            let mut rates = f.rates.clone();
+            let mut machine = f.machine_us.clone();
+            let machine = super::median(&mut machine);
+            let mut daemon = f.daemon_us.clone();
+            let daemon = if observer.is_daemon() {
+                format!("{:>10.2}", super::median(&mut daemon))
+            } else {
+                format!("{:>10}", "")
+            };
             println!(
-                "{:<40} {:>12.0} {:>8.3} {:>8.3} {:>8.3}",
-                observer.label(),
-                super::median(&mut own),
+                "{label:<44} {:>9.0} {:>7.3} {min:>7.3} {max:>7.3} {machine:>10.2} {:>+10.2} {daemon}{}",
+                super::median(&mut rates),
                 super::median(&mut ratios),
-                min,
-                max
+                machine - base_machine,
+                if f.failures.is_empty() {
+                    String::new()
+                } else {
+                    format!("  ({} round(s) not counted)", f.failures.len())
+                }
             );
         }
         println!(
-            "ratio = this observer's conns/s over the same round's no-observer conns/s, median over rounds"
+            "ratio = conns/s over the same round's no-observer conns/s, median over rounds; machine µs = all CPUs' busy time per connection (/proc/stat), median; over none = its excess over the no-observer rounds'; daemon µs = the daemon process's CPU per connection"
         );
     }
 }
