@@ -6,10 +6,13 @@
 //!    BPF_PROG_TEST_RUN, in interleaved rounds.
 //! 2. `fingerprint`: the daemon's userspace cost per ClientHello (parse,
 //!    and parse plus JA4/JA4_r/JA3).
-//! 3. `churn`: saturated connection churn between two namespaces, in
-//!    interleaved rounds of {no observer, the daemon (tc ingress, the
-//!    default), the daemon (XDP ingress), libbpf-tools `tcpstates`}; each
-//!    observer's conns/s as a ratio to the same round's no-observer rate.
+//! 3. `churn`: saturated connection churn over loopback and between two
+//!    namespaces, in interleaved rounds of {no observer, the daemon's
+//!    defaults, the daemon with hooks on the path, pass-only hooks there,
+//!    libbpf-tools `tcpstates`}, each verified running and emitting; each
+//!    observer's conns/s as a ratio to the same round's no-observer rate,
+//!    its machine CPU per connection, and the programs' cost from the
+//!    kernel's statistics.
 //! 4. `census`: the socket census against `ss` and node_exporter.
 //! 5. `tls`: full TLS handshakes per second with and without the daemon.
 //! 6. `forecast`: whether the port-exhaustion forecast comes true on the
