@@ -78,8 +78,13 @@ pub mod map {
     /// Hash network namespace inode → sockets that went FIN_WAIT2 or
     /// CLOSING → CLOSE there (the kernel's way into TIME_WAIT).
     pub const TW_ENTRIES: &str = "TW_ENTRIES";
-    /// Hash socket address → [`super::census::SockAge`], kept by the state
-    /// tracepoint from a socket's first state change to its CLOSE.
+    /// Array of [`super::census::AgeSlot`]s, two probes per socket address:
+    /// where the state tracepoint keeps each socket's
+    /// [`super::census::SockAge`] from its first state change to its CLOSE,
+    /// without a lock or a hash table.
+    pub const SK_AGE_SLOTS: &str = "SK_AGE_SLOTS";
+    /// Hash socket address → [`super::census::SockAge`]: the sockets whose
+    /// two slots of [`SK_AGE_SLOTS`] were taken.
     pub const SK_AGE: &str = "SK_AGE";
     /// Array of [`super::AGE_NETNS_SLOTS`] network namespace inodes: only
     /// sockets there get an entry in [`SK_AGE`] (0 in slot 0: all do).
@@ -94,9 +99,12 @@ pub mod map {
     /// client sockets whose SYN was retransmitted (every namespace).
     pub const SYN_SENT_AT: &str = "SYN_SENT_AT";
     pub const TLS_SCRATCH: &str = "TLS_SCRATCH";
+    /// Per-CPU word where the state tracepoint and the census turn a
+    /// socket's address into a number to hash: kernel-only.
+    pub const ADDRESS: &str = "ADDRESS";
 
     /// Every map of the eBPF object.
-    pub const ALL: [&str; 21] = [
+    pub const ALL: [&str; 23] = [
         PACKET_COUNTS,
         PARSE_ERRORS,
         TRANSITIONS,
@@ -112,20 +120,37 @@ pub mod map {
         TLS_PENDING,
         TLS_ACTIVE,
         TW_ENTRIES,
+        SK_AGE_SLOTS,
         SK_AGE,
         AGE_NETNS,
         SCRATCH,
         TLS_SCRATCH,
         SOCK_EVENTS,
         SYN_SENT_AT,
+        ADDRESS,
     ];
 }
 
 /// Default sizes; the daemon can set the table sizes at load time.
 pub const HALF_OPEN_ENTRIES: u32 = 16 * 1024;
 pub const FLOWS_ENTRIES: u32 = 64 * 1024;
-/// Sockets whose state-entry time and opener the state tracepoint keeps.
+/// Sockets whose state-entry time and opener the state tracepoint keeps:
+/// slots of `SK_AGE_SLOTS` (a power of two), and a quarter as many entries
+/// of the `SK_AGE` overflow table (see [`sock_age_tables`]).
 pub const SOCK_AGE_ENTRIES: u32 = 64 * 1024;
+
+/// The sizes of `SK_AGE_SLOTS` and of the `SK_AGE` overflow table for
+/// `entries` sockets (`--socket-age-entries`): the slots rounded down to a
+/// power of two (at least 2), the overflow a quarter of them (at least 16).
+pub const fn sock_age_tables(entries: u32) -> (u32, u32) {
+    let slots = if entries < 2 {
+        2
+    } else {
+        1 << (31 - entries.leading_zeros())
+    };
+    let overflow = if slots / 4 < 16 { 16 } else { slots / 4 };
+    (slots, overflow)
+}
 /// Network namespaces whose sockets get ages, at most: the daemon watches
 /// the host's and one more.
 pub const AGE_NETNS_SLOTS: u32 = 4;
@@ -521,6 +546,25 @@ pub mod census {
         pub comm: [u8; 16],
     }
     const _: () = assert!(size_of::<SockAge>() == 32);
+
+    /// A slot of `SK_AGE_SLOTS`: the socket that holds it (its address; 0:
+    /// free) and its age. A socket's slots are `i` and `i ^ 1` for `i` a
+    /// hash of its address masked by `AGE_SLOT_MASK`.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct AgeSlot {
+        pub sk: u64,
+        pub age: SockAge,
+    }
+    const _: () = assert!(size_of::<AgeSlot>() == 40);
+
+    /// The first of the two slots of socket address `sk` in a table of
+    /// `mask + 1` slots (a power of two): a multiplicative hash of the
+    /// address above its 64-byte alignment.
+    #[inline(always)]
+    pub const fn age_slot(sk: u64, mask: u32) -> u32 {
+        (((sk >> 6).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32) & mask & !1
+    }
 }
 
 /// Handshakes from the socket layer: the state tracepoint sees every TCP

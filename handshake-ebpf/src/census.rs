@@ -25,13 +25,14 @@ use aya_ebpf::{
         },
     },
     macros::map,
-    maps::{Array, HashMap, PerCpuHashMap},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
 };
 use handshake_common::abi::{
     AF_INET, AF_INET6, AGE_NETNS_SLOTS, FlowStat, IPPROTO_TCP, SOCK_AGE_ENTRIES,
     census::{
-        Config, Header, RECORD_SOCKET, RECORD_SUMMARY, SUMMARY_ROW_IPV4, SUMMARY_ROW_IPV6, SockAge,
-        Socket, Summary, TW_ENTRIES_NETNS, TW_LOCAL_ENTRIES, TW_REMOTE_ENTRIES, TwKey,
+        AgeSlot, Config, Header, RECORD_SOCKET, RECORD_SUMMARY, SUMMARY_ROW_IPV4, SUMMARY_ROW_IPV6,
+        SockAge, Socket, Summary, TW_ENTRIES_NETNS, TW_LOCAL_ENTRIES, TW_REMOTE_ENTRIES, TwKey,
+        age_slot,
     },
     tcp_state,
 };
@@ -78,19 +79,70 @@ static OFF_NET_NS_INUM: u32 = 0;
 static OFF_SK_PROTOCOL: u32 = 0;
 
 /// Per socket, by its address: when it entered its current state, and who
-/// opened it; from its first state change to its CLOSE.
+/// opened it; from its first noted state change to its CLOSE.
 ///
-/// A preallocated hash rather than socket-local storage: an entry costs a
-/// free-list pop and a bucket lock, where socket storage allocated, charged
-/// and (after an RCU grace period) freed memory for every socket, which
-/// made the tracepoint ~440 ns per state change under connection churn
-/// against ~90 ns without it (`bpftool prog show` with
-/// `kernel.bpf_stats_enabled`). Sized by `--socket-age-entries`; when it is
-/// full, further sockets go unnoted (`FlowStat::SockAgesFull`) and their
-/// ages show as unknown, while the sockets already noted, the old ones a
-/// leak is made of, keep theirs.
+/// Two slots of an array per socket address (`abi::census::age_slot`),
+/// written in place without a lock: a state change costs a cache line,
+/// where a hash table's insert and removal per socket cost ~300 ns each
+/// under connection churn here (bucket lock, free list, a cold bucket;
+/// docs/BENCHMARKS.md), and socket-local storage before it an allocation
+/// per socket. A socket whose two slots are held by others goes to
+/// `SK_AGE`, a hash table a quarter the size; when that is full too, it
+/// goes unnoted (`FlowStat::SockAgesFull`) and its age shows as unknown,
+/// while the sockets already noted, the old ones a leak is made of, keep
+/// theirs: a slot is freed only by its own socket's CLOSE. Sized at load
+/// (`--socket-age-entries`, `abi::sock_age_tables`).
+///
+/// Writers order their stores so that a reader (the census) that sees a
+/// slot's owner sees its age, and that sees a state sees its time: the age
+/// before the owner, the time before the state (x86-64 keeps stores in
+/// order). Two new sockets racing for one free slot may leave one of them
+/// unnoted until its next state change.
 #[map]
-static SK_AGE: HashMap<u64, SockAge> = HashMap::with_max_entries(SOCK_AGE_ENTRIES, 0);
+static SK_AGE_SLOTS: Array<AgeSlot> = Array::with_max_entries(SOCK_AGE_ENTRIES, 0);
+
+#[map]
+static SK_AGE: HashMap<u64, SockAge> = HashMap::with_max_entries(SOCK_AGE_ENTRIES / 4, 0);
+
+/// `SK_AGE_SLOTS`'s size minus one (a power of two minus one), set at load.
+#[unsafe(no_mangle)]
+static AGE_SLOT_MASK: u32 = SOCK_AGE_ENTRIES - 1;
+
+/// A word of per-CPU scratch, where a socket's address becomes a number.
+#[map]
+static ADDRESS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Socket `sk`'s two slots: the one it holds, if any, and a free one.
+#[inline(always)]
+fn age_slots(sk: u64) -> (Option<*mut AgeSlot>, Option<*mut AgeSlot>) {
+    // The verifier forbids arithmetic on a socket pointer beyond adding
+    // to it; the address read back from a map is a plain number.
+    let Some(word) = ADDRESS.get_ptr_mut(0) else {
+        return (None, None);
+    };
+    // SAFETY: this CPU's value of the map; programs do not nest on a CPU.
+    let number = unsafe {
+        ptr::write_volatile(word, sk);
+        ptr::read_volatile(word)
+    };
+    // SAFETY: a plain read of a global set at load.
+    let mask = unsafe { ptr::read_volatile(&AGE_SLOT_MASK) };
+    let first = age_slot(number, mask);
+    let (mut own, mut free) = (None, None);
+    for i in [first, first | 1] {
+        let Some(slot) = SK_AGE_SLOTS.get_ptr_mut(i) else {
+            continue;
+        };
+        // SAFETY: a valid map value; a racing writer leaves a whole word.
+        let holder = unsafe { ptr::read_volatile(&raw const (*slot).sk) };
+        if holder == sk {
+            own = Some(slot);
+        } else if holder == 0 && free.is_none() {
+            free = Some(slot);
+        }
+    }
+    (own, free)
+}
 
 /// The namespaces (inode numbers) the daemon counts, whose sockets get an
 /// entry in `SK_AGE`; slot 0 at zero means all namespaces (until the daemon
@@ -146,66 +198,107 @@ pub fn state_change(sk: *const u8, old: u32, new: u32, inum: u32) {
         if old == tcp_state::FIN_WAIT2 || old == tcp_state::CLOSING {
             time_wait_entry(inum);
         }
-        // The socket is done; it has an entry only if wanted (the filter is
+        // The socket is done; it was noted only if wanted (the filter is
         // set before the tracepoint is attached).
         if wanted {
-            let _ = SK_AGE.remove(&key);
+            forget(key);
         }
         return;
     }
     // Listeners are not noted: the census reads no age for them (they are
-    // not stuck), and each would hold an entry for as long as it listens.
+    // not stuck), and each would hold a slot for as long as it listens.
     // Nor is a full socket's SYN_RECV, which lasts from the final ACK to
     // the next line of the kernel (the census reads no age for SYN_RECV
-    // either: those are request sockets); its entry is written at
-    // ESTABLISHED. A write saved per server end, where every hash
-    // operation counts (~100-300 ns each here under churn).
+    // either: those are request sockets); it is noted at ESTABLISHED.
     if !wanted || new == tcp_state::LISTEN || new == tcp_state::SYN_RECV {
         return;
     }
     // SAFETY: a helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    // A socket's first noted change: from CLOSE (socket(), then
-    // connect()) or from SYN_RECV (a listener's child, established). It
-    // writes a fresh entry without looking first: an entry at that
-    // address belonged to an earlier socket. Later changes update the
-    // entry in place; one that is missing (the socket predates the
-    // daemon, or found the table full) is written fresh, opener unknown.
+    let (own, free) = age_slots(key);
+    // A socket's first noted change: from CLOSE (socket(), then connect())
+    // or from SYN_RECV (a listener's child, established). It writes a
+    // fresh age: what its slot held belonged to an earlier socket at that
+    // address. Later changes update the age in place; one that finds none
+    // (the socket predates the daemon, or found the tables full) writes a
+    // fresh one, opener unknown.
     let first = old == tcp_state::CLOSE || old == tcp_state::SYN_RECV;
-    if !first && let Some(age) = SK_AGE.get_ptr_mut(&key) {
-        // SAFETY: a valid map value; state changes of one socket are
-        // serialised by its lock.
-        let age = unsafe { &mut *age };
-        age.since_ns = now;
-        age.state = new;
+    if !first {
+        if let Some(slot) = own {
+            // SAFETY: a valid map value; this socket's changes are
+            // serialised by its lock. The time before the state.
+            unsafe {
+                ptr::write_volatile(&raw mut (*slot).age.since_ns, now);
+                ptr::write_volatile(&raw mut (*slot).age.state, new);
+            }
+            return;
+        }
+        if let Some(age) = SK_AGE.get_ptr_mut(&key) {
+            // SAFETY: as above, in the overflow table.
+            unsafe {
+                (*age).since_ns = now;
+                (*age).state = new;
+            }
+            return;
+        }
+    }
+    let connect = old == tcp_state::CLOSE && new == tcp_state::SYN_SENT;
+    if let Some(slot) = own.or(free) {
+        // SAFETY: a valid map value; the age before the owner.
+        unsafe {
+            write_fresh(&raw mut (*slot).age, now, new, connect);
+            ptr::write_volatile(&raw mut (*slot).sk, key);
+        }
         return;
     }
     let mut age = MaybeUninit::<SockAge>::uninit();
-    let fresh = age.as_mut_ptr();
-    // SAFETY: every field of the local is written before it is read (the
-    // insert copies it). Field by field, and `comm` by the helper or as two
-    // words: a `[0; 16]` compiles to a call to a byte-at-a-time `memset`
-    // subprogram.
+    // SAFETY: every field is written (the insert copies it).
+    unsafe { write_fresh(age.as_mut_ptr(), now, new, connect) };
+    // SAFETY: all fields were written above.
+    let age = unsafe { age.assume_init_ref() };
+    if SK_AGE.insert(&key, age, 0).is_err() {
+        crate::stat(FlowStat::SockAgesFull);
+    }
+}
+
+/// Writes a fresh age at `age`: `state` entered at `now`, and on
+/// connect() the calling process as the opener. Field by field, and
+/// `comm` by the helper or as two words: a `[0; 16]` compiles to a call to
+/// a byte-at-a-time `memset` subprogram.
+///
+/// # Safety
+/// `age` must be valid for writes.
+#[inline(always)]
+unsafe fn write_fresh(age: *mut SockAge, now: u64, state: u32, connect: bool) {
+    // SAFETY: the caller's.
     unsafe {
-        (*fresh).since_ns = now;
-        (*fresh).state = new;
-        let comm = (&raw mut (*fresh).comm).cast::<c_void>();
-        if old == tcp_state::CLOSE && new == tcp_state::SYN_SENT {
+        ptr::write_volatile(&raw mut (*age).since_ns, now);
+        ptr::write_volatile(&raw mut (*age).state, state);
+        let comm = (&raw mut (*age).comm).cast::<c_void>();
+        if connect {
             // connect(): the process is the current task. The helper fills
             // all 16 bytes, with zeros past the name or on failure.
-            (*fresh).pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+            (*age).pid = (bpf_get_current_pid_tgid() >> 32) as u32;
             bpf_get_current_comm(comm, 16);
         } else {
-            (*fresh).pid = 0;
+            (*age).pid = 0;
             let words = comm.cast::<u64>();
             ptr::write_volatile(words, 0);
             ptr::write_volatile(words.add(1), 0);
         }
     }
-    // SAFETY: all fields were written above.
-    let age = unsafe { age.assume_init_ref() };
-    if SK_AGE.insert(&key, age, 0).is_err() {
-        crate::stat(FlowStat::SockAgesFull);
+}
+
+/// Socket `key` closed: its slot is free again, or its overflow entry
+/// gone (looked up first: a removal takes the bucket's lock even when
+/// there is nothing to remove).
+#[inline(always)]
+fn forget(key: u64) {
+    if let (Some(slot), _) = age_slots(key) {
+        // SAFETY: a valid map value this socket holds.
+        unsafe { ptr::write_volatile(&raw mut (*slot).sk, 0) };
+    } else if SK_AGE.get_ptr(&key).is_some() {
+        let _ = SK_AGE.remove(&key);
     }
 }
 
@@ -386,11 +479,16 @@ fn age_of(sk: *const u8, state: u32) -> Option<SockAge> {
         return None;
     }
     // A full socket's address is its `sock_common`'s. The state must match:
-    // an entry left by a socket that went away unseen at the same address
-    // is no one's age.
-    let age = SK_AGE.get_ptr(&(sk as u64))?;
-    // SAFETY: a valid map value, copied out at once.
-    let age = unsafe { *age };
+    // an age left by a socket that went away unseen at the same address
+    // is no one's.
+    let key = sk as u64;
+    let age = match age_slots(key) {
+        // SAFETY: a valid map value, copied out at once (owner read first,
+        // in `age_slots`).
+        (Some(slot), _) => unsafe { (*slot).age },
+        // SAFETY: as above, in the overflow table.
+        (None, _) => unsafe { *SK_AGE.get_ptr(&key)? },
+    };
     (age.state == state).then_some(age)
 }
 

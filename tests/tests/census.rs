@@ -764,6 +764,22 @@ fn map_entries(name: &str) -> usize {
     value.as_array().expect("a list of entries").len()
 }
 
+/// Slots of the daemon's array map `name` that a socket holds (the first
+/// eight bytes of the value, its address, not zero), as bpftool dumps it.
+fn held_slots(name: &str) -> usize {
+    let dump = sh("bpftool", &["--json", "map", "dump", "name", name]);
+    let value: serde_json::Value = serde_json::from_str(&dump).expect("bpftool JSON");
+    value
+        .as_array()
+        .expect("a list of entries")
+        .iter()
+        .filter(|entry| {
+            let bytes = entry["value"].as_array().expect("raw value bytes");
+            bytes[..8].iter().any(|b| b.as_str() != Some("0x00"))
+        })
+        .count()
+}
+
 fn held_with_ages(entries: &str, port: u16, listeners: usize) -> HeldAges {
     let pair = NetnsPair::new();
     let daemon = pair.server_daemon(&["--socket-age-entries", entries]);
@@ -804,14 +820,18 @@ fn a_full_table_of_socket_ages_is_counted() {
     let _serial = serial();
     let held = held_with_ages("64", 7500, 0);
     let aged = held.aged.len();
-    // 64 entries for the TCP sockets of the namespaces the daemon counts
-    // (the host's and the server's): the kernel's table is full, and all
-    // but the few the host's own sockets may hold went to the server ends.
-    let entries = map_entries("SK_AGE");
-    assert_eq!(entries, 64, "entries in the kernel's table of socket ages");
+    // 64 slots and 16 overflow entries for the TCP sockets of the
+    // namespaces the daemon counts (the host's and the server's): both
+    // are full, and all but the few the host's own sockets may hold went
+    // to the server ends.
+    let (slots, overflow) = handshake_common::abi::sock_age_tables(64);
+    assert_eq!((slots, overflow), (64, 16));
+    assert_eq!(held_slots("SK_AGE_SLOTS"), 64, "slots held");
+    assert_eq!(map_entries("SK_AGE"), 16, "overflow entries");
+    let capacity = 64 + 16;
     assert!(
-        (64 - HOST_AGES_SLACK..=64).contains(&aged),
-        "{aged} of {HELD} server ends with an age, with a table of 64"
+        (capacity - HOST_AGES_SLACK..=capacity).contains(&aged),
+        "{aged} of {HELD} server ends with an age, with room for {capacity}"
     );
     // Each server end without an age found the table full once (at
     // SYN_RECV -> ESTABLISHED: its SYN_RECV is not noted); the host's own

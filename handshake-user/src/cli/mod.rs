@@ -162,8 +162,10 @@ pub struct DaemonFlags {
 
     /// Sockets whose state-entry time and opener the kernel keeps (for
     /// `conns --state` and `handshake_tcp_state_oldest_seconds`), of the
-    /// host's namespace and `--netns`, listeners excepted; sockets beyond
-    /// it have no age (`handshake_socket_ages_untracked_total`).
+    /// host's namespace and `--netns`, listeners excepted: slots of an
+    /// array (rounded down to a power of two), two per socket address, and
+    /// an overflow table a quarter that size; sockets beyond them have no
+    /// age (`handshake_socket_ages_untracked_total`).
     #[arg(long, value_name = "N", default_value_t = handshake_common::abi::SOCK_AGE_ENTRIES)]
     pub socket_age_entries: u32,
 

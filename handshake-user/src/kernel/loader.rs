@@ -109,11 +109,15 @@ impl Observer {
                 reason: e.to_string(),
             })
         })?;
+        let (age_slots, age_overflow) = handshake_common::abi::sock_age_tables(tables.sock_ages);
+        let age_slot_mask = age_slots - 1;
         let mut loader = EbpfLoader::new();
+        loader.override_global("AGE_SLOT_MASK", &age_slot_mask, true);
         loader
             .map_max_entries(map::HALF_OPEN, tables.half_open)
             .map_max_entries(map::FLOWS, tables.flows)
-            .map_max_entries(map::SK_AGE, tables.sock_ages);
+            .map_max_entries(map::SK_AGE_SLOTS, age_slots)
+            .map_max_entries(map::SK_AGE, age_overflow);
         for (name, value) in &offsets.values {
             loader.override_global(name, value, true);
         }
