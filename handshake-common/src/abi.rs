@@ -92,9 +92,14 @@ pub mod map {
     /// Per-CPU scratch space of the packet hooks (one `flow::Flow`) and of
     /// the TLS capture: kernel-only.
     pub const SCRATCH: &str = "SCRATCH";
-    /// Ring buffer of handshakes decided at the socket layer
+    /// Array, mmapped by the daemon: per CPU, a ring of
+    /// [`super::socket::LOG_SLOTS`] handshakes decided at the socket layer
     /// ([`super::socket::SockHandshake`]).
-    pub const SOCK_EVENTS: &str = "SOCK_EVENTS";
+    pub const SOCK_LOG: &str = "SOCK_LOG";
+    /// Array, mmapped by the daemon: per CPU, at index cpu ×
+    /// [`super::socket::HEAD_STRIDE`], how many records it has written to
+    /// [`SOCK_LOG`].
+    pub const SOCK_LOG_HEADS: &str = "SOCK_LOG_HEADS";
     /// LRU hash socket address → when its first SYN left, noted for
     /// client sockets whose SYN was retransmitted (every namespace).
     pub const SYN_SENT_AT: &str = "SYN_SENT_AT";
@@ -104,7 +109,7 @@ pub mod map {
     pub const ADDRESS: &str = "ADDRESS";
 
     /// Every map of the eBPF object.
-    pub const ALL: [&str; 23] = [
+    pub const ALL: [&str; 24] = [
         PACKET_COUNTS,
         PARSE_ERRORS,
         TRANSITIONS,
@@ -125,7 +130,8 @@ pub mod map {
         AGE_NETNS,
         SCRATCH,
         TLS_SCRATCH,
-        SOCK_EVENTS,
+        SOCK_LOG,
+        SOCK_LOG_HEADS,
         SYN_SENT_AT,
         ADDRESS,
     ];
@@ -571,10 +577,23 @@ pub mod census {
 /// socket of every namespace change state, and writes one
 /// [`socket::SockHandshake`] when a handshake ends (and one more when an
 /// established connection is reset before any data). No packet is read.
+///
+/// The records go to a ring per CPU in an array the daemon maps into its
+/// memory ([`super::map::SOCK_LOG`]): a write is a few stores to this
+/// CPU's next slot and its count, with no lock and no wakeup (a shared
+/// ring buffer's reservation took ~300 ns a record under churn here, two
+/// CPUs contending for its lock); the daemon reads every CPU's new records
+/// every 50 ms and counts those a CPU overwrote before they were read.
+/// Programs do not nest on a CPU, so each CPU's ring has one writer.
 pub mod socket {
-    pub const EVENTS_BYTES: u32 = 1 << 20;
-    /// Wake the daemon once a quarter is waiting; it drains every 50 ms.
-    pub const EVENTS_WAKEUP_BYTES: u64 = EVENTS_BYTES as u64 / 4;
+    /// Records per CPU (a power of two): 0.6 MiB a CPU, 50 ms of 160,000
+    /// handshakes a second on one CPU.
+    pub const LOG_SLOTS: u32 = 8192;
+    /// One count per 64-byte line in [`super::map::SOCK_LOG_HEADS`].
+    pub const HEAD_STRIDE: u32 = 8;
+    /// CPUs the log has room for in the object as built; the daemon sizes
+    /// both arrays for the machine's possible CPUs when it loads them.
+    pub const LOG_CPUS: u32 = 2;
     /// Entries of [`super::map::SYN_SENT_AT`]: client handshakes in
     /// progress at once (LRU: the oldest give way).
     pub const SYN_SENT_ENTRIES: u32 = 16 * 1024;

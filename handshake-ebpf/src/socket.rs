@@ -18,18 +18,23 @@
 //! Fields past `struct sock` are read through `bpf_skc_to_tcp_sock`, so
 //! the verifier checks them against `struct tcp_sock`.
 
+use core::{
+    ptr,
+    sync::atomic::{Ordering, compiler_fence},
+};
+
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
-    helpers::generated::{bpf_ktime_get_ns, bpf_skc_to_tcp_sock},
+    bindings::{BPF_F_MMAPABLE, BPF_NOEXIST},
+    helpers::generated::{bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_skc_to_tcp_sock},
     macros::map,
-    maps::{LruHashMap, RingBuf},
+    maps::{Array, LruHashMap},
 };
 use handshake_common::{
     abi::{
         AF_INET, FlowStat,
         census::{SUMMARY_ROW_IPV4, SUMMARY_ROW_IPV6},
         socket::{
-            EVENTS_BYTES, EVENTS_WAKEUP_BYTES, KIND_ESTABLISHED, KIND_FAILED, KIND_RESET,
+            HEAD_STRIDE, KIND_ESTABLISHED, KIND_FAILED, KIND_RESET, LOG_CPUS, LOG_SLOTS,
             SYN_SENT_ENTRIES, SockHandshake,
         },
         tcp_state,
@@ -39,8 +44,14 @@ use handshake_common::{
 
 use crate::census::{endpoints, field, offset};
 
+/// Per CPU, a ring of `LOG_SLOTS` records (`abi::socket`).
 #[map]
-static SOCK_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+static SOCK_LOG: Array<SockHandshake> =
+    Array::with_max_entries(LOG_CPUS * LOG_SLOTS, BPF_F_MMAPABLE);
+
+/// Per CPU, at `cpu * HEAD_STRIDE`, the records it has written.
+#[map]
+static SOCK_LOG_HEADS: Array<u64> = Array::with_max_entries(LOG_CPUS * HEAD_STRIDE, BPF_F_MMAPABLE);
 
 /// When the first SYN of each client socket whose SYN was retransmitted
 /// left, until its handshake ends. Most handshakes never enter it: their
@@ -160,27 +171,44 @@ fn report(sk: *const u8, netns: u32, role: u8, kind: u8) {
         SUMMARY_ROW_IPV6
     };
     let (local_addr, remote_addr, _, remote_port) = endpoints(sk, row);
-    let Some(mut entry) = SOCK_EVENTS.reserve::<SockHandshake>(0) else {
+    // SAFETY: a helper without preconditions.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    let Some(head) = SOCK_LOG_HEADS.get_ptr_mut(cpu * HEAD_STRIDE) else {
+        crate::stat(FlowStat::SockEventsDropped);
+        return;
+    };
+    // SAFETY: this CPU's count; programs do not nest on a CPU.
+    let written = unsafe { ptr::read_volatile(head) };
+    let Some(slot) = SOCK_LOG.get_ptr_mut(cpu * LOG_SLOTS + (written as u32 & (LOG_SLOTS - 1)))
+    else {
         crate::stat(FlowStat::SockEventsDropped);
         return;
     };
     // SAFETY: a helper without preconditions.
     let ts_ns = unsafe { bpf_ktime_get_ns() };
-    entry.write(SockHandshake {
-        ts_ns,
-        start_ns,
-        sk: sk as u64,
-        local_addr,
-        remote_addr,
-        netns,
-        srtt_us,
-        total_retrans,
-        sk_err: sk_err as u32,
-        local_port: u16::from_be(sport),
-        remote_port,
-        family,
-        role,
-        kind,
-    });
-    entry.submit(crate::wakeup_flags(&SOCK_EVENTS, EVENTS_WAKEUP_BYTES));
+    // SAFETY: a valid map value, this CPU's next slot.
+    unsafe {
+        slot.write(SockHandshake {
+            ts_ns,
+            start_ns,
+            sk: sk as u64,
+            local_addr,
+            remote_addr,
+            netns,
+            srtt_us,
+            total_retrans,
+            sk_err: sk_err as u32,
+            local_port: u16::from_be(sport),
+            remote_port,
+            family,
+            role,
+            kind,
+        })
+    };
+    // The record before its count: a reader that sees the count sees the
+    // record (x86-64 keeps stores in order; the fence keeps LLVM from
+    // moving them).
+    compiler_fence(Ordering::Release);
+    // SAFETY: as above.
+    unsafe { ptr::write_volatile(head, written + 1) };
 }

@@ -11,7 +11,7 @@ use crate::{
     daemon::state::{SelfStats, State, lock},
     kernel::{
         clock,
-        events::EventReader,
+        events::{CpuLog, EventReader},
         maps::{FlowTables, TlsMaps},
     },
     model::conntrack::Expiry,
@@ -37,6 +37,17 @@ pub async fn feed<T: Pod>(
         let mut state = lock(state);
         events.drain(|record| apply(&mut state, record));
         *malformed(&mut state.self_stats) = events.malformed;
+    }
+}
+
+/// Feeds the socket layer's records to the state as the CPUs wrote them,
+/// every drain interval, and keeps the count of records lost.
+pub async fn feed_log(mut log: CpuLog, state: &Mutex<State>) {
+    loop {
+        log.wait().await;
+        let mut state = lock(state);
+        log.drain(|record| state.record_socket(record));
+        state.self_stats.sock_records_lost = log.lost;
     }
 }
 

@@ -304,7 +304,6 @@ fn probe_families(report: &Report<'_>, families: &mut Families) {
         "Ring-buffer records the daemon could not decode (of the wrong size, or with a role, outcome or kind the kernel does not write).",
         stats.events_malformed
             + stats.tls_events_malformed
-            + stats.sock_events_malformed
             + report.malformed_records,
     );
 }
@@ -393,8 +392,8 @@ fn table_families(report: &Report<'_>, families: &mut Families) {
     );
     families.counter(
         "handshake_socket_events_dropped_total",
-        "Handshakes decided at the socket layer and lost because their ring buffer was full.",
-        stats.sock_events_dropped,
+        "Handshakes decided at the socket layer and lost: written over in a CPU's log before the daemon read them, or with no slot to go to.",
+        stats.sock_events_dropped + report.self_stats.sock_records_lost,
     );
     families.counter(
         "handshake_map_insert_failures_total",
@@ -624,7 +623,7 @@ mod tests {
                 events_malformed: 0,
                 census_errors: 0,
                 tls_events_malformed: 0,
-                sock_events_malformed: 0,
+                sock_records_lost: 0,
                 census_interval_s: 1.0,
             },
             malformed_records: 0,

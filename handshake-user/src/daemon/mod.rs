@@ -20,7 +20,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use aya::maps::{MapData, RingBuf};
-use handshake_common::abi::{socket::SockHandshake, tls_capture::TlsChunk};
+use handshake_common::abi::tls_capture::TlsChunk;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
@@ -31,7 +31,7 @@ use crate::{
     },
     kernel::{
         census::{CensusError, Method},
-        events::EventReader,
+        events::{CpuLog, EventReader},
         loader::Observer,
         maps::{Counters, FlowTables, TlsMaps},
     },
@@ -87,7 +87,7 @@ struct Feeds {
     counters: Arc<Counters>,
     tables: FlowTables,
     events: RingBuf<MapData>,
-    sock_events: RingBuf<MapData>,
+    sock_log: CpuLog,
     tls_events: RingBuf<MapData>,
     tls_maps: TlsMaps,
 }
@@ -99,7 +99,7 @@ impl Feeds {
             counters: Arc::new(observer.take_counters()?),
             tables: observer.take_flow_tables()?,
             events: observer.take_events()?,
-            sock_events: observer.take_sock_events()?,
+            sock_log: observer.take_sock_log()?,
             tls_events,
             tls_maps,
         })
@@ -205,8 +205,6 @@ fn serve(
         let metrics_listener = tokio::net::TcpListener::from_std(listeners.metrics)?;
         let api_listener = tokio::net::UnixListener::from_std(listeners.api)?;
         let events = EventReader::new(feeds.events).context("polling the event ring buffer")?;
-        let sock_events = EventReader::<SockHandshake>::new(feeds.sock_events)
-            .context("polling the socket ring buffer")?;
         let tls_events = EventReader::<TlsChunk>::new(feeds.tls_events)
             .context("polling the TLS ring buffer")?;
         tracing::info!(
@@ -228,13 +226,7 @@ fn serve(
                 |state, flow| state.record_wire(*flow),
                 |stats| &mut stats.events_malformed,
             ) => result?,
-            result = ingest::feed(
-                sock_events,
-                &state,
-                "socket",
-                |state, record| state.record_socket(record),
-                |stats| &mut stats.sock_events_malformed,
-            ) => result?,
+            () = ingest::feed_log(feeds.sock_log, &state) => {}
             result = ingest::sweep(feeds.tables, feeds.tls_maps, expiry, &state) => result?,
             result = ingest::feed(
                 tls_events,

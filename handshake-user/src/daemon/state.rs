@@ -33,8 +33,8 @@ pub struct SelfStats {
     pub census_errors: u64,
     /// TLS ring-buffer records of the wrong size.
     pub tls_events_malformed: u64,
-    /// Socket-layer ring-buffer records of the wrong size.
-    pub sock_events_malformed: u64,
+    /// Socket-layer records a CPU overwrote before the daemon read them.
+    pub sock_records_lost: u64,
     /// Seconds between the scheduled censuses as they run: the
     /// `--census-interval`, or longer while a census is slow (see
     /// `daemon::census::census_loop`); 0 before the first.

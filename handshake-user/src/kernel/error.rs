@@ -30,6 +30,14 @@ pub enum LoadError {
     TooManyNamespaces(usize),
     #[error("namespace inode {0} does not fit the kernel's 32-bit inode numbers")]
     NamespaceInode(u64),
+    #[error("mapping map {name:?} into memory")]
+    Mmap {
+        name: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reading the possible CPUs from {path}: {reason}")]
+    Cpus { path: &'static str, reason: String },
     #[error(transparent)]
     Netns(#[from] NetnsError),
     #[error(

@@ -12,13 +12,14 @@ use aya::{
         tc::{self, NlOptions},
     },
 };
-use handshake_common::abi::{AGE_NETNS_SLOTS, map, program};
+use handshake_common::abi::{AGE_NETNS_SLOTS, map, program, socket};
 
 use crate::kernel::{
     EBPF_OBJECT,
     btf::{BtfError, KERNEL_BTF, Offsets},
     census::{Census, CensusError, Method},
     error::LoadError,
+    events::CpuLog,
     maps::{Counters, FlowTables, TlsMaps},
     netns::{Netns, NetnsError},
 };
@@ -86,6 +87,8 @@ pub struct Observer {
     ebpf: Ebpf,
     attachments: Vec<Attachment>,
     census: Option<Result<Census, CensusError>>,
+    /// CPUs the socket layer's log was sized for (the possible CPUs).
+    log_cpus: u32,
 }
 
 impl Observer {
@@ -111,13 +114,21 @@ impl Observer {
         })?;
         let (age_slots, age_overflow) = handshake_common::abi::sock_age_tables(tables.sock_ages);
         let age_slot_mask = age_slots - 1;
+        let log_cpus = aya::util::nr_cpus()
+            .map_err(|(path, error)| LoadError::Cpus {
+                path,
+                reason: error.to_string(),
+            })?
+            .get();
         let mut loader = EbpfLoader::new();
         loader.override_global("AGE_SLOT_MASK", &age_slot_mask, true);
         loader
             .map_max_entries(map::HALF_OPEN, tables.half_open)
             .map_max_entries(map::FLOWS, tables.flows)
             .map_max_entries(map::SK_AGE_SLOTS, age_slots)
-            .map_max_entries(map::SK_AGE, age_overflow);
+            .map_max_entries(map::SK_AGE, age_overflow)
+            .map_max_entries(map::SOCK_LOG, log_cpus * socket::LOG_SLOTS)
+            .map_max_entries(map::SOCK_LOG_HEADS, log_cpus * socket::HEAD_STRIDE);
         for (name, value) in &offsets.values {
             loader.override_global(name, value, true);
         }
@@ -150,6 +161,7 @@ impl Observer {
             ebpf,
             attachments: Vec::new(),
             census: Some(census),
+            log_cpus,
         })
     }
 
@@ -208,9 +220,21 @@ impl Observer {
         self.take_ring(map::EVENTS)
     }
 
-    /// Takes the ring buffer of handshakes decided at the socket layer.
-    pub fn take_sock_events(&mut self) -> Result<RingBuf<MapData>, LoadError> {
-        self.take_ring(map::SOCK_EVENTS)
+    /// Takes the socket layer's per-CPU log of decided handshakes, mapped.
+    pub fn take_sock_log(&mut self) -> Result<CpuLog, LoadError> {
+        let mut array = |name: &'static str| match self.ebpf.take_map(name) {
+            Some(aya::maps::Map::Array(data)) => Ok(data),
+            Some(_) => Err(LoadError::Map {
+                name,
+                source: aya::maps::MapError::InvalidMapType { map_type: 0 },
+            }),
+            None => Err(LoadError::MissingMap(name)),
+        };
+        let (records, heads) = (array(map::SOCK_LOG)?, array(map::SOCK_LOG_HEADS)?);
+        CpuLog::new(records, heads, self.log_cpus).map_err(|source| LoadError::Mmap {
+            name: map::SOCK_LOG,
+            source,
+        })
     }
 
     fn take_ring(&mut self, name: &'static str) -> Result<RingBuf<MapData>, LoadError> {
