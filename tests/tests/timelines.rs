@@ -745,8 +745,21 @@ fn the_socket_layer_decides_refused_reset_and_timed_out() {
     let timeout = only_row(&conns, "client", timeout_port);
     assert_eq!(timeout["outcome"], "timeout", "{timeout}");
     // Every SYN the client sent before it gave up, the first aside.
-    let (syns, _) = handshake_packets(&packets, timeout_port, u64::MAX);
+    let (syns, synacks) = handshake_packets(&packets, timeout_port, u64::MAX);
     assert_eq!(timeout["syn_retransmits"], syns - 1, "{timeout}");
+    // The server's end has no socket yet (a request, never completed),
+    // but its SYN-ACK retransmissions are counted: every SYN-ACK that
+    // reached the client's veth (and was dropped there) but the first,
+    // whether its timer or a retransmitted SYN sent it again. The server
+    // may resend more after the capture stopped.
+    let resent = daemon
+        .scrape()
+        .get("handshake_kernel_synack_retransmits_total", &[]);
+    assert!(synacks >= 2, "the server retransmitted SYN-ACKs: {synacks}");
+    assert!(
+        resent >= (synacks - 1) as f64,
+        "{resent} SYN-ACK retransmissions counted, {synacks} SYN-ACKs captured"
+    );
     drop(listener);
 }
 
