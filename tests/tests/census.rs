@@ -826,8 +826,17 @@ fn a_full_table_of_socket_ages_is_counted() {
     // to the server ends.
     let (slots, overflow) = handshake_common::abi::sock_age_tables(64);
     assert_eq!((slots, overflow), (64, 16));
-    assert_eq!(held_slots("SK_AGE_SLOTS"), 64, "slots held");
-    assert_eq!(map_entries("SK_AGE"), 16, "overflow entries");
+    // A host socket that held a slot or an entry and closed leaves it free
+    // for a while: the server ends took theirs before.
+    let (held_slots, entries) = (held_slots("SK_AGE_SLOTS"), map_entries("SK_AGE"));
+    assert!(
+        (64 - HOST_AGES_SLACK..=64).contains(&held_slots),
+        "{held_slots} of 64 slots held"
+    );
+    assert!(
+        (16 - HOST_AGES_SLACK..=16).contains(&entries),
+        "{entries} of 16 overflow entries"
+    );
     let capacity = 64 + 16;
     assert!(
         (capacity - HOST_AGES_SLACK..=capacity).contains(&aged),

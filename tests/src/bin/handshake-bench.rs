@@ -41,13 +41,21 @@ struct Sample {
     kernel_ns: u128,
 }
 
-fn measure(observer: &mut Observer, name: &str, frame: &[u8]) -> Sample {
-    let prog: &mut Xdp = observer
+/// Program `name` of the loaded object, as the type it must be.
+fn program_of<'a, P>(observer: &'a mut Observer, name: &str) -> &'a mut P
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    observer
         .ebpf_mut()
         .program_mut(name)
         .unwrap_or_else(|| panic!("no program {name}"))
         .try_into()
-        .expect("an XDP program");
+        .unwrap_or_else(|e| panic!("program {name}: {e}"))
+}
+
+fn measure(observer: &mut Observer, name: &str, frame: &[u8]) -> Sample {
+    let prog: &mut Xdp = program_of(observer, name);
     let start = thread_cpu_ns();
     let result = prog
         .test_run(TestRunOptions {
@@ -238,15 +246,9 @@ fn main() {
 fn xdp_cost() {
     let mut observer = Observer::load().expect("load the kernel programs (run as root)");
     // The baseline is loaded on demand: the daemon never loads it.
-    {
-        let base: &mut Xdp = observer
-            .ebpf_mut()
-            .program_mut(program::XDP_PASS_BASELINE)
-            .expect("baseline program")
-            .try_into()
-            .expect("an XDP program");
-        base.load().expect("load the baseline");
-    }
+    program_of::<Xdp>(&mut observer, program::XDP_PASS_BASELINE)
+        .load()
+        .expect("load the baseline");
     let frames = [
         (
             "bare ACK (IPv4, data frame)",
@@ -553,15 +555,17 @@ mod churn {
 
     impl PassOnly {
         fn load() -> Self {
-            let mut observer = loader::Observer::load().expect("load the kernel programs");
-            let prog: &mut SchedClassifier = observer
-                .ebpf_mut()
-                .program_mut(program::TC_PASS_BASELINE)
-                .expect("the pass-only tc program")
-                .try_into()
-                .expect("a tc program");
-            prog.load().expect("load the pass-only tc program");
-            Self { observer }
+            let mut pass = Self {
+                observer: loader::Observer::load().expect("load the kernel programs"),
+            };
+            pass.program()
+                .load()
+                .expect("load the pass-only tc program");
+            pass
+        }
+
+        fn program(&mut self) -> &mut SchedClassifier {
+            super::program_of(&mut self.observer, program::TC_PASS_BASELINE)
         }
 
         fn attach(&mut self, place: &Place) {
@@ -570,13 +574,7 @@ mod churn {
                 None => Netns::host(),
             };
             let iface = std::ffi::CString::new(place.hook_iface()).unwrap();
-            let prog: &mut SchedClassifier = self
-                .observer
-                .ebpf_mut()
-                .program_mut(program::TC_PASS_BASELINE)
-                .unwrap()
-                .try_into()
-                .unwrap();
+            let prog = self.program();
             netns
                 .run(|| {
                     for attach_type in [TcAttachType::Ingress, TcAttachType::Egress] {
@@ -596,13 +594,7 @@ mod churn {
         /// Detaches both links (TCX links detach with their owner, wherever
         /// they were made).
         fn detach(&mut self) {
-            let prog: &mut SchedClassifier = self
-                .observer
-                .ebpf_mut()
-                .program_mut(program::TC_PASS_BASELINE)
-                .unwrap()
-                .try_into()
-                .unwrap();
+            let prog = self.program();
             let _ = prog.unload();
             prog.load().expect("reload the pass-only tc program");
         }
