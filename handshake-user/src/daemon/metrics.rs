@@ -503,7 +503,7 @@ fn census_families(report: &Report<'_>, families: &mut Families) {
     );
     families.counter(
         "handshake_socket_ages_untracked_total",
-        "State changes the kernel could not note because its table of socket ages was full (--socket-age-entries), once per change: those sockets' ages show as unknown.",
+        "State changes the kernel could not note because both its slots and its overflow table of socket ages were full (--socket-age-entries), once per change: those sockets' ages show as unknown.",
         report.flow_stats.sock_ages_full,
     );
     families.gauges(

@@ -30,6 +30,8 @@ pub enum LoadError {
     TooManyNamespaces(usize),
     #[error("namespace inode {0} does not fit the kernel's 32-bit inode numbers")]
     NamespaceInode(u64),
+    #[error("map {0:?} of the eBPF object is not an array")]
+    NotAnArray(&'static str),
     #[error("mapping map {name:?} into memory")]
     Mmap {
         name: &'static str,

@@ -224,10 +224,7 @@ impl Observer {
     pub fn take_sock_log(&mut self) -> Result<CpuLog, LoadError> {
         let mut array = |name: &'static str| match self.ebpf.take_map(name) {
             Some(aya::maps::Map::Array(data)) => Ok(data),
-            Some(_) => Err(LoadError::Map {
-                name,
-                source: aya::maps::MapError::InvalidMapType { map_type: 0 },
-            }),
+            Some(_) => Err(LoadError::NotAnArray(name)),
             None => Err(LoadError::MissingMap(name)),
         };
         let (records, heads) = (array(map::SOCK_LOG)?, array(map::SOCK_LOG_HEADS)?);

@@ -104,17 +104,9 @@ fn rounds(default: usize) -> usize {
         .unwrap_or(default)
 }
 
-/// The daemon's kernel programs, by name.
-const PROGRAMS: [&str; 8] = [
-    "tc_in_handshake",
-    "xdp_handshake",
-    "tc_eg_handshake",
-    "tp_sock_state",
-    "tp_synack_rtx",
-    "tp_syn_rtx",
-    "iter_tcp_census",
-    "tc_pass_base",
-];
+/// The kernel programs of the object, by name: those the daemon attaches
+/// and the benchmark's floors (a program that did not run is not listed).
+const PROGRAMS: [&str; 9] = program::ALL;
 
 /// Runs and run time so far of each of [`PROGRAMS`], summed over the
 /// loaded programs of that name, from the kernel's own statistics (kept
