@@ -75,9 +75,11 @@ pub mod map {
     /// other flows skip its lookup when it is zero. Set by the hooks,
     /// cleared by the daemon when the table is empty.
     pub const TLS_ACTIVE: &str = "TLS_ACTIVE";
-    /// Hash network namespace inode → sockets that went FIN_WAIT2 or
-    /// CLOSING → CLOSE there (the kernel's way into TIME_WAIT).
-    pub const TW_ENTRIES: &str = "TW_ENTRIES";
+    /// Per-CPU hash network namespace inode →
+    /// [`super::census::NetnsStats`]: the state changes of that
+    /// namespace's sockets, by the state entered, and its entries into
+    /// TIME_WAIT. What tells the daemon which namespaces to count afresh.
+    pub const NETNS_STATS: &str = "NETNS_STATS";
     /// Array of [`super::census::AgeSlot`]s, two probes per socket address:
     /// where the state tracepoint keeps each socket's
     /// [`super::census::SockAge`] from its first state change to its CLOSE,
@@ -86,9 +88,6 @@ pub mod map {
     /// Hash socket address → [`super::census::SockAge`]: the sockets whose
     /// two slots of [`SK_AGE_SLOTS`] were taken.
     pub const SK_AGE: &str = "SK_AGE";
-    /// Array of [`super::AGE_NETNS_SLOTS`] network namespace inodes: only
-    /// sockets there get an entry in [`SK_AGE`] (0 in slot 0: all do).
-    pub const AGE_NETNS: &str = "AGE_NETNS";
     /// Per-CPU scratch space of the packet hooks (one `flow::Flow`) and of
     /// the TLS capture: kernel-only.
     pub const SCRATCH: &str = "SCRATCH";
@@ -109,7 +108,7 @@ pub mod map {
     pub const ADDRESS: &str = "ADDRESS";
 
     /// Every map of the eBPF object.
-    pub const ALL: [&str; 24] = [
+    pub const ALL: [&str; 23] = [
         PACKET_COUNTS,
         PARSE_ERRORS,
         TRANSITIONS,
@@ -124,10 +123,9 @@ pub mod map {
         TLS_EVENTS,
         TLS_PENDING,
         TLS_ACTIVE,
-        TW_ENTRIES,
+        NETNS_STATS,
         SK_AGE_SLOTS,
         SK_AGE,
-        AGE_NETNS,
         SCRATCH,
         TLS_SCRATCH,
         SOCK_LOG,
@@ -157,9 +155,6 @@ pub const fn sock_age_tables(entries: u32) -> (u32, u32) {
     let overflow = if slots / 4 < 16 { 16 } else { slots / 4 };
     (slots, overflow)
 }
-/// Network namespaces whose sockets get ages, at most: the daemon watches
-/// the host's and one more.
-pub const AGE_NETNS_SLOTS: u32 = 4;
 pub const EVENTS_BYTES: u32 = 1 << 20;
 /// Ask for a wakeup once this much is waiting in the ring buffer (a quarter
 /// of it); userspace also drains it every 50 ms, so fewer events are never
@@ -471,8 +466,11 @@ pub mod census {
         pub pid: u32,
         pub _pad: u32,
         pub comm: [u8; 16],
+        /// The socket's cgroup v2 id (the kernfs inode number of its
+        /// directory), set when the socket was created; 0 if unreadable.
+        pub cgroup: u64,
     }
-    const _: () = assert!(size_of::<Socket>() == 80);
+    const _: () = assert!(size_of::<Socket>() == 88);
 
     /// Key of the TIME_WAIT maps.
     #[repr(C)]
@@ -517,11 +515,36 @@ pub mod census {
         pub const TCP_DATA_SEGS_OUT: &str = "OFF_TCP_DATA_SEGS_OUT";
         /// When the first SYN left (ms of the TCP clock), in SYN_SENT.
         pub const TCP_RETRANS_STAMP: &str = "OFF_TCP_RETRANS_STAMP";
+        /// `struct sock`: `sk_cgrp_data.cgroup`, the socket's cgroup v2.
+        pub const SK_CGROUP: &str = "OFF_SK_CGROUP";
+        /// `struct cgroup`: `kn`, its kernfs node.
+        pub const CGROUP_KN: &str = "OFF_CGROUP_KN";
+        /// `struct kernfs_node`: `id`, the cgroup id (inode number).
+        pub const KERNFS_ID: &str = "OFF_KERNFS_ID";
     }
 
-    /// Entries of [`super::map::TW_ENTRIES`]: namespaces counted apart;
+    /// Entries of [`super::map::NETNS_STATS`]: namespaces counted apart;
     /// the rest count under inode 0.
-    pub const TW_ENTRIES_NETNS: u32 = 256;
+    pub const NETNS_STATS_ENTRIES: u32 = 4096;
+
+    /// Per network namespace (and per CPU): its sockets' state changes by
+    /// the state entered (`entered[state]`), and the changes that put a
+    /// socket in TIME_WAIT (FIN_WAIT2 or CLOSING → CLOSE). Any change
+    /// means the namespace's socket counts may have changed.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct NetnsStats {
+        pub entered: [u64; 16],
+        pub time_wait_entries: u64,
+    }
+    const _: () = assert!(size_of::<NetnsStats>() == 136);
+
+    impl NetnsStats {
+        /// State changes of any kind.
+        pub fn changes(&self) -> u64 {
+            self.entered.iter().sum()
+        }
+    }
 
     // SAFETY: `repr(C)` plain integers and byte arrays, no implicit
     // padding (sizes asserted above), valid for any bit pattern.
@@ -539,6 +562,9 @@ pub mod census {
     // SAFETY: as above; `_pad` is written out.
     #[cfg(feature = "user")]
     unsafe impl aya::Pod for Socket {}
+    // SAFETY: as above.
+    #[cfg(feature = "user")]
+    unsafe impl aya::Pod for NetnsStats {}
 
     /// Per-socket state kept by the state tracepoint in `SK_AGE`: when the
     /// socket entered its current state and, for connections this host
@@ -638,8 +664,11 @@ pub mod socket {
         pub role: u8,
         /// `KIND_*`.
         pub kind: u8,
+        /// The socket's cgroup v2 id, set at its creation (a server's
+        /// socket: its listener's); 0 if unreadable.
+        pub cgroup: u64,
     }
-    const _: () = assert!(size_of::<SockHandshake>() == 80);
+    const _: () = assert!(size_of::<SockHandshake>() == 88);
 
     // SAFETY: `repr(C)` plain integers and byte arrays, no implicit
     // padding (size asserted above), valid for any bit pattern.

@@ -13,7 +13,7 @@
 use core::{
     ffi::c_void,
     mem::{MaybeUninit, size_of},
-    ptr,
+    ptr::{self, NonNull},
 };
 
 use aya_ebpf::{
@@ -21,18 +21,19 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid,
         generated::{
-            bpf_get_current_comm, bpf_ktime_get_ns, bpf_seq_write, bpf_skc_to_tcp_timewait_sock,
+            bpf_get_current_comm, bpf_ktime_get_ns, bpf_seq_write, bpf_skc_to_tcp_sock,
+            bpf_skc_to_tcp_timewait_sock,
         },
     },
     macros::map,
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
 };
 use handshake_common::abi::{
-    AF_INET, AF_INET6, AGE_NETNS_SLOTS, FlowStat, IPPROTO_TCP, SOCK_AGE_ENTRIES,
+    AF_INET, AF_INET6, FlowStat, IPPROTO_TCP, SOCK_AGE_ENTRIES,
     census::{
-        AgeSlot, Config, Header, RECORD_SOCKET, RECORD_SUMMARY, SUMMARY_ROW_IPV4, SUMMARY_ROW_IPV6,
-        SockAge, Socket, Summary, TW_ENTRIES_NETNS, TW_LOCAL_ENTRIES, TW_REMOTE_ENTRIES, TwKey,
-        age_slot,
+        AgeSlot, Config, Header, NETNS_STATS_ENTRIES, NetnsStats, RECORD_SOCKET, RECORD_SUMMARY,
+        SUMMARY_ROW_IPV4, SUMMARY_ROW_IPV6, SockAge, Socket, Summary, TW_LOCAL_ENTRIES,
+        TW_REMOTE_ENTRIES, TwKey, age_slot,
     },
     tcp_state,
 };
@@ -77,6 +78,12 @@ static OFF_NET_NS_INUM: u32 = 0;
 
 #[unsafe(no_mangle)]
 static OFF_SK_PROTOCOL: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_SK_CGROUP: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_CGROUP_KN: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_KERNFS_ID: u32 = 0;
 
 /// Per socket, by its address: when it entered its current state, and who
 /// opened it; from its first noted state change to its CLOSE.
@@ -113,8 +120,12 @@ static AGE_SLOT_MASK: u32 = SOCK_AGE_ENTRIES - 1;
 static ADDRESS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// Socket `sk`'s two slots: the one it holds, if any, and a free one.
+/// `NonNull`, whose `None` is a plain zero: an `Option` of a raw pointer
+/// leaves its payload undefined when `None`, and LLVM may spill that
+/// undefined register across a helper call, which the verifier refuses
+/// ("!read_ok").
 #[inline(always)]
-fn age_slots(sk: u64) -> (Option<*mut AgeSlot>, Option<*mut AgeSlot>) {
+fn age_slots(sk: u64) -> (Option<NonNull<AgeSlot>>, Option<NonNull<AgeSlot>>) {
     // The verifier forbids arithmetic on a socket pointer beyond adding
     // to it; the address read back from a map is a plain number.
     let Some(word) = ADDRESS.get_ptr_mut(0) else {
@@ -136,21 +147,13 @@ fn age_slots(sk: u64) -> (Option<*mut AgeSlot>, Option<*mut AgeSlot>) {
         // SAFETY: a valid map value; a racing writer leaves a whole word.
         let holder = unsafe { ptr::read_volatile(&raw const (*slot).sk) };
         if holder == sk {
-            own = Some(slot);
+            own = NonNull::new(slot);
         } else if holder == 0 && free.is_none() {
-            free = Some(slot);
+            free = NonNull::new(slot);
         }
     }
     (own, free)
 }
-
-/// The namespaces (inode numbers) the daemon counts, whose sockets get an
-/// entry in `SK_AGE`; slot 0 at zero means all namespaces (until the daemon
-/// says, and when the programs are loaded without it). The census reads
-/// ages only for the namespaces it walks: noting the others' sockets
-/// cost a table entry and a hash update per state change for nothing.
-#[map]
-static AGE_NETNS: Array<u32> = Array::with_max_entries(AGE_NETNS_SLOTS, 0);
 
 /// The inode number of `sk`'s network namespace (`sk->skc_net.net->ns.inum`).
 #[inline(always)]
@@ -164,13 +167,28 @@ pub(crate) fn netns_inum(sk: *const u8) -> u32 {
     }
 }
 
-/// Whether ages of sockets in namespace `inum` may ever be read: it is a
-/// counted namespace.
+/// The cgroup v2 id of the iterator's full socket `sk` (a `struct
+/// sock_common *`, which the verifier does not let a load reach past).
 #[inline(always)]
-fn ages_wanted(inum: u32) -> bool {
-    match AGE_NETNS.get(0) {
-        None | Some(0) => true,
-        Some(_) => (0..AGE_NETNS_SLOTS).any(|slot| AGE_NETNS.get(slot) == Some(&inum)),
+fn full_socket_cgroup(sk: *const u8) -> u64 {
+    // SAFETY: the helper checks that `sk` is a full TCP socket.
+    let tcp = unsafe { bpf_skc_to_tcp_sock(sk as *mut c_void) }.cast::<u8>();
+    if tcp.is_null() { 0 } else { cgroup_id(tcp) }
+}
+
+/// The cgroup v2 id of full socket `sk` (a `struct sock *` or a type
+/// that opens with one): `sk->sk_cgrp_data.cgroup->kn->id`, the cgroup
+/// the socket was created in (a listener's child: the listener's). 0 when
+/// the chain cannot be read.
+#[inline(always)]
+pub(crate) fn cgroup_id(sk: *const u8) -> u64 {
+    // SAFETY: BTF-typed pointer loads at offsets resolved from BTF; the
+    // verifier checks each against the kernel's types, and a fault (a
+    // NULL cgroup) reads 0.
+    unsafe {
+        let cgroup: *const u8 = field(sk, offset(&OFF_SK_CGROUP));
+        let kn: *const u8 = field(cgroup, offset(&OFF_CGROUP_KN));
+        field::<u64>(kn, offset(&OFF_KERNFS_ID))
     }
 }
 
@@ -193,16 +211,11 @@ pub fn is_tcp(sk: *const u8) -> bool {
 #[inline(always)]
 pub fn state_change(sk: *const u8, old: u32, new: u32, inum: u32) {
     let key = sk as u64;
-    let wanted = ages_wanted(inum);
+    let time_wait =
+        new == tcp_state::CLOSE && (old == tcp_state::FIN_WAIT2 || old == tcp_state::CLOSING);
+    netns_change(inum, new, time_wait);
     if new == tcp_state::CLOSE {
-        if old == tcp_state::FIN_WAIT2 || old == tcp_state::CLOSING {
-            time_wait_entry(inum);
-        }
-        // The socket is done; it was noted only if wanted (the filter is
-        // set before the tracepoint is attached).
-        if wanted {
-            forget(key);
-        }
+        forget(key);
         return;
     }
     // Listeners are not noted: the census reads no age for them (they are
@@ -210,7 +223,7 @@ pub fn state_change(sk: *const u8, old: u32, new: u32, inum: u32) {
     // Nor is a full socket's SYN_RECV, which lasts from the final ACK to
     // the next line of the kernel (the census reads no age for SYN_RECV
     // either: those are request sockets); it is noted at ESTABLISHED.
-    if !wanted || new == tcp_state::LISTEN || new == tcp_state::SYN_RECV {
+    if new == tcp_state::LISTEN || new == tcp_state::SYN_RECV {
         return;
     }
     // SAFETY: a helper without preconditions.
@@ -225,6 +238,7 @@ pub fn state_change(sk: *const u8, old: u32, new: u32, inum: u32) {
     let first = old == tcp_state::CLOSE || old == tcp_state::SYN_RECV;
     if !first {
         if let Some(slot) = own {
+            let slot = slot.as_ptr();
             // SAFETY: a valid map value; this socket's changes are
             // serialised by its lock. The time before the state.
             unsafe {
@@ -244,6 +258,7 @@ pub fn state_change(sk: *const u8, old: u32, new: u32, inum: u32) {
     }
     let connect = old == tcp_state::CLOSE && new == tcp_state::SYN_SENT;
     if let Some(slot) = own.or(free) {
+        let slot = slot.as_ptr();
         // SAFETY: a valid map value; the age before the owner.
         unsafe {
             write_fresh(&raw mut (*slot).age, now, new, connect);
@@ -295,6 +310,7 @@ unsafe fn write_fresh(age: *mut SockAge, now: u64, state: u32, connect: bool) {
 #[inline(always)]
 fn forget(key: u64) {
     if let (Some(slot), _) = age_slots(key) {
+        let slot = slot.as_ptr();
         // SAFETY: a valid map value this socket holds.
         unsafe { ptr::write_volatile(&raw mut (*slot).sk, 0) };
     } else if SK_AGE.get_ptr(&key).is_some() {
@@ -302,22 +318,47 @@ fn forget(key: u64) {
     }
 }
 
+/// Per namespace: state changes by the state entered, and entries into
+/// TIME_WAIT (`abi::census::NetnsStats`). Per CPU, so a plain add is
+/// safe; a namespace past the map's size counts under inode 0.
 #[map]
-static TW_ENTRIES: PerCpuHashMap<u32, u64> = PerCpuHashMap::with_max_entries(TW_ENTRIES_NETNS, 0);
+static NETNS_STATS: PerCpuHashMap<u32, NetnsStats> =
+    PerCpuHashMap::with_max_entries(NETNS_STATS_ENTRIES, 0);
 
-/// From the state tracepoint: a socket of namespace `inum` went FIN_WAIT2
-/// or CLOSING → CLOSE, which is how a socket enters TIME_WAIT (a minisock
-/// takes over); counted per network namespace.
+/// A namespace's first entry: zeros, copied by the insert from here (a
+/// zeroed value on the stack compiles to a byte-at-a-time `memset`).
+static NETNS_STATS_ZERO: NetnsStats = NetnsStats {
+    entered: [0; 16],
+    time_wait_entries: 0,
+};
+
+/// A socket of namespace `inum` entered state `new`; `time_wait`: that
+/// put it in TIME_WAIT (FIN_WAIT2 or CLOSING → CLOSE: a minisock takes
+/// over).
 #[inline(always)]
-pub fn time_wait_entry(inum: u32) {
-    // Per-CPU values: a plain add is safe. A full map counts under inode 0.
+fn netns_change(inum: u32, new: u32, time_wait: bool) {
+    let bump = |key: &u32| {
+        let Some(stats) = NETNS_STATS.get_ptr_mut(key) else {
+            return false;
+        };
+        // SAFETY: this CPU's value of the map; programs do not nest on a
+        // CPU.
+        unsafe {
+            (*stats).entered[(new & 0xf) as usize] += 1;
+            if time_wait {
+                (*stats).time_wait_entries += 1;
+            }
+        }
+        true
+    };
     for key in [inum, 0] {
-        if let Some(count) = TW_ENTRIES.get_ptr_mut(&key) {
-            // SAFETY: this CPU's value of the map.
-            unsafe { *count += 1 };
+        if bump(&key) {
             return;
         }
-        if TW_ENTRIES.insert(&key, &1, u64::from(BPF_NOEXIST)).is_ok() {
+        // A namespace's first change (on this CPU): an entry at zero, then
+        // the add (another CPU may have made the entry meanwhile).
+        let _ = NETNS_STATS.insert(&key, &NETNS_STATS_ZERO, u64::from(BPF_NOEXIST));
+        if bump(&key) {
             return;
         }
     }
@@ -485,7 +526,7 @@ fn age_of(sk: *const u8, state: u32) -> Option<SockAge> {
     let age = match age_slots(key) {
         // SAFETY: a valid map value, copied out at once (owner read first,
         // in `age_slots`).
-        (Some(slot), _) => unsafe { (*slot).age },
+        (Some(slot), _) => unsafe { (*slot.as_ptr()).age },
         // SAFETY: as above, in the overflow table.
         (None, _) => unsafe { *SK_AGE.get_ptr(&key)? },
     };
@@ -604,6 +645,7 @@ fn emit(
         pid: age.map_or(0, |a| a.pid),
         _pad: 0,
         comm: age.map_or([0; 16], |a| a.comm),
+        cgroup: full_socket_cgroup(sk),
     };
     // SAFETY: `seq` is the iterator's seq_file; the record is on the stack.
     let written = unsafe {

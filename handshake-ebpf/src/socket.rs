@@ -203,6 +203,7 @@ fn report(sk: *const u8, netns: u32, role: u8, kind: u8) {
             family,
             role,
             kind,
+            cgroup: crate::census::cgroup_id(tcp),
         })
     };
     // The record before its count: a reader that sees the count sees the

@@ -76,7 +76,9 @@ pub fn sh(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn unique_id() -> String {
+/// A suffix unique to this process and call, for names tests create
+/// (namespaces, interfaces: short enough for a 15-byte interface name).
+pub fn unique_id() -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     format!(
         "{}{}",

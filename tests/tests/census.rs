@@ -621,8 +621,9 @@ fn stuck_sockets_show_their_age_and_opener() {
         .collect();
     std::thread::sleep(Duration::from_secs(3));
 
-    let check = |daemon: &Daemon, state: &str, since: Instant, opened_here: bool| {
-        let rows = daemon.conns(&["--state", state]);
+    let check = |daemon: &Daemon, ns: &str, state: &str, since: Instant, opened_here: bool| {
+        // Every namespace is counted: the one of this test's sockets.
+        let rows = daemon.conns(&["--state", state, "--netns", ns]);
         let truth = since.elapsed().as_secs_f64();
         assert_eq!(rows.len(), 2, "{state}: {rows:?}");
         for row in &rows {
@@ -642,9 +643,9 @@ fn stuck_sockets_show_their_age_and_opener() {
         }
         eprintln!("{state}: {rows:?} (truth {truth:.2} s)");
     };
-    check(&server_daemon, "close_wait", closed_at, false);
-    check(&client_daemon, "FIN-WAIT-2", closed_at, true);
-    check(&client_daemon, "syn_sent", connect_at, true);
+    check(&server_daemon, &pair.server, "close_wait", closed_at, false);
+    check(&client_daemon, &pair.client, "FIN-WAIT-2", closed_at, true);
+    check(&client_daemon, &pair.client, "syn_sent", connect_at, true);
 
     // The same ages in the metrics, right after a fresh census.
     let _ = server_daemon.cli_json("states", &[]);
@@ -746,8 +747,8 @@ struct HeldAges {
     _listeners: Vec<TcpListener>,
     daemon: Daemon,
     _pair: NetnsPair,
-    /// The ages `conns --state established` shows, each within the time
-    /// since the first connect.
+    /// The ages `conns --state established` shows for both ends of the
+    /// held connections, each within the time since the first connect.
     aged: Vec<f64>,
 }
 
@@ -795,8 +796,13 @@ fn held_with_ages(entries: &str, port: u16, listeners: usize) -> HeldAges {
     // Ages grow while the table is read: a moment to tell them apart.
     std::thread::sleep(Duration::from_millis(100));
     let asked = Instant::now();
-    let rows = daemon.conns(&["--state", "established"]);
-    assert_eq!(rows.len(), HELD, "{rows:?}");
+    // Both ends: every namespace's sockets get ages.
+    let rows: Vec<serde_json::Value> = daemon
+        .conns(&["--state", "established"])
+        .into_iter()
+        .filter(|r| r["netns"] == pair.server.as_str() || r["netns"] == pair.client.as_str())
+        .collect();
+    assert_eq!(rows.len(), 2 * HELD, "{rows:?}");
     let aged: Vec<f64> = rows
         .iter()
         .filter_map(|r| r["state_age_s"].as_f64())
@@ -820,10 +826,9 @@ fn a_full_table_of_socket_ages_is_counted() {
     let _serial = serial();
     let held = held_with_ages("64", 7500, 0);
     let aged = held.aged.len();
-    // 64 slots and 16 overflow entries for the TCP sockets of the
-    // namespaces the daemon counts (the host's and the server's): both
-    // are full, and all but the few the host's own sockets may hold went
-    // to the server ends.
+    // 64 slots and 16 overflow entries for the TCP sockets of every
+    // namespace: both are full, and all but the few the host's own
+    // sockets may hold went to the connections' ends.
     let (slots, overflow) = handshake_common::abi::sock_age_tables(64);
     assert_eq!((slots, overflow), (64, 16));
     // A host socket that held a slot or an entry and closed leaves it free
@@ -840,51 +845,53 @@ fn a_full_table_of_socket_ages_is_counted() {
     let capacity = 64 + 16;
     assert!(
         (capacity - HOST_AGES_SLACK..=capacity).contains(&aged),
-        "{aged} of {HELD} server ends with an age, with room for {capacity}"
+        "{aged} of {} ends with an age, with room for {capacity}",
+        2 * HELD
     );
-    // Each server end without an age found the table full once (at
-    // SYN_RECV -> ESTABLISHED: its SYN_RECV is not noted); the host's own
-    // sockets (the scrapes that read the count among them) add a few.
-    let expected = (HELD - aged) as f64;
-    let untracked = untracked_state_changes(&held.daemon, expected);
+    // A server end without an age found the table full once (at SYN_RECV
+    // -> ESTABLISHED: its SYN_RECV is not noted), a client end twice
+    // (CLOSE -> SYN_SENT, SYN_SENT -> ESTABLISHED); the host's own sockets
+    // (the scrapes that read the count among them) add a few.
+    let without = (2 * HELD - aged) as f64;
+    let untracked = untracked_state_changes(&held.daemon, without);
     assert!(
-        (expected..=expected + 24.0).contains(&untracked),
-        "{untracked} state changes counted as untracked for {} sockets without an age",
-        HELD - aged
+        (without..=2.0 * without + 24.0).contains(&untracked),
+        "{untracked} state changes counted as untracked for {without} sockets without an age"
     );
-    eprintln!("{aged} of {HELD} sockets with an age, {untracked} state changes untracked");
+    eprintln!(
+        "{aged} of {} sockets with an age, {untracked} state changes untracked",
+        2 * HELD
+    );
 }
 
-/// With a table of 256 socket ages and `listeners` listeners opened
-/// first, every one of the 200 held connections' server ends has an age
-/// and no state change goes untracked.
-fn every_server_end_has_an_age(port: u16, listeners: usize) {
-    let held = held_with_ages("256", port, listeners);
-    assert_eq!(held.aged.len(), HELD, "server ends with an age");
+/// With a table of 512 socket ages (and 128 overflow entries) and
+/// `listeners` listeners opened first, every end of the 200 held
+/// connections has an age and no state change goes untracked.
+fn every_end_has_an_age(port: u16, listeners: usize) {
+    let held = held_with_ages("512", port, listeners);
+    assert_eq!(held.aged.len(), 2 * HELD, "ends with an age");
     // Give a late count time to arrive; there should be none.
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(untracked_state_changes(&held.daemon, 0.0), 0.0);
 }
 
-/// Only the namespaces the daemon counts get socket ages: 200 connections
-/// make 400 sockets, but the 200 client ends live in a namespace it does
-/// not watch, so a table of 256 holds every server end, and nothing is
-/// untracked.
+/// Sockets of every namespace get ages, the client ends (whose namespace
+/// carries no packet hook) as the server ends.
 #[test]
-fn sockets_of_unwatched_namespaces_take_no_age_entries() {
+fn sockets_of_every_namespace_get_ages() {
     require_root();
     let _serial = serial();
-    every_server_end_has_an_age(7501, 0);
+    every_end_has_an_age(7501, 0);
 }
 
 /// Listeners take no age entries (the census reads none for them): 300
-/// listeners opened first would otherwise fill a table of 256, and leave
-/// the 200 connections after them without ages.
+/// listeners opened first would otherwise need 700 of the 640 entries,
+/// and leave some of the 400 connection ends after them without ages.
 #[test]
 fn listeners_take_no_age_entries() {
     require_root();
     let _serial = serial();
-    every_server_end_has_an_age(7502, 300);
+    every_end_has_an_age(7502, 300);
 }
 
 /// The census runs every `--census-interval` while it is fast (a census
@@ -982,7 +989,7 @@ fn sockets_older_than_the_daemon_have_no_age_until_they_change_state() {
     let pair = NetnsPair::new();
     let (clients, (listener, server_ends), _) = hold_connections(&pair, 7503, N);
     let daemon = pair.server_daemon(&[]);
-    let rows = daemon.conns(&["--state", "established"]);
+    let rows = daemon.conns(&["--state", "established", "--netns", &pair.server]);
     assert_eq!(rows.len(), N, "{rows:?}");
     for row in &rows {
         assert!(row["state_age_s"].is_null(), "{row}");
@@ -993,7 +1000,7 @@ fn sockets_older_than_the_daemon_have_no_age_until_they_change_state() {
     let closed_at = Instant::now();
     drop(clients);
     std::thread::sleep(Duration::from_millis(200));
-    let rows = daemon.conns(&["--state", "close_wait"]);
+    let rows = daemon.conns(&["--state", "close_wait", "--netns", &pair.server]);
     assert_eq!(rows.len(), N, "{rows:?}");
     let ages: Vec<f64> = rows
         .iter()

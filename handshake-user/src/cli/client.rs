@@ -13,12 +13,76 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use crate::{
-    cli::{ConnsFlags, StatesFlags, TimewaitFlags, TlsFlags},
+    cli::{ConnsFlags, StatesFlags, TimewaitFlags, TlsFlags, WhoFlags},
     wire::{
-        ConnView, Request, STATES, SocketView, StatesView, TimeWaitView, TlsView, error_of,
-        state_by_name, state_name,
+        Attribution, ConnView, Request, STATES, SocketView, StatesView, TimeWaitView, TlsView,
+        error_of, state_by_name, state_name,
     },
 };
+
+impl WhoFlags {
+    /// Whether a namespace, named `name` with inode `inode`, is the one
+    /// `--netns` asks for (any, without it).
+    fn netns_matches(&self, name: Option<&str>, inode: Option<u64>) -> bool {
+        self.netns.as_deref().is_none_or(|wanted| {
+            name == Some(wanted)
+                || inode.is_some_and(|i| wanted == i.to_string() || wanted == format!("ns:{i}"))
+        })
+    }
+
+    /// Whether a workload is the one `--container`, `--pod` and `--unit`
+    /// ask for (any, without them). A container matches by a prefix of its
+    /// id, as `docker ps` shortens them.
+    fn workload_matches(&self, who: &Attribution) -> bool {
+        let container = self.container.as_deref().is_none_or(|wanted| {
+            !wanted.is_empty()
+                && who
+                    .container_id
+                    .as_deref()
+                    .is_some_and(|id| id.starts_with(wanted))
+        });
+        let pod = self
+            .pod
+            .as_deref()
+            .is_none_or(|wanted| who.pod_uid.as_deref() == Some(wanted));
+        let unit = self
+            .unit
+            .as_deref()
+            .is_none_or(|wanted| who.unit.as_deref() == Some(wanted));
+        container && pod && unit
+    }
+
+    fn asks_workload(&self) -> bool {
+        self.container.is_some() || self.pod.is_some() || self.unit.is_some()
+    }
+
+    /// Whether a socket or connection is among those asked for.
+    fn matches(&self, who: &Attribution) -> bool {
+        self.netns_matches(who.netns.as_deref(), who.netns_inode) && self.workload_matches(who)
+    }
+
+    /// Whether a namespace is among those asked for: by name, and holding
+    /// a workload asked for (`workloads`: its processes').
+    fn namespace_matches(&self, name: &str, inode: u64, workloads: &[Attribution]) -> bool {
+        self.netns_matches(Some(name), Some(inode))
+            && (!self.asks_workload() || workloads.iter().any(|w| self.workload_matches(w)))
+    }
+}
+
+/// A column of a workload: the container (short id), the pod, the unit,
+/// or the cgroup, whichever says most.
+fn workload_column(who: &Attribution) -> String {
+    if let Some(id) = &who.container_id {
+        return format!("container:{}", &id[..id.len().min(12)]);
+    }
+    if let Some(pod) = &who.pod_uid {
+        return format!("pod:{pod}");
+    }
+    who.unit
+        .clone()
+        .or_else(|| who.cgroup.clone())
+        .unwrap_or_else(|| "-".to_owned())
+}
 
 /// Sends one request and returns the daemon's answer.
 pub fn request(socket: &Path, request: Request) -> anyhow::Result<String> {
@@ -60,13 +124,16 @@ pub fn conns(flags: &ConnsFlags) -> anyhow::Result<()> {
             .is_none_or(|p| v.local_port == p || v.remote_port == p)
             && flags.role.is_none_or(|r| v.role == r.name())
             && flags.outcome.is_none_or(|o| v.outcome == o.name())
+            && flags.who.matches(&v.attribution)
     });
     if flags.json {
         println!("{}", serde_json::to_string_pretty(&views)?);
         return Ok(());
     }
     println!(
-        "{:<6} {:<11} {:<6} {:<41} {:<41} {:>10} {:>10} {:>10} {:>5} {:>8}  {:<4} SNI / JA4",
+        "{:<12} {:<24} {:<6} {:<11} {:<6} {:<41} {:<41} {:>10} {:>10} {:>10} {:>5} {:>8}  {:<4} SNI / JA4",
+        "NETNS",
+        "WORKLOAD",
         "ROLE",
         "OUTCOME",
         "SOURCE",
@@ -87,7 +154,9 @@ pub fn conns(flags: &ConnsFlags) -> anyhow::Result<()> {
             (None, _) => String::new(),
         };
         println!(
-            "{:<6} {:<11} {:<6} {:<41} {:<41} {:>10} {:>10} {:>10} {:>5} {:>7.1}s  {:<4} {tls}",
+            "{:<12} {:<24} {:<6} {:<11} {:<6} {:<41} {:<41} {:>10} {:>10} {:>10} {:>5} {:>7.1}s  {:<4} {tls}",
+            v.attribution.netns.as_deref().unwrap_or("-"),
+            workload_column(&v.attribution),
             v.role,
             v.outcome,
             v.source,
@@ -117,20 +186,22 @@ fn sockets(flags: &ConnsFlags, state: &str) -> anyhow::Result<()> {
         flags
             .port
             .is_none_or(|p| v.local_port == p || v.remote_port == p)
+            && flags.who.matches(&v.attribution)
     });
     if flags.json {
         println!("{}", serde_json::to_string_pretty(&views)?);
         return Ok(());
     }
     println!(
-        "{:<16} {:<11} {:<41} {:<41} {:>9} {:>8} COMM",
-        "NETNS", "STATE", "LOCAL", "REMOTE", "AGE", "PID"
+        "{:<16} {:<24} {:<11} {:<41} {:<41} {:>9} {:>8} COMM",
+        "NETNS", "WORKLOAD", "STATE", "LOCAL", "REMOTE", "AGE", "PID"
     );
     for v in &views {
         let endpoint = |addr: &str, port: u16| endpoint(&v.family, addr, port);
         println!(
-            "{:<16} {:<11} {:<41} {:<41} {:>9} {:>8} {}",
-            v.netns,
+            "{:<16} {:<24} {:<11} {:<41} {:<41} {:>9} {:>8} {}",
+            v.attribution.netns.as_deref().unwrap_or("-"),
+            workload_column(&v.attribution),
             v.state,
             endpoint(&v.local_addr, v.local_port),
             endpoint(&v.remote_addr, v.remote_port),
@@ -156,6 +227,7 @@ pub fn tls(flags: &TlsFlags) -> anyhow::Result<()> {
     views.retain(|v| {
         flags.sni.as_ref().is_none_or(|s| v.sni.as_ref() == Some(s))
             && flags.ja4.as_ref().is_none_or(|j| &v.ja4 == j)
+            && flags.who.matches(&v.attribution)
     });
     if let Some(top) = flags.top {
         let mut counts: std::collections::HashMap<(Option<String>, String), usize> =
@@ -211,7 +283,17 @@ pub fn tls(flags: &TlsFlags) -> anyhow::Result<()> {
 }
 
 pub fn states(flags: &StatesFlags) -> anyhow::Result<()> {
-    let views: Vec<StatesView> = fetch(&flags.api_socket, Request::States)?;
+    let mut views: Vec<StatesView> = fetch(&flags.api_socket, Request::States)?;
+    views.retain(|v| {
+        flags
+            .who
+            .namespace_matches(&v.netns, v.netns_inode, &v.workloads)
+    });
+    for view in &mut views {
+        for sockets in view.oldest.values_mut() {
+            sockets.retain(|s| flags.who.workload_matches(&s.attribution));
+        }
+    }
     if flags.json {
         println!("{}", serde_json::to_string_pretty(&views)?);
         return Ok(());
@@ -235,7 +317,13 @@ pub fn states(flags: &StatesFlags) -> anyhow::Result<()> {
 }
 
 pub fn timewait(flags: &TimewaitFlags) -> anyhow::Result<()> {
-    let views: Vec<TimeWaitView> = fetch(&flags.api_socket, Request::TimeWait { top: flags.top })?;
+    let mut views: Vec<TimeWaitView> =
+        fetch(&flags.api_socket, Request::TimeWait { top: flags.top })?;
+    views.retain(|v| {
+        flags
+            .who
+            .namespace_matches(&v.netns, v.netns_inode, &v.workloads)
+    });
     if flags.json {
         println!("{}", serde_json::to_string_pretty(&views)?);
         return Ok(());

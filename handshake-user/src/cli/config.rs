@@ -8,11 +8,11 @@ use anyhow::{Context as _, bail};
 
 use crate::{
     cli::DaemonFlags,
-    daemon::config::DaemonConfig,
-    kernel::{
-        loader::TableSizes,
-        netns::{Interface, Netns},
+    daemon::{
+        config::{DaemonConfig, StartInterfaces},
+        interfaces::{HookPlan, glob, is_glob},
     },
+    kernel::{loader::TableSizes, netns::Netns},
 };
 
 /// `10s`, `500ms`, `2m`, or plain seconds (`1.5`).
@@ -65,23 +65,38 @@ impl TryFrom<DaemonFlags> for DaemonConfig {
         if flags.conn_history == 0 {
             bail!("--conn-history must be at least 1");
         }
-        let netns = match &flags.netns {
-            Some(name) => Netns::open(name)?,
-            None => Netns::host(),
+        let all = flags.netns.iter().any(|n| n == "all");
+        if all && flags.netns.len() > 1 {
+            bail!("--netns all already names every namespace; give it alone");
+        }
+        let namespaces = if all || flags.netns.is_empty() {
+            vec![Netns::host()]
+        } else {
+            flags
+                .netns
+                .iter()
+                .map(|name| Netns::open(name))
+                .collect::<Result<_, _>>()?
         };
-        let (interfaces, loopback_skipped) = interfaces(&netns, &flags.ifaces)?;
+        let hooks = HookPlan {
+            namespaces,
+            all,
+            patterns: flags.ifaces.clone(),
+            ingress: flags.ingress_hook,
+            xdp_mode: flags.xdp_mode,
+        };
+        let (interfaces, loopback_skipped) = interfaces(&hooks)?;
         Ok(Self {
-            netns,
+            hooks,
             interfaces,
             loopback_skipped,
             metrics_addr,
-            ingress_hook: flags.ingress_hook,
-            xdp_mode: flags.xdp_mode,
             api_socket: flags.api_socket,
             handshake_timeout,
             tables,
             conn_history: flags.conn_history,
             half_open_top: flags.half_open_top,
+            netns_top: flags.netns_top,
             census_interval,
             census_source: flags.census_source,
         })
@@ -106,31 +121,47 @@ fn table_sizes(flags: &DaemonFlags) -> anyhow::Result<TableSizes> {
     })
 }
 
-/// The interfaces to attach the packet hooks to, and the loopback
-/// interfaces left out: those named (each must exist in `netns`), or every
-/// one that is up there except loopback. Every handshake on loopback is
-/// between two local sockets, which the socket layer times at both ends;
-/// hooks there would cost every local packet twice (egress and ingress)
-/// and tell nothing more but TLS hellos (docs/BENCHMARKS.md).
-fn interfaces(netns: &Netns, named: &[String]) -> anyhow::Result<(Vec<String>, Vec<String>)> {
-    if named.is_empty() {
-        let (loopback, others): (Vec<_>, Vec<_>) =
-            netns.interfaces_up()?.into_iter().partition(|i| i.loopback);
-        let names = |list: Vec<Interface>| list.into_iter().map(|i| i.name).collect();
-        return Ok((names(others), names(loopback)));
-    }
-    for name in named {
-        if netns.if_index(name)?.is_none() {
-            bail!(
-                "interface {name:?} not found in network namespace {:?}",
-                netns.name()
-            );
+/// The interfaces to attach the packet hooks to at the start (by index
+/// of the plan's namespace), and the loopback interfaces left out: those
+/// the patterns match (a plain name must exist in one of the namespaces,
+/// unless `--netns all`), or every one that is up except loopback. Every
+/// handshake on loopback is between two local sockets, which the socket
+/// layer times at both ends; hooks there would cost every local packet
+/// twice (egress and ingress) and tell nothing more but TLS hellos
+/// (docs/BENCHMARKS.md).
+fn interfaces(plan: &HookPlan) -> anyhow::Result<(StartInterfaces, Vec<String>)> {
+    let mut chosen = Vec::new();
+    let mut skipped = Vec::new();
+    let mut found = vec![false; plan.patterns.len()];
+    for (at, netns) in plan.namespaces.iter().enumerate() {
+        for iface in netns.interfaces()? {
+            for (hit, pattern) in found.iter_mut().zip(&plan.patterns) {
+                *hit |= glob(pattern, &iface.name);
+            }
+            if !iface.up {
+                continue;
+            }
+            if plan.wants(&iface) {
+                chosen.push((at, iface.name));
+            } else if iface.loopback && plan.patterns.is_empty() {
+                skipped.push(iface.name);
+            }
         }
     }
-    let mut names = named.to_vec();
-    names.sort();
-    names.dedup();
-    Ok((names, Vec::new()))
+    if !plan.all
+        && let Some((pattern, _)) = plan
+            .patterns
+            .iter()
+            .zip(&found)
+            .find(|(pattern, hit)| !is_glob(pattern) && !**hit)
+    {
+        let names: Vec<&str> = plan.namespaces.iter().map(Netns::name).collect();
+        bail!(
+            "interface {pattern:?} not found in network namespace {:?}",
+            names.join(", ")
+        );
+    }
+    Ok((chosen, skipped))
 }
 
 #[cfg(test)]

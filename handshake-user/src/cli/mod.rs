@@ -45,11 +45,35 @@ pub enum Command {
     Timewait(TimewaitFlags),
 }
 
+/// Whose sockets to show: each flag narrows the rows to those it names.
+#[derive(Debug, Default, Args)]
+pub struct WhoFlags {
+    /// Only this network namespace: `host`, an `ip netns` name, `ns:<inode>`
+    /// or the inode number.
+    #[arg(long, value_name = "NAME")]
+    pub netns: Option<String>,
+
+    /// Only sockets of this container (its id, or a prefix of it).
+    #[arg(long, value_name = "ID")]
+    pub container: Option<String>,
+
+    /// Only sockets of this Kubernetes pod (its UID).
+    #[arg(long, value_name = "UID")]
+    pub pod: Option<String>,
+
+    /// Only sockets of this systemd unit (`nginx.service`).
+    #[arg(long, value_name = "UNIT")]
+    pub unit: Option<String>,
+}
+
 #[derive(Debug, Args)]
 pub struct TlsFlags {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+
+    #[command(flatten)]
+    pub who: WhoFlags,
 
     /// Only ClientHellos with this SNI.
     #[arg(long, value_name = "NAME")]
@@ -74,6 +98,9 @@ pub struct StatesFlags {
     #[arg(long)]
     pub json: bool,
 
+    #[command(flatten)]
+    pub who: WhoFlags,
+
     /// The daemon's API socket.
     #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
     pub api_socket: PathBuf,
@@ -84,6 +111,9 @@ pub struct TimewaitFlags {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+
+    #[command(flatten)]
+    pub who: WhoFlags,
 
     /// Remote endpoints and destinations listed per namespace.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_TOP)]
@@ -99,6 +129,9 @@ pub struct ConnsFlags {
     /// Print a JSON array instead of a table.
     #[arg(long)]
     pub json: bool,
+
+    #[command(flatten)]
+    pub who: WhoFlags,
 
     /// Only connections with this local or remote port.
     #[arg(long, value_name = "PORT")]
@@ -126,17 +159,22 @@ pub struct ConnsFlags {
 
 #[derive(Debug, Args)]
 pub struct DaemonFlags {
-    /// Interface to attach the packet hooks to (repeatable). Default: every
+    /// Interfaces to attach the packet hooks to (repeatable): a name or a
+    /// glob pattern such as `veth*`. Interfaces that appear later are
+    /// attached as they come up, those removed are forgotten. Default: every
     /// interface that is up except loopback, whose handshakes the socket
     /// layer times at both ends.
     #[arg(long = "iface", value_name = "NAME")]
     pub ifaces: Vec<String>,
 
-    /// Attach the packet hooks to interfaces inside this named network
-    /// namespace (`ip netns` name, or a path such as /proc/PID/ns/net). The
-    /// daemon and its tracepoints stay in the host namespace.
+    /// Attach the packet hooks to interfaces inside this network namespace
+    /// instead of the host's (repeatable: an `ip netns` name, or a path such
+    /// as /proc/PID/ns/net), or `all`: every namespace of the host, as they
+    /// come and go. The daemon and its tracepoints stay in the host
+    /// namespace; the socket layer and the census see every namespace
+    /// whatever this says.
     #[arg(long, value_name = "NAME")]
-    pub netns: Option<String>,
+    pub netns: Vec<String>,
 
     /// Address the Prometheus endpoint (/metrics) listens on.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9640")]
@@ -161,8 +199,8 @@ pub struct DaemonFlags {
     pub flow_entries: u32,
 
     /// Sockets whose state-entry time and opener the kernel keeps (for
-    /// `conns --state` and `handshake_tcp_state_oldest_seconds`), of the
-    /// host's namespace and `--netns`, listeners excepted: slots of an
+    /// `conns --state` and `handshake_tcp_state_oldest_seconds`), of every
+    /// namespace, listeners excepted: slots of an
     /// array (rounded down to a power of two), two per socket address, and
     /// an overflow table a quarter that size; sockets beyond them have no
     /// age (`handshake_socket_ages_untracked_total`).
@@ -173,13 +211,20 @@ pub struct DaemonFlags {
     #[arg(long, value_name = "N", default_value_t = 65_536)]
     pub conn_history: usize,
 
+    /// Network namespaces with their own `netns` label in the metrics: the
+    /// N with the most sockets; the rest sum into `netns="other"`. The CLI
+    /// and JSON list every namespace.
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    pub netns_top: usize,
+
     /// Listening ports exported by `handshake_tcp_half_open` (most half-open first).
     #[arg(long, value_name = "N", default_value_t = 20)]
     pub half_open_top: usize,
 
-    /// How often the socket census (iter/tcp) counts every TCP socket of
-    /// the host's namespace and of --netns; `handshake states` and
-    /// `handshake timewait` also run one on demand.
+    /// How often the socket census (iter/tcp) looks at every network
+    /// namespace of the host and counts afresh those whose sockets changed
+    /// state since their last census; `handshake states`, `timewait` and
+    /// `conns --state` count every namespace afresh on demand.
     #[arg(long, value_name = "DURATION", default_value = "1s")]
     pub census_interval: String,
 

@@ -22,19 +22,20 @@ use tokio::{
 use crate::{
     daemon::{
         SharedCensus,
-        census::census_round,
+        census::{Scope, census_round},
         http::Render,
-        state::{State, lock},
+        state::{State, attribution, lock},
     },
-    kernel::clock,
+    kernel::{clock, netns},
     model::{
-        conntrack::{conn_view, row_key},
+        conntrack::{Origin, conn_view, row_key},
         states::{STUCK_RECORDS, STUCK_STATES, stuck_mask, time_wait_view},
         tls::TlsRecord,
+        workload::Workload,
     },
     wire::{
-        ConnView, Endpoints, Request, SocketView, Source, StatesView, TimeWaitView, TlsView,
-        error_body, state_name,
+        Attribution, ConnView, Endpoints, Request, STATES, SocketView, Source, StatesView,
+        TimeWaitView, TlsView, error_body, state_name,
     },
 };
 
@@ -143,47 +144,73 @@ async fn census_answer(
     state: &Mutex<State>,
 ) -> io::Result<String> {
     let round = match request {
-        Request::Sockets { state } => census_round(census, 1 << state, MAX_LISTED).await,
-        _ => census_round(census, stuck_mask(), STUCK_RECORDS).await,
+        Request::Sockets { state } => {
+            census_round(census, Scope::All, 1 << state, MAX_LISTED).await
+        }
+        _ => census_round(census, Scope::All, stuck_mask(), STUCK_RECORDS).await,
     };
     let source = census
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .method()
         .name();
+    let holders = tokio::task::spawn_blocking(namespace_workloads)
+        .await
+        .unwrap_or_default();
     let mut state = lock(state);
     state.apply_census(round);
+    let now = clock::monotonic_ns();
+    let workloads_of = |inode: u64| holders.get(&inode).cloned().unwrap_or_default();
+    let State {
+        census: views,
+        cgroups,
+        transitions_per_second,
+        ..
+    } = &mut *state;
+    let mut attribute = |inode, cgroup| attribution(views, cgroups, inode, cgroup);
     let json = match request {
         Request::Sockets { state: listed } => {
-            let mut views: Vec<SocketView> = state
-                .census
+            let mut views: Vec<SocketView> = views
                 .iter()
-                .flat_map(|v| v.oldest(listed, usize::MAX))
+                .flat_map(|v| v.oldest(listed, usize::MAX, &mut attribute))
                 .collect();
             SocketView::sort(&mut views);
             serde_json::to_string(&views)
         }
         Request::TimeWait { top } => {
-            let views: Vec<TimeWaitView> = state
-                .census
+            let views: Vec<TimeWaitView> = views
                 .iter()
-                .map(|v| time_wait_view(v, top))
+                .map(|v| TimeWaitView {
+                    workloads: workloads_of(v.inode),
+                    ..time_wait_view(v, top)
+                })
                 .collect();
             serde_json::to_string(&views)
         }
         _ => {
-            let views: Vec<StatesView> = state
-                .census
+            let views: Vec<StatesView> = views
                 .iter()
                 .map(|v| StatesView {
                     netns: v.name.clone(),
+                    netns_inode: v.inode,
+                    entered_per_second: STATES
+                        .iter()
+                        .map(|s| {
+                            (
+                                state_name(*s).into_owned(),
+                                v.entered_per_second[*s as usize],
+                            )
+                        })
+                        .collect(),
+                    counted_s_ago: now.saturating_sub(v.taken_ns) as f64 / 1e9,
+                    workloads: workloads_of(v.inode),
                     states: v.states(),
-                    transitions_per_second: state.transitions_per_second.clone(),
+                    transitions_per_second: transitions_per_second.clone(),
                     census_source: source.to_owned(),
                     census_seconds: v.snapshot.duration.as_secs_f64(),
                     oldest: STUCK_STATES
                         .iter()
-                        .map(|s| (state_name(*s).into_owned(), v.oldest(*s, 5)))
+                        .map(|s| (state_name(*s).into_owned(), v.oldest(*s, 5, &mut attribute)))
                         .collect(),
                 })
                 .collect();
@@ -191,6 +218,35 @@ async fn census_answer(
         }
     };
     json.map_err(io::Error::other)
+}
+
+/// Workloads listed per namespace, at most.
+const MAX_WORKLOADS: usize = 64;
+
+/// Per namespace inode, the workloads of the processes in it: distinct
+/// (container, pod, unit), at most [`MAX_WORKLOADS`].
+fn namespace_workloads() -> HashMap<u64, Vec<Attribution>> {
+    netns::holders()
+        .into_iter()
+        .map(|(inode, paths)| {
+            let mut workloads: Vec<Attribution> = Vec::new();
+            for path in paths {
+                let w = Workload::of(&path);
+                let who = Attribution {
+                    netns: None,
+                    netns_inode: None,
+                    cgroup: None,
+                    container_id: w.container_id,
+                    pod_uid: w.pod_uid,
+                    unit: w.unit,
+                };
+                if !workloads.contains(&who) && workloads.len() < MAX_WORKLOADS {
+                    workloads.push(who);
+                }
+            }
+            (inode, workloads)
+        })
+        .collect()
 }
 
 /// The TLS connections' views, built (hellos parsed, fingerprints taken)
@@ -201,41 +257,78 @@ fn tls_views(records: &[TlsRecord], now: u64) -> Vec<TlsView> {
 }
 
 /// Recent TLS handshakes, oldest first, with the total from the TCP
-/// handshake's first SYN where the hooks saw that too.
+/// handshake's first SYN where the hooks saw that too, and whose
+/// connection each is (from its TCP handshake's row; else the hooks'
+/// namespace).
 pub fn tls(state: &Mutex<State>) -> Vec<TlsView> {
     let now = clock::monotonic_ns();
-    let (records, syns) = {
-        let state = lock(state);
-        let syns: HashMap<Endpoints, u64> = state
+    let (records, rows, hooks) = {
+        let mut state = lock(state);
+        let rows: Vec<(Flow, Origin)> = state
             .conntrack
             .recent()
-            .map(|r| &r.flow)
-            .chain(state.live.iter())
-            .map(|f| (conn_view(f, Source::Wire, now).endpoints(), f.ts_syn))
+            .map(|r| (r.flow, r.origin))
+            .chain(state.live.iter().map(|f| {
+                let origin = Origin {
+                    netns: state.hooks_netns(f.ifindex),
+                    cgroup: 0,
+                };
+                (*f, origin)
+            }))
             .collect();
-        (state.tls.records(), syns)
+        let mut known: HashMap<Origin, Attribution> = HashMap::new();
+        let hook_netns = state.hook_netns;
+        let hooks = state.attribute(u64::from(hook_netns), 0);
+        let rows: HashMap<Endpoints, (u64, Attribution)> = rows
+            .into_iter()
+            .map(|(f, origin)| {
+                let who = match origin {
+                    Origin { netns: 0, .. } => hooks.clone(),
+                    _ => known
+                        .entry(origin)
+                        .or_insert_with(|| state.attribute(u64::from(origin.netns), origin.cgroup))
+                        .clone(),
+                };
+                (
+                    conn_view(&f, Source::Wire, now).endpoints(),
+                    (f.ts_syn, who),
+                )
+            })
+            .collect();
+        (state.tls.records(), rows, hooks)
     };
     let mut views = tls_views(&records, now);
     for v in &mut views {
-        if let (Some(syn), Some(done)) = (syns.get(&v.endpoints()), v.ts_client_finished)
-            && done > *syn
-        {
-            v.total_from_syn_us = Some((done - syn) as f64 / 1e3);
+        match rows.get(&v.endpoints()) {
+            Some((syn, who)) => {
+                if let Some(done) = v.ts_client_finished
+                    && done > *syn
+                {
+                    v.total_from_syn_us = Some((done - syn) as f64 / 1e3);
+                }
+                v.attribution = who.clone();
+            }
+            None => v.attribution = hooks.clone(),
         }
     }
     views
 }
 
 /// Recent decided handshakes and those still in progress, oldest first,
-/// with what their TLS ClientHello and ServerHello said.
+/// with what their TLS ClientHello and ServerHello said and whose they
+/// are.
 pub fn conns(state: &Mutex<State>) -> Vec<ConnView> {
     let now = clock::monotonic_ns();
     let (mut views, records) = {
-        let state = lock(state);
-        let mut rows: Vec<(Flow, Source)> = state
+        let mut state = lock(state);
+        let hooks = |f: &Flow| Origin {
+            netns: state.hooks_netns(f.ifindex),
+            cgroup: 0,
+        };
+        let mut rows: Vec<(Flow, Source, Origin)> = state
             .conntrack
             .recent()
-            .map(|r| (r.flow, r.source))
+            .map(|r| (r.flow, r.source, r.origin))
             .collect();
         // Ends not counted yet, each listed once: the packet hooks' in
         // their tables, else the socket layer's held ones.
@@ -243,13 +336,13 @@ pub fn conns(state: &Mutex<State>) -> Vec<ConnView> {
         let decided = |flow: &Flow| kept.contains(&row_key(flow));
         let live: Vec<&Flow> = state.live.iter().filter(|f| !decided(f)).collect();
         let live_keys: std::collections::HashSet<_> = live.iter().map(|f| row_key(f)).collect();
-        rows.extend(live.iter().map(|f| (**f, Source::Wire)));
+        rows.extend(live.iter().map(|f| (**f, Source::Wire, hooks(f))));
         rows.extend(
             state
                 .sockets
                 .held()
-                .filter(|f| !decided(f) && !live_keys.contains(&row_key(f)))
-                .map(|f| {
+                .filter(|(f, _)| !decided(f) && !live_keys.contains(&row_key(f)))
+                .map(|(f, origin)| {
                     // An established one may still turn out reset.
                     let as_it_stands = if f.outcome == OUTCOME_ESTABLISHED {
                         OUTCOME_IN_PROGRESS
@@ -260,13 +353,21 @@ pub fn conns(state: &Mutex<State>) -> Vec<ConnView> {
                         outcome: as_it_stands,
                         ..*f
                     };
-                    (row, Source::Socket)
+                    (row, Source::Socket, origin)
                 }),
         );
-        rows.sort_by_key(|(f, _)| f.ts_syn);
+        rows.sort_by_key(|(f, _, _)| f.ts_syn);
+        let mut known: HashMap<Origin, Attribution> = HashMap::new();
         let views: Vec<ConnView> = rows
             .iter()
-            .map(|(f, source)| conn_view(f, *source, now))
+            .map(|(f, source, origin)| {
+                let mut view = conn_view(f, *source, now);
+                view.attribution = known
+                    .entry(*origin)
+                    .or_insert_with(|| state.attribute(u64::from(origin.netns), origin.cgroup))
+                    .clone();
+                view
+            })
             .collect();
         (views, state.tls.records())
     };

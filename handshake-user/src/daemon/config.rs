@@ -3,29 +3,34 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use crate::kernel::{
-    census::Method,
-    loader::{IngressHook, TableSizes, XdpMode},
-    netns::Netns,
+use crate::{
+    daemon::interfaces::HookPlan,
+    kernel::{census::Method, loader::TableSizes},
 };
+
+/// Interfaces by name, each with the index of its namespace in
+/// [`HookPlan::namespaces`].
+pub type StartInterfaces = Vec<(usize, String)>;
 
 #[derive(Debug)]
 pub struct DaemonConfig {
-    pub netns: Netns,
-    /// Interfaces to attach the packet hooks to, all present in `netns`;
-    /// none is fine: the socket layer needs no interface.
-    pub interfaces: Vec<String>,
+    /// Where the packet hooks go: namespaces and interface patterns.
+    pub hooks: HookPlan,
+    /// The interfaces the hooks go on at the start, per namespace of
+    /// `hooks` (more come as they appear); none is fine: the socket layer
+    /// needs no interface.
+    pub interfaces: StartInterfaces,
     /// Loopback interfaces that were up but left out, no interface having
     /// been named (said in the start-up log).
     pub loopback_skipped: Vec<String>,
     pub metrics_addr: SocketAddr,
-    pub ingress_hook: IngressHook,
-    pub xdp_mode: XdpMode,
     pub api_socket: PathBuf,
     pub handshake_timeout: Duration,
     pub tables: TableSizes,
     pub conn_history: usize,
     pub half_open_top: usize,
+    /// Namespaces with their own `netns` label value in the metrics.
+    pub netns_top: usize,
     /// How often the socket census runs in each watched namespace.
     pub census_interval: Duration,
     pub census_source: CensusSource,

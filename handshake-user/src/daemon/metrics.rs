@@ -28,7 +28,7 @@ use crate::{
         state::{SelfStats, State, lock},
     },
     kernel::{
-        loader::Attachment,
+        loader::{Attachment, Attachments, lock_attachments},
         maps::{Counters, FlowStats, KernelCounts, Table},
     },
     model::{
@@ -54,8 +54,10 @@ pub struct Report<'a> {
     pub malformed_records: u64,
     /// How many listening ports `handshake_tcp_half_open` shows.
     pub half_open_top: usize,
-    /// The last census of each watched namespace.
+    /// The last census of each namespace.
     pub census: &'a [NetnsView],
+    /// Namespaces with their own `netns` label value (`--netns-top`).
+    pub netns_top: usize,
     pub tls: &'a TlsTotals,
 }
 
@@ -64,11 +66,13 @@ pub struct Report<'a> {
 pub fn renderer(
     state: Arc<Mutex<State>>,
     counters: Arc<Counters>,
-    attachments: Vec<Attachment>,
+    attachments: Attachments,
     half_open_top: usize,
+    netns_top: usize,
 ) -> Render {
     Arc::new(move || {
         let counts = counters.read();
+        let attachments = lock_attachments(&attachments).clone();
         let mut state = lock(&state);
         match counts {
             Ok(counts) => Ok(render(&Report {
@@ -81,6 +85,7 @@ pub fn renderer(
                 malformed_records: state.conntrack.malformed + state.sockets.malformed,
                 half_open_top,
                 census: &state.census,
+                netns_top,
                 tls: &state.tls.totals,
             })),
             Err(error) => {
@@ -282,6 +287,7 @@ fn probe_families(report: &Report<'_>, families: &mut Families) {
                 &[
                     ("probe", a.probe),
                     ("interface", a.interface.as_deref().unwrap_or("")),
+                    ("netns", a.netns.as_deref().unwrap_or("")),
                     ("mode", if a.attached { &a.detail } else { "" }),
                 ],
                 if a.attached { 1.0 } else { 0.0 },
@@ -452,18 +458,41 @@ fn tls_families(report: &Report<'_>, families: &mut Families) {
     );
 }
 
-/// The socket census: states per namespace, stuck sockets, and the
-/// census's own schedule and cost.
+/// The namespaces as the metrics label them: the `top` with the most
+/// sockets by name, the rest together as `other`. Every namespace is in
+/// exactly one group, so a sum over the label is the host's total.
+pub fn netns_groups(census: &[NetnsView], top: usize) -> Vec<(&str, Vec<&NetnsView>)> {
+    let mut ranked: Vec<&NetnsView> = census.iter().collect();
+    ranked.sort_by(|a, b| {
+        (b.total(), a.name != "host", &a.name).cmp(&(a.total(), b.name != "host", &b.name))
+    });
+    let rest = ranked.split_off(top.min(ranked.len()));
+    let mut groups: Vec<(&str, Vec<&NetnsView>)> = ranked
+        .into_iter()
+        .map(|v| (v.name.as_str(), vec![v]))
+        .collect();
+    if !rest.is_empty() {
+        groups.push(("other", rest));
+    }
+    groups
+}
+
+/// The socket census: states per namespace, stuck sockets, the
+/// namespaces' state changes, and the census's own schedule and cost.
 fn census_families(report: &Report<'_>, families: &mut Families) {
     let mut sockets = Vec::new();
     let mut oldest = Vec::new();
     let mut durations = Vec::new();
-    for view in report.census {
-        let netns = view.name.as_str();
+    let mut entered = Vec::new();
+    for (netns, views) in netns_groups(report.census, report.netns_top) {
         for state in STUCK_STATES {
+            let seconds = views
+                .iter()
+                .map(|v| v.oldest_seconds(state))
+                .fold(0.0, f64::max);
             oldest.push(gauge(
                 &[("netns", netns), ("state", &state_name(state))],
-                view.oldest_seconds(state),
+                seconds,
             ));
         }
         for state in STATES {
@@ -471,25 +500,45 @@ fn census_families(report: &Report<'_>, families: &mut Families) {
                 (SUMMARY_ROW_IPV4, Family::Ipv4),
                 (SUMMARY_ROW_IPV6, Family::Ipv6),
             ] {
+                let count: u64 = views
+                    .iter()
+                    .map(|v| v.snapshot.count_family(row, state))
+                    .sum();
                 sockets.push(gauge(
                     &[
                         ("netns", netns),
                         ("state", &state_name(state)),
                         ("family", family.name()),
                     ],
-                    view.snapshot.count_family(row, state) as f64,
+                    count as f64,
                 ));
             }
+            let rate: f64 = views
+                .iter()
+                .map(|v| v.entered_per_second[state as usize])
+                .sum();
+            entered.push(gauge(
+                &[("netns", netns), ("state", &state_name(state))],
+                rate,
+            ));
         }
         durations.push(gauge(
             &[("netns", netns)],
-            view.snapshot.duration.as_secs_f64(),
+            views
+                .iter()
+                .map(|v| v.snapshot.duration.as_secs_f64())
+                .sum(),
         ));
     }
     families.gauges(
         "handshake_tcp_sockets",
-        "TCP sockets per state and family at the last census (iter/tcp), as ss counts them: request sockets as syn_recv, closed sockets waiting for their peer's FIN as fin_wait2.",
+        "TCP sockets per state and family at the last census (iter/tcp) of each namespace, as ss counts them: request sockets as syn_recv, closed sockets waiting for their peer's FIN as fin_wait2. The --netns-top namespaces with the most sockets by name, the rest as netns=\"other\".",
         sockets,
+    );
+    families.gauges(
+        "handshake_tcp_state_entries_per_second",
+        "TCP sockets entering each state per second, per namespace (sock:inet_sock_set_state), over the daemon's last second or so.",
+        entered,
     );
     families.gauges(
         "handshake_tcp_state_oldest_seconds",
@@ -498,8 +547,21 @@ fn census_families(report: &Report<'_>, families: &mut Families) {
     );
     families.gauges(
         "handshake_census_duration_seconds",
-        "Wall time of the last census of the namespace: walk, read and map drain.",
+        "Wall time of the last census of the namespace: walk, read and map drain (netns=\"other\": the sum).",
         durations,
+    );
+    families.gauges(
+        "handshake_netns",
+        "Network namespaces the census counts: every one of the host (found through /run/netns, nsfs mounts and /proc/*/ns/net).",
+        vec![gauge(&[], report.census.len() as f64)],
+    );
+    families.counters(
+        "handshake_census_netns_total",
+        "Namespaces the scheduled censuses counted afresh (counted) or left as they were, their sockets having changed no state since their last census (skipped).",
+        vec![
+            counter(&[("result", "counted")], report.self_stats.netns_counted),
+            counter(&[("result", "skipped")], report.self_stats.netns_skipped),
+        ],
     );
     families.counter(
         "handshake_socket_ages_untracked_total",
@@ -508,7 +570,7 @@ fn census_families(report: &Report<'_>, families: &mut Families) {
     );
     families.gauges(
         "handshake_census_interval_seconds",
-        "Seconds between scheduled censuses: --census-interval, stretched while a census is slow so that scheduled censuses take at most 1 % of one CPU (requests from the CLI always count afresh).",
+        "Seconds between scheduled censuses: --census-interval, stretched while censuses owe CPU time so that they take at most 1 % of one CPU on average, after a burst of up to 1 s (many new namespaces at once); requests from the CLI always count afresh.",
         vec![gauge(&[], report.self_stats.census_interval_s)],
     );
     families.counter(
@@ -522,16 +584,24 @@ fn census_families(report: &Report<'_>, families: &mut Families) {
 fn time_wait_families(report: &Report<'_>, families: &mut Families) {
     let mut time_wait = Vec::new();
     let mut exhaustion = Vec::new();
-    for view in report.census {
-        let netns = [("netns", view.name.as_str())];
-        time_wait.push(gauge(&netns, view.time_wait() as f64));
-        let soonest = view
-            .forecast()
-            .first()
-            .and_then(|f| f.seconds_to_exhaustion)
-            .unwrap_or(f64::INFINITY);
+    let mut entries_rate = Vec::new();
+    for (netns, views) in netns_groups(report.census, report.netns_top) {
+        let netns = [("netns", netns)];
+        let held: u64 = views.iter().map(|v| v.time_wait()).sum();
+        time_wait.push(gauge(&netns, held as f64));
+        let soonest = views
+            .iter()
+            .filter_map(|v| v.forecast().first().and_then(|f| f.seconds_to_exhaustion))
+            .fold(f64::INFINITY, f64::min);
         exhaustion.push(gauge(&netns, soonest));
+        let rate: f64 = views.iter().filter_map(|v| v.entries_per_second()).sum();
+        entries_rate.push(gauge(&netns, rate));
     }
+    families.gauges(
+        "handshake_tcp_time_wait_entries_per_second",
+        "Sockets entering TIME_WAIT per second, per namespace, over the last seconds.",
+        entries_rate,
+    );
     families.gauges(
         "handshake_tcp_time_wait_sockets",
         "Sockets in TIME_WAIT at the last census.",
@@ -577,6 +647,7 @@ mod tests {
             malformed_records: 0,
             half_open_top: 5,
             census: &[],
+            netns_top: 20,
             tls: &TlsTotals::default(),
         });
         assert!(text.contains("handshake_packets_total{"));
@@ -593,6 +664,7 @@ mod tests {
         let attachments = [Attachment {
             probe: "xdp_handshake",
             interface: Some("eth0".to_owned()),
+            netns: Some("host".to_owned()),
             detail: "xdp-native".to_owned(),
             attached: true,
         }];
@@ -625,10 +697,12 @@ mod tests {
                 tls_events_malformed: 0,
                 sock_records_lost: 0,
                 census_interval_s: 1.0,
+                ..SelfStats::default()
             },
             malformed_records: 0,
             half_open_top: 5,
             census: &[],
+            netns_top: 20,
             tls: &TlsTotals::default(),
         });
         for line in [
@@ -636,7 +710,7 @@ mod tests {
             "handshake_packets_total{direction=\"ingress\",kind=\"client_hello\"} 0",
             "handshake_parse_errors_total{kind=\"tcp_bad_data_offset\"} 2",
             "handshake_tcp_state_transitions_total{from=\"syn_sent\",to=\"established\"} 5",
-            "handshake_probe_attached{probe=\"xdp_handshake\",interface=\"eth0\",mode=\"xdp-native\"} 1",
+            "handshake_probe_attached{probe=\"xdp_handshake\",interface=\"eth0\",netns=\"host\",mode=\"xdp-native\"} 1",
             "handshake_map_read_errors_total 1",
             "# TYPE handshake_packets_total counter",
             "handshake_tcp_handshakes_total{role=\"client\",outcome=\"refused\"} 3",

@@ -10,6 +10,7 @@ pub mod census;
 pub mod config;
 pub mod http;
 pub mod ingest;
+pub mod interfaces;
 pub mod metrics;
 pub mod state;
 
@@ -34,6 +35,7 @@ use crate::{
         events::{CpuLog, EventReader},
         loader::Observer,
         maps::{Counters, FlowTables, TlsMaps},
+        netns::{self, Netns},
     },
     model::conntrack::Expiry,
 };
@@ -46,17 +48,48 @@ pub type SharedCensus = Arc<Mutex<CensusRunner>>;
 
 pub fn run(config: DaemonConfig) -> anyhow::Result<()> {
     let listeners = Listeners::bind(&config)?;
-    let mut observer = Observer::load_with(config.tables, Some(config.ingress_hook))
+    let mut observer = Observer::load_with(config.tables, Some(config.hooks.ingress))
         .context("loading the kernel programs")?;
     let feeds = Feeds::take(&mut observer)?;
     let census = start_census(&mut observer, &config)?;
-    let observer = attach(observer, &config)?;
+    let observer = Arc::new(Mutex::new(attach(observer, &config)?));
     let served = serve(&config, listeners, feeds, census, &observer);
-    observer
-        .detach(&config.netns)
-        .context("detaching the kernel programs")?;
+    detach(observer, &config)?;
     tracing::info!("detached; exiting");
     served
+}
+
+/// The namespace the packet hooks' object is dropped in (the first named,
+/// or the host's), and the others hooks were attached in.
+fn primary(config: &DaemonConfig) -> &Netns {
+    &config.hooks.namespaces[0]
+}
+
+/// Detaches every hook in its namespace, then the rest with the object.
+fn detach(observer: Arc<Mutex<Observer>>, config: &DaemonConfig) -> anyhow::Result<()> {
+    let observer = match Arc::try_unwrap(observer) {
+        Ok(mutex) => mutex.into_inner().unwrap_or_else(|p| p.into_inner()),
+        // A task still holds it (it cannot: the loops have ended); its
+        // links go when the process exits.
+        Err(_) => return Ok(()),
+    };
+    let mut others: Vec<Netns> = config.hooks.namespaces[1..]
+        .iter()
+        .filter_map(|n| n.try_clone().ok())
+        .collect();
+    if config.hooks.all {
+        others.extend(
+            netns::discover()
+                .iter()
+                .filter_map(|f| match f.name.as_str() {
+                    "host" => None,
+                    _ => Netns::open_found(f).ok(),
+                }),
+        );
+    }
+    observer
+        .detach(primary(config), &others)
+        .context("detaching the kernel programs")
 }
 
 /// The metrics address and the API socket, bound before anything touches
@@ -108,8 +141,7 @@ impl Feeds {
 
 /// The census, or `None` when it cannot run: the daemon goes on without
 /// it and says so (`handshake_probe_attached`), unless `--census-source
-/// iter` insists on the program. Names the namespaces whose sockets get
-/// ages before the state tracepoint is attached.
+/// iter` insists on the program.
 fn start_census(
     observer: &mut Observer,
     config: &DaemonConfig,
@@ -122,7 +154,7 @@ fn start_census(
             }
             _ => {}
         }
-        CensusRunner::new(census, &config.netns)
+        CensusRunner::new(census, primary(config))
     });
     observer.record_census(census.as_ref().map(CensusRunner::method));
     let runner = match census {
@@ -130,9 +162,6 @@ fn start_census(
         Err(error) if config.census_source == CensusSource::Iter => return Err(error.into()),
         Err(_) => return Ok(None),
     };
-    observer
-        .age_sockets_in(&runner.inodes())
-        .context("naming the namespaces whose sockets get ages")?;
     Ok(Some(Arc::new(Mutex::new(runner))))
 }
 
@@ -141,12 +170,15 @@ fn start_census(
 fn attach(mut observer: Observer, config: &DaemonConfig) -> anyhow::Result<Observer> {
     say_where_packets_are_seen(config);
     observer.attach_tracepoints();
-    observer.attach_interfaces(
-        &config.netns,
-        &config.interfaces,
-        config.ingress_hook,
-        config.xdp_mode,
-    )?;
+    for (at, netns) in config.hooks.namespaces.iter().enumerate() {
+        let names: Vec<String> = config
+            .interfaces
+            .iter()
+            .filter(|(i, _)| *i == at)
+            .map(|(_, name)| name.clone())
+            .collect();
+        observer.attach_interfaces(netns, &names, config.hooks.ingress, config.hooks.xdp_mode)?;
+    }
     if observer.attachments().iter().any(|a| a.attached) {
         return Ok(observer);
     }
@@ -155,7 +187,7 @@ fn attach(mut observer: Observer, config: &DaemonConfig) -> anyhow::Result<Obser
         .iter()
         .map(|a| format!("{}: {}", a.probe, a.detail))
         .collect();
-    observer.detach(&config.netns)?;
+    observer.detach(primary(config), &config.hooks.namespaces[1..])?;
     bail!("no probe could be attached ({})", reasons.join("; "));
 }
 
@@ -170,10 +202,11 @@ fn say_where_packets_are_seen(config: &DaemonConfig) {
              (--iface lo attaches there)"
         );
     }
-    if config.interfaces.is_empty() {
+    if config.interfaces.is_empty() && !config.hooks.all {
         tracing::info!(
-            "no packet hooks: TCP handshakes of every namespace come from the socket layer; \
-             TLS hellos and wire timing need an interface (--iface NAME)"
+            "no packet hooks yet: TCP handshakes of every namespace come from the socket layer; \
+             TLS hellos and wire timing need an interface (--iface NAME); interfaces that \
+             appear and match are attached as they come up"
         );
     }
 }
@@ -184,14 +217,24 @@ fn serve(
     listeners: Listeners,
     feeds: Feeds,
     census: Option<SharedCensus>,
-    observer: &Observer,
+    observer: &Arc<Mutex<Observer>>,
 ) -> anyhow::Result<()> {
-    let state = Arc::new(Mutex::new(State::new(config.conn_history)));
+    let mut initial = State::new(config.conn_history);
+    initial.hook_netns = primary(config)
+        .inode()
+        .ok()
+        .and_then(|inode| u32::try_from(inode).ok())
+        .unwrap_or(0);
+    let state = Arc::new(Mutex::new(initial));
     let render = metrics::renderer(
         Arc::clone(&state),
         Arc::clone(&feeds.counters),
-        observer.attachments().to_vec(),
+        observer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .attachments_handle(),
         config.half_open_top,
+        config.netns_top,
     );
     let expiry = Expiry {
         handshake_timeout_ns: config.handshake_timeout.as_nanos() as u64,
@@ -210,8 +253,9 @@ fn serve(
         tracing::info!(
             metrics = %config.metrics_addr,
             api = %config.api_socket.display(),
-            netns = config.netns.name(),
-            interfaces = ?config.interfaces,
+            netns = ?config.hooks.namespaces.iter().map(Netns::name).collect::<Vec<_>>(),
+            all_netns = config.hooks.all,
+            interfaces = ?config.interfaces.iter().map(|(_, n)| n).collect::<Vec<_>>(),
             "serving"
         );
         let mut sigterm = signal(SignalKind::terminate())?;
@@ -236,9 +280,26 @@ fn serve(
                 |stats| &mut stats.tls_events_malformed,
             ) => result?,
             () = census_loop(census, &feeds.counters, config.census_interval, &state) => {}
+            () = interfaces::follow(Arc::clone(observer), hook_plan(config), Arc::clone(&state)) => {}
             _ = sigterm.recv() => tracing::info!("SIGTERM: detaching"),
             _ = sigint.recv() => tracing::info!("SIGINT: detaching"),
         }
         Ok::<_, anyhow::Error>(())
     })
+}
+
+/// A copy of the configured plan for the interface follower.
+fn hook_plan(config: &DaemonConfig) -> interfaces::HookPlan {
+    let plan = &config.hooks;
+    interfaces::HookPlan {
+        namespaces: plan
+            .namespaces
+            .iter()
+            .filter_map(|n| n.try_clone().ok())
+            .collect(),
+        all: plan.all,
+        patterns: plan.patterns.clone(),
+        ingress: plan.ingress,
+        xdp_mode: plan.xdp_mode,
+    }
 }

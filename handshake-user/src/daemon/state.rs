@@ -10,16 +10,17 @@ use std::{
 use handshake_common::{abi::socket::SockHandshake, flow::Flow};
 
 use crate::{
-    daemon::census::CensusRound,
-    kernel::{clock, loader::chain, maps::FlowStats},
+    daemon::census::{CensusRound, Counted},
+    kernel::{cgroup::Cgroups, clock, loader::chain, maps::FlowStats},
     model::{
-        FastSet,
-        conntrack::{Conntrack, RowKey, row_key},
+        FastMap, FastSet,
+        conntrack::{Conntrack, Origin, RowKey, row_key},
         sockets::SocketHandshakes,
         states::NetnsView,
         tls::TlsTracker,
+        workload::Workload,
     },
-    wire::Source,
+    wire::{Attribution, Source},
 };
 
 /// What the daemon itself counts, next to what the kernel counted.
@@ -39,6 +40,12 @@ pub struct SelfStats {
     /// `--census-interval`, or longer while a census is slow (see
     /// `daemon::census::census_loop`); 0 before the first.
     pub census_interval_s: f64,
+    /// How long the last round took to find the host's namespaces.
+    pub netns_discovery_s: f64,
+    /// Namespaces counted afresh by the scheduled rounds, and those left
+    /// as they were (no state change since their last census).
+    pub netns_counted: u64,
+    pub netns_skipped: u64,
 }
 
 /// What the loops share: decided handshakes, the last sweep's view of the
@@ -54,8 +61,17 @@ pub struct State {
     live_before: FastSet<RowKey>,
     pub flow_stats: FlowStats,
     pub self_stats: SelfStats,
-    /// The last census of each watched namespace (host first).
+    /// The last census of each namespace of the host (host first).
     pub census: Vec<NetnsView>,
+    /// Cgroup ids to paths, for attribution.
+    pub cgroups: Cgroups,
+    /// The inode of the namespace the packet hooks are attached in (the
+    /// first, with several): their rows' namespace, unless
+    /// `hook_netns_by_index` knows better.
+    pub hook_netns: u32,
+    /// Per hooked interface index, its namespace's inode (0: the index is
+    /// hooked in several namespaces).
+    pub hook_netns_by_index: FastMap<u32, u32>,
     /// TLS handshakes from the hooks' hello records.
     pub tls: TlsTracker,
     /// Host-wide state transitions per second, `from->to`, between the
@@ -64,23 +80,98 @@ pub struct State {
 }
 
 impl State {
-    /// Takes in one census round.
+    /// Takes in one census round: the namespaces counted afresh, every
+    /// namespace's state changes, and forgets the namespaces that are gone.
     pub fn apply_census(&mut self, round: CensusRound) {
         let now = clock::monotonic_ns();
-        for (name, result) in round {
+        for counted in round.counted {
+            let Counted {
+                name,
+                inode,
+                result,
+            } = counted;
             match result {
-                Ok((snapshot, entries)) => match self.census.iter_mut().find(|v| v.name == name) {
-                    Some(view) => view.update(snapshot, entries, now),
-                    None => self
-                        .census
-                        .push(NetnsView::new(&name, snapshot, entries, now)),
-                },
+                Ok((snapshot, entries)) => {
+                    match self.census.iter_mut().find(|v| v.inode == inode) {
+                        Some(view) => {
+                            view.name = name;
+                            view.update(snapshot, entries, now);
+                        }
+                        None => self
+                            .census
+                            .push(NetnsView::new(&name, inode, snapshot, entries, now)),
+                    }
+                }
                 Err(error) => {
                     self.self_stats.census_errors += 1;
                     tracing::error!(netns = %name, error = %chain(&error), "census failed");
                 }
             }
         }
+        if !round.present.is_empty() {
+            let present: BTreeMap<u64, String> = round.present.into_iter().collect();
+            self.census
+                .retain_mut(|view| match present.get(&view.inode) {
+                    Some(name) => {
+                        view.name.clone_from(name);
+                        true
+                    }
+                    None => false,
+                });
+        }
+        for view in &mut self.census {
+            let stats = round
+                .stats
+                .iter()
+                .find(|(inode, _)| u64::from(*inode) == view.inode)
+                .map(|(_, stats)| *stats)
+                .unwrap_or_default();
+            view.observe(stats, now);
+        }
+        // The host first, then by name.
+        self.census
+            .sort_by(|a, b| (a.name != "host", &a.name).cmp(&(b.name != "host", &b.name)));
+        self.self_stats.netns_discovery_s = round.discovery.as_secs_f64();
+    }
+
+    /// The namespace (inode) of the packet hooks on interface `ifindex`.
+    pub fn hooks_netns(&self, ifindex: u32) -> u32 {
+        self.hook_netns_by_index
+            .get(&ifindex)
+            .copied()
+            .unwrap_or(self.hook_netns)
+    }
+
+    /// Whose a socket of namespace `inode` and cgroup `cgroup` is.
+    pub fn attribute(&mut self, inode: u64, cgroup: u64) -> Attribution {
+        attribution(&self.census, &mut self.cgroups, inode, cgroup)
+    }
+}
+
+/// Whose a socket of namespace `inode` (0: unknown) and cgroup `cgroup`
+/// (0: unknown) is: the namespace's name from the census, the cgroup's
+/// path from the v2 hierarchy, and what the path names.
+pub fn attribution(
+    census: &[NetnsView],
+    cgroups: &mut Cgroups,
+    inode: u64,
+    cgroup: u64,
+) -> Attribution {
+    let netns = (inode != 0).then(|| {
+        census
+            .iter()
+            .find(|v| v.inode == inode)
+            .map_or_else(|| format!("ns:{inode}"), |v| v.name.clone())
+    });
+    let path = cgroups.path(cgroup).map(str::to_owned);
+    let workload = path.as_deref().map(Workload::of).unwrap_or_default();
+    Attribution {
+        netns,
+        netns_inode: (inode != 0).then_some(inode),
+        cgroup: path,
+        container_id: workload.container_id,
+        pod_uid: workload.pod_uid,
+        unit: workload.unit,
     }
 }
 
@@ -89,7 +180,11 @@ impl State {
     /// same handshake, held while the hooks tracked it, joins it when it
     /// comes due: counted once, with the wire's timings.
     pub fn record_wire(&mut self, flow: Flow) {
-        self.conntrack.record(flow, Source::Wire);
+        let origin = Origin {
+            netns: self.hooks_netns(flow.ifindex),
+            cgroup: 0,
+        };
+        self.conntrack.record_from(flow, Source::Wire, origin);
     }
 
     /// A record of the socket layer: held until it may count.
@@ -97,7 +192,9 @@ impl State {
         let Self {
             sockets, conntrack, ..
         } = self;
-        sockets.record(record, |flow| conntrack.record(flow, Source::Socket));
+        sockets.record(record, |flow, origin| {
+            conntrack.record_from(flow, Source::Socket, origin);
+        });
     }
 
     /// Counts the socket layer's rows that are due and that the packet
@@ -114,8 +211,8 @@ impl State {
         let Self {
             sockets, conntrack, ..
         } = self;
-        sockets.sweep(now_ns, &tracked, |flow| {
-            conntrack.record(flow, Source::Socket)
+        sockets.sweep(now_ns, &tracked, |flow, origin| {
+            conntrack.record_from(flow, Source::Socket, origin);
         });
     }
 
@@ -129,6 +226,9 @@ impl State {
             flow_stats: FlowStats::default(),
             self_stats: SelfStats::default(),
             census: Vec::new(),
+            cgroups: Cgroups::new(),
+            hook_netns: 0,
+            hook_netns_by_index: FastMap::default(),
             tls: TlsTracker::new(history),
             transitions_per_second: BTreeMap::new(),
         }

@@ -27,7 +27,7 @@ pub enum BtfError {
 /// program's globals want them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Offsets {
-    pub values: [(&'static str, u32); 19],
+    pub values: [(&'static str, u32); 22],
 }
 
 impl Offsets {
@@ -73,6 +73,18 @@ impl Offsets {
                     field("net", "ns", size_of_struct(&btf, "ns_common")?, "")?.1
                         + field("ns_common", "inum", 4, "")?.1,
                 ),
+                (
+                    offsets::SK_CGROUP,
+                    field(
+                        "sock",
+                        "sk_cgrp_data",
+                        size_of_struct(&btf, "sock_cgroup_data")?,
+                        "",
+                    )?
+                    .1 + field("sock_cgroup_data", "cgroup", 8, "")?.1,
+                ),
+                field("cgroup", "kn", 8, offsets::CGROUP_KN)?,
+                field("kernfs_node", "id", 8, offsets::KERNFS_ID)?,
             ],
         })
     }
@@ -140,6 +152,7 @@ fn type_size(btf: &Btf, mut ty: Type) -> Option<usize> {
             Type::Int(i) => return Some(i.size()),
             Type::Struct(s) | Type::Union(s) => return Some(s.size()),
             Type::Enum(e) => return Some(e.size()),
+            Type::Ptr(_) => return Some(8),
             Type::Array(a) => {
                 let elem = btf.resolve_chained_type(&a).ok()?;
                 return Some(a.len() * type_size(btf, elem)?);

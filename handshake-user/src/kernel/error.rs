@@ -1,7 +1,6 @@
 //! Why loading the kernel programs or opening their maps failed.
 
 use aya::programs::ProgramError;
-use handshake_common::abi::AGE_NETNS_SLOTS;
 use thiserror::Error;
 
 use crate::kernel::{btf::BtfError, netns::NetnsError};
@@ -26,10 +25,6 @@ pub enum LoadError {
         #[source]
         source: aya::maps::MapError,
     },
-    #[error("socket ages can be kept for {max} namespaces at most, not {0}", max = AGE_NETNS_SLOTS)]
-    TooManyNamespaces(usize),
-    #[error("namespace inode {0} does not fit the kernel's 32-bit inode numbers")]
-    NamespaceInode(u64),
     #[error("map {0:?} of the eBPF object is not an array")]
     NotAnArray(&'static str),
     #[error("mapping map {name:?} into memory")]

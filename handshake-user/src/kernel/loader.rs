@@ -2,17 +2,22 @@
 //! names programs and hooks. Attach failures are recorded per probe (they
 //! become `handshake_probe_attached` 0), logged, and never hidden.
 
-use std::{ffi::CString, os::fd::AsFd as _};
+use std::{
+    ffi::CString,
+    os::fd::AsFd as _,
+    sync::{Arc, Mutex},
+};
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuHashMap, RingBuf},
     programs::{
         BtfTracePoint, Iter, ProgramError, SchedClassifier, TcAttach, TcAttachType, Xdp,
-        tc::{self, NlOptions},
+        tc::{self, NlOptions, SchedClassifierLinkId},
+        xdp::XdpLinkId,
     },
 };
-use handshake_common::abi::{AGE_NETNS_SLOTS, map, program, socket};
+use handshake_common::abi::{map, program, socket};
 
 use crate::kernel::{
     EBPF_OBJECT,
@@ -76,16 +81,39 @@ pub struct Attachment {
     pub probe: &'static str,
     /// Interface, for packet hooks.
     pub interface: Option<String>,
+    /// The namespace of the interface, for packet hooks.
+    pub netns: Option<String>,
     /// How it is attached (`xdp-native`, `tcx`, ...), or why it is not.
     pub detail: String,
     pub attached: bool,
+}
+
+/// Every hook tried and how it went, shared with the metrics: packet
+/// hooks come and go with their interfaces.
+pub type Attachments = Arc<Mutex<Vec<Attachment>>>;
+
+/// A packet hook's link, to detach it when its interface goes.
+#[derive(Debug)]
+enum HookLink {
+    Tc(&'static str, SchedClassifierLinkId),
+    Xdp(XdpLinkId),
+}
+
+/// A packet hook attached to one interface of one namespace.
+#[derive(Debug)]
+struct Hook {
+    netns: String,
+    iface: String,
+    ifindex: u32,
+    link: HookLink,
 }
 
 /// The loaded kernel programs and where they are attached.
 #[derive(Debug)]
 pub struct Observer {
     ebpf: Ebpf,
-    attachments: Vec<Attachment>,
+    attachments: Attachments,
+    hooks: Vec<Hook>,
     census: Option<Result<Census, CensusError>>,
     /// CPUs the socket layer's log was sized for (the possible CPUs).
     log_cpus: u32,
@@ -159,7 +187,8 @@ impl Observer {
         let census = load_census(&mut ebpf, &btf);
         Ok(Self {
             ebpf,
-            attachments: Vec::new(),
+            attachments: Attachments::default(),
+            hooks: Vec::new(),
             census: Some(census),
             log_cpus,
         })
@@ -174,29 +203,6 @@ impl Observer {
     /// The raw object, for tests that drive programs with BPF_PROG_TEST_RUN.
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
-    }
-
-    /// Keeps socket ages only for sockets in the namespaces of `inodes` (the
-    /// ones the census counts); before the state tracepoint is attached.
-    pub fn age_sockets_in(&mut self, inodes: &[u64]) -> Result<(), LoadError> {
-        let name = map::AGE_NETNS;
-        let mut slots: Array<_, u32> = self
-            .ebpf
-            .map_mut(name)
-            .ok_or(LoadError::MissingMap(name))?
-            .try_into()
-            .map_err(|source| LoadError::Map { name, source })?;
-        if inodes.len() > AGE_NETNS_SLOTS as usize {
-            return Err(LoadError::TooManyNamespaces(inodes.len()));
-        }
-        for (slot, inode) in (0..).zip(inodes) {
-            // Namespace inode numbers are the kernel's 32-bit `ns.inum`.
-            let inum = u32::try_from(*inode).map_err(|_| LoadError::NamespaceInode(*inode))?;
-            slots
-                .set(slot, &inum, 0)
-                .map_err(|source| LoadError::Map { name, source })?;
-        }
-        Ok(())
     }
 
     /// Takes the counter maps out of the object, for the metrics collector.
@@ -242,8 +248,33 @@ impl Observer {
         RingBuf::try_from(events).map_err(|source| LoadError::Map { name, source })
     }
 
-    pub fn attachments(&self) -> &[Attachment] {
-        &self.attachments
+    /// Every hook tried so far and how it went.
+    pub fn attachments(&self) -> Vec<Attachment> {
+        lock_attachments(&self.attachments).clone()
+    }
+
+    /// The same, shared: it follows the interfaces as they come and go.
+    pub fn attachments_handle(&self) -> Attachments {
+        Arc::clone(&self.attachments)
+    }
+
+    /// The interfaces of namespace `netns` (by name) that carry packet
+    /// hooks: name and index.
+    pub fn hooked(&self, netns: &str) -> Vec<(String, u32)> {
+        let mut out: Vec<(String, u32)> = self
+            .hooks
+            .iter()
+            .filter(|h| h.netns == netns)
+            .map(|h| (h.iface.clone(), h.ifindex))
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// Packet-hook links held now (two per interface: ingress, egress).
+    pub fn hook_links(&self) -> usize {
+        self.hooks.len()
     }
 
     /// The host-wide BTF tracepoints: `inet_sock_set_state`,
@@ -275,6 +306,10 @@ impl Observer {
         let results = netns.run(|| {
             let mut results = Vec::new();
             for iface in interfaces {
+                let ifindex = c_name(iface)
+                    .ok()
+                    // SAFETY: a valid NUL-terminated name.
+                    .map_or(0, |c| unsafe { libc::if_nametoindex(c.as_ptr()) });
                 let ingress_result = match ingress {
                     IngressHook::Xdp => (program::XDP_INGRESS, self.attach_xdp(iface, xdp_mode)),
                     IngressHook::Tc => (
@@ -282,19 +317,71 @@ impl Observer {
                         self.attach_tc(program::TC_INGRESS, iface, TcAttachType::Ingress),
                     ),
                 };
-                results.push((iface.clone(), ingress_result));
+                results.push((iface.clone(), ifindex, ingress_result));
                 let egress = self.attach_tc(program::TC_EGRESS, iface, TcAttachType::Egress);
-                results.push((iface.clone(), (program::TC_EGRESS, egress)));
+                results.push((iface.clone(), ifindex, (program::TC_EGRESS, egress)));
             }
             results
         })?;
-        for (iface, (probe, result)) in results {
-            self.record(probe, Some(iface), result);
+        for (iface, ifindex, (probe, result)) in results {
+            let result = result.map(|(detail, link)| {
+                self.hooks.push(Hook {
+                    netns: netns.name().to_owned(),
+                    iface: iface.clone(),
+                    ifindex,
+                    link,
+                });
+                detail
+            });
+            self.record_in(probe, Some(iface), Some(netns.name().to_owned()), result);
         }
         Ok(())
     }
 
-    fn attach_xdp(&mut self, iface: &str, mode: XdpMode) -> Result<String, ProgramError> {
+    /// Detaches the packet hooks of interface `iface` of `netns` (gone, or
+    /// no longer wanted) and forgets its attachments: its
+    /// `handshake_probe_attached` series go with it.
+    pub fn detach_interface(&mut self, netns: &Netns, iface: &str) -> Result<(), NetnsError> {
+        let name = netns.name();
+        let (gone, kept): (Vec<Hook>, Vec<Hook>) = std::mem::take(&mut self.hooks)
+            .into_iter()
+            .partition(|h| h.netns == name && h.iface == iface);
+        self.hooks = kept;
+        netns.run(|| {
+            for hook in gone {
+                // A link of an interface that is gone is defunct already:
+                // detaching it only releases it.
+                let detached = match hook.link {
+                    HookLink::Tc(program, link) => self
+                        .ebpf
+                        .program_mut(program)
+                        .ok_or(ProgramError::UnexpectedProgramType)
+                        .and_then(<&mut SchedClassifier>::try_from)
+                        .and_then(|p| p.detach(link)),
+                    HookLink::Xdp(link) => self
+                        .ebpf
+                        .program_mut(program::XDP_INGRESS)
+                        .ok_or(ProgramError::UnexpectedProgramType)
+                        .and_then(<&mut Xdp>::try_from)
+                        .and_then(|p| p.detach(link)),
+                };
+                if let Err(error) = detached {
+                    tracing::debug!(iface, error = %chain(&error), "detach");
+                }
+            }
+        })?;
+        lock_attachments(&self.attachments).retain(|a| {
+            !(a.netns.as_deref() == Some(name) && a.interface.as_deref() == Some(iface))
+        });
+        tracing::info!(netns = name, iface, "detached from the interface");
+        Ok(())
+    }
+
+    fn attach_xdp(
+        &mut self,
+        iface: &str,
+        mode: XdpMode,
+    ) -> Result<(String, HookLink), ProgramError> {
         let prog: &mut Xdp = self
             .ebpf
             .program_mut(program::XDP_INGRESS)
@@ -305,7 +392,7 @@ impl Observer {
         match mode {
             XdpMode::Native => prog
                 .attach(iface_index, aya::programs::XdpMode::Driver)
-                .map(|_| "xdp-native".to_owned()),
+                .map(|link| ("xdp-native".to_owned(), HookLink::Xdp(link))),
             // An observer passes every packet, so each still becomes an skb
             // and native mode saves nothing; it costs more on some drivers
             // (veth on 6.18: +461 ns per packet against +103 generic, and
@@ -313,7 +400,7 @@ impl Observer {
             // bench`) and makes others (virtio-net, mlx5) reset their rings.
             XdpMode::Auto | XdpMode::Skb => prog
                 .attach(iface_index, aya::programs::XdpMode::Skb)
-                .map(|_| "xdp-skb".to_owned()),
+                .map(|link| ("xdp-skb".to_owned(), HookLink::Xdp(link))),
         }
     }
 
@@ -323,7 +410,7 @@ impl Observer {
         name: &'static str,
         iface: &str,
         attach_type: TcAttachType,
-    ) -> Result<String, ProgramError> {
+    ) -> Result<(String, HookLink), ProgramError> {
         let prog: &mut SchedClassifier = self
             .ebpf
             .program_mut(name)
@@ -336,7 +423,7 @@ impl Observer {
             order: Default::default(),
         };
         match prog.attach(iface_index, tcx) {
-            Ok(_) => Ok("tcx".to_owned()),
+            Ok(link) => Ok(("tcx".to_owned(), HookLink::Tc(name, link))),
             Err(tcx_error) => {
                 tracing::info!(
                     iface,
@@ -353,7 +440,7 @@ impl Observer {
                         options: NlOptions::default(),
                     },
                 )
-                .map(|_| "tc-clsact".to_owned())
+                .map(|link| ("tc-clsact".to_owned(), HookLink::Tc(name, link)))
             }
         }
     }
@@ -377,10 +464,12 @@ impl Observer {
                 vec![(iter, detail, false)]
             }
         };
+        let mut list = lock_attachments(&self.attachments);
         for (probe, detail, attached) in attachments {
-            self.attachments.push(Attachment {
+            list.push(Attachment {
                 probe,
                 interface: None,
+                netns: None,
                 detail,
                 attached,
             });
@@ -393,36 +482,61 @@ impl Observer {
         interface: Option<String>,
         result: Result<String, ProgramError>,
     ) {
-        let attachment = match result {
+        self.record_in(probe, interface, None, result);
+    }
+
+    /// Records how attaching `probe` went, in place of an earlier try of
+    /// the same probe at the same place.
+    fn record_in(
+        &mut self,
+        probe: &'static str,
+        interface: Option<String>,
+        netns: Option<String>,
+        result: Result<String, ProgramError>,
+    ) {
+        let (detail, attached) = match result {
             Ok(detail) => {
-                tracing::info!(probe, interface = interface.as_deref(), how = %detail, "attached");
-                Attachment {
-                    probe,
-                    interface,
-                    detail,
-                    attached: true,
-                }
+                tracing::info!(probe, interface = interface.as_deref(), netns = netns.as_deref(), how = %detail, "attached");
+                (detail, true)
             }
             Err(error) => {
                 let detail = chain(&error);
-                tracing::warn!(probe, interface = interface.as_deref(), error = %detail, "attach failed");
-                Attachment {
-                    probe,
-                    interface,
-                    detail,
-                    attached: false,
-                }
+                tracing::warn!(probe, interface = interface.as_deref(), netns = netns.as_deref(), error = %detail, "attach failed");
+                (detail, false)
             }
         };
-        self.attachments.push(attachment);
+        let attachment = Attachment {
+            probe,
+            interface,
+            netns,
+            detail,
+            attached,
+        };
+        let mut list = lock_attachments(&self.attachments);
+        list.retain(|a| {
+            (a.probe, &a.interface, &a.netns)
+                != (attachment.probe, &attachment.interface, &attachment.netns)
+        });
+        list.push(attachment);
     }
 
     /// Detaches everything. Netlink filters must be removed from inside the
-    /// namespace they were attached in, so the object is dropped there.
-    pub fn detach(self, netns: &Netns) -> Result<(), NetnsError> {
+    /// namespace they were attached in: each namespace's hooks are detached
+    /// there, then the object is dropped in `netns`.
+    pub fn detach(mut self, netns: &Netns, others: &[Netns]) -> Result<(), NetnsError> {
+        for other in others {
+            for (iface, _) in self.hooked(other.name()) {
+                self.detach_interface(other, &iface)?;
+            }
+        }
         let Self { ebpf, .. } = self;
         netns.run(move || drop(ebpf))
     }
+}
+
+/// The attachments, even if a thread panicked while holding them.
+pub fn lock_attachments(list: &Attachments) -> std::sync::MutexGuard<'_, Vec<Attachment>> {
+    list.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Names kernel facilities (comma-separated) the daemon must act as if the
@@ -448,9 +562,9 @@ fn load_census(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<Census, CensusError> {
         HashMap::try_from(take(ebpf, map::TW_REMOTE)?).map_err(map_error(map::TW_REMOTE))?;
     let tw_local =
         HashMap::try_from(take(ebpf, map::TW_LOCAL)?).map_err(map_error(map::TW_LOCAL))?;
-    let tw_entries = PerCpuHashMap::try_from(take(ebpf, map::TW_ENTRIES)?)
-        .map_err(map_error(map::TW_ENTRIES))?;
-    let mut census = Census::new(config, tw_remote, tw_local, tw_entries);
+    let netns_stats = PerCpuHashMap::try_from(take(ebpf, map::NETNS_STATS)?)
+        .map_err(map_error(map::NETNS_STATS))?;
+    let mut census = Census::new(config, tw_remote, tw_local, netns_stats);
     if pretends_missing("iter_tcp") {
         tracing::warn!(
             "{PRETEND_MISSING}=iter_tcp: counting sockets through sock_diag netlink, as on a kernel without iter/tcp"

@@ -7,6 +7,7 @@
 
 pub mod btf;
 pub mod census;
+pub mod cgroup;
 pub mod clock;
 pub mod error;
 pub mod events;

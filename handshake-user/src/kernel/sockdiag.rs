@@ -148,6 +148,9 @@ fn count(
             pid: 0,
             _pad: 0,
             comm: [0; 16],
+            // Not read from the dump here: the netlink fallback does
+            // without attribution.
+            cgroup: 0,
         });
     }
 }

@@ -152,6 +152,7 @@ pub fn conn_view(flow: &Flow, source: Source, now: u64) -> ConnView {
         sni: None,
         ja4: None,
         tls_version: None,
+        attribution: Default::default(),
     }
 }
 
@@ -184,11 +185,22 @@ pub fn row_key(flow: &Flow) -> RowKey {
 /// (loopback may reuse one after 1 s).
 pub const SAME_HANDSHAKE_NS: u64 = 500_000_000;
 
-/// A decided handshake and where its timings came from.
+/// Whose a connection end is, as the kernel names it: the network
+/// namespace's inode number and the socket's cgroup v2 id (0: unknown).
+/// The socket layer knows both; the packet hooks know the namespace they
+/// are attached in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Origin {
+    pub netns: u32,
+    pub cgroup: u64,
+}
+
+/// A decided handshake, where its timings came from, and whose it is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Row {
     pub flow: Flow,
     pub source: Source,
+    pub origin: Origin,
 }
 
 /// Decided handshakes: aggregates since start, and the most recent ones,
@@ -239,6 +251,13 @@ impl Conntrack {
     /// the same handshake takes it in instead (the packet hooks' timings
     /// are kept: they are the wire's); it is counted once, when first seen.
     pub fn record(&mut self, flow: Flow, source: Source) {
+        self.record_from(flow, source, Origin::default());
+    }
+
+    /// [`Self::record`], with whose connection end it is: a socket row's
+    /// origin replaces a packet-hook row's when they merge (it names the
+    /// socket's cgroup).
+    pub fn record_from(&mut self, flow: Flow, source: Source, origin: Origin) {
         let (Some(role), Some(outcome)) = (role_of(&flow), outcome_of(&flow)) else {
             self.malformed += 1;
             return;
@@ -251,6 +270,8 @@ impl Conntrack {
         if let Some(row) = self.other_source(&key, &flow, source) {
             if source == Source::Wire {
                 row.flow = flow;
+            } else {
+                row.origin = origin;
             }
             row.source = Source::Both;
             return;
@@ -276,7 +297,11 @@ impl Conntrack {
             self.index.insert(key, seq).unwrap_or(NO_ROW)
         };
         self.recent.push_back(Slot {
-            row: Row { flow, source },
+            row: Row {
+                flow,
+                source,
+                origin,
+            },
             prev,
         });
     }

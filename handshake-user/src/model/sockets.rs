@@ -29,7 +29,7 @@ use handshake_common::{
 use crate::{
     model::{
         FastMap, FastSet,
-        conntrack::{RowKey, row_key},
+        conntrack::{Origin, RowKey, row_key},
     },
     wire::Family,
 };
@@ -57,6 +57,7 @@ const ECONNRESET: u32 = 104;
 #[derive(Clone, Copy, Debug)]
 struct Held {
     flow: Flow,
+    origin: Origin,
     sk: u64,
     /// When it may count.
     due_ns: u64,
@@ -89,7 +90,7 @@ pub struct SocketHandshakes {
 
 impl SocketHandshakes {
     /// Takes one record; hands rows that must count now to `decided`.
-    pub fn record(&mut self, record: &SockHandshake, mut decided: impl FnMut(Flow)) {
+    pub fn record(&mut self, record: &SockHandshake, mut decided: impl FnMut(Flow, Origin)) {
         let (outcome, wait) = match record.kind {
             KIND_ESTABLISHED => (OUTCOME_ESTABLISHED, HOLD_NS),
             KIND_FAILED if record.sk_err == ECONNREFUSED => (OUTCOME_REFUSED, GRACE_NS),
@@ -107,7 +108,7 @@ impl SocketHandshakes {
         if self.len() >= MAX_HELD
             && let Some(oldest) = self.established.pop_front()
         {
-            decided(self.settle(oldest));
+            decided(self.settle(oldest), oldest.origin);
         }
         let queue = if outcome == OUTCOME_ESTABLISHED {
             &mut self.established
@@ -116,6 +117,10 @@ impl SocketHandshakes {
         };
         queue.push_back(Held {
             flow,
+            origin: Origin {
+                netns: record.netns,
+                cgroup: record.cgroup,
+            },
             sk: record.sk,
             due_ns: record.ts_ns + wait,
         });
@@ -180,7 +185,12 @@ impl SocketHandshakes {
 
     /// Hands over the rows due by `now_ns` whose connection end the packet
     /// hooks do not track (`live`): those will see no row of theirs.
-    pub fn sweep(&mut self, now_ns: u64, live: &FastSet<RowKey>, mut decided: impl FnMut(Flow)) {
+    pub fn sweep(
+        &mut self,
+        now_ns: u64,
+        live: &FastSet<RowKey>,
+        mut decided: impl FnMut(Flow, Origin),
+    ) {
         let mut due = std::mem::take(&mut self.waiting);
         for queue in [&mut self.established, &mut self.failed] {
             while queue.front().is_some_and(|h| now_ns >= h.due_ns) {
@@ -192,7 +202,7 @@ impl SocketHandshakes {
                 self.waiting.push(held);
             } else {
                 let flow = self.settle(held);
-                decided(flow);
+                decided(flow, held.origin);
             }
         }
         // Resets whose handshake was never held (decided already, or made
@@ -203,13 +213,13 @@ impl SocketHandshakes {
         }
     }
 
-    /// Rows still held, as they stand.
-    pub fn held(&self) -> impl Iterator<Item = &Flow> {
+    /// Rows still held, as they stand, and whose they are.
+    pub fn held(&self) -> impl Iterator<Item = (&Flow, Origin)> {
         self.established
             .iter()
             .chain(&self.failed)
             .chain(&self.waiting)
-            .map(|h| &h.flow)
+            .map(|h| (&h.flow, h.origin))
     }
 }
 
@@ -305,12 +315,13 @@ mod tests {
             family: AF_INET,
             role,
             kind,
+            cgroup: 7,
         }
     }
 
     fn decided(tracker: &mut SocketHandshakes, record: &SockHandshake) -> Vec<Flow> {
         let mut out = Vec::new();
-        tracker.record(record, |f| out.push(f));
+        tracker.record(record, |f, _| out.push(f));
         out
     }
 
@@ -321,13 +332,13 @@ mod tests {
         assert!(decided(&mut tracker, &established).is_empty());
         let mut out = Vec::new();
         let none = FastSet::default();
-        tracker.sweep(established.ts_ns + HOLD_NS - 1, &none, |f| out.push(f));
+        tracker.sweep(established.ts_ns + HOLD_NS - 1, &none, |f, _| out.push(f));
         assert!(out.is_empty());
         // While the packet hooks track it, it waits for their row.
-        let live = FastSet::from_iter([row_key(&tracker.held().next().copied().unwrap())]);
-        tracker.sweep(established.ts_ns + HOLD_NS, &live, |f| out.push(f));
+        let live = FastSet::from_iter([row_key(tracker.held().next().unwrap().0)]);
+        tracker.sweep(established.ts_ns + HOLD_NS, &live, |f, _| out.push(f));
         assert!(out.is_empty());
-        tracker.sweep(established.ts_ns + HOLD_NS, &none, |f| out.push(f));
+        tracker.sweep(established.ts_ns + HOLD_NS, &none, |f, _| out.push(f));
         assert_eq!(out.len(), 1);
         let flow = out[0];
         assert_eq!(
@@ -346,7 +357,7 @@ mod tests {
         established.srtt_us = 0;
         decided(&mut tracker, &established);
         let mut out = Vec::new();
-        tracker.sweep(u64::MAX, &FastSet::default(), |f| out.push(f));
+        tracker.sweep(u64::MAX, &FastSet::default(), |f, _| out.push(f));
         assert_eq!((out[0].ts_synack, out[0].synack_count), (0, 3));
         assert_eq!((out[0].client_port, out[0].server_port), (40000, 80));
     }
@@ -362,7 +373,7 @@ mod tests {
         reset.ts_ns += 1_000;
         assert!(decided(&mut tracker, &reset).is_empty());
         let mut out = Vec::new();
-        tracker.sweep(established.ts_ns + HOLD_NS, &FastSet::default(), |f| {
+        tracker.sweep(established.ts_ns + HOLD_NS, &FastSet::default(), |f, _| {
             out.push(f)
         });
         assert_eq!(out.len(), 1);
@@ -374,9 +385,11 @@ mod tests {
         // and is forgotten once its handshake would have been due.
         assert!(decided(&mut tracker, &reset).is_empty());
         out.clear();
-        tracker.sweep(reset.ts_ns + HOLD_NS + GRACE_NS, &FastSet::default(), |f| {
-            out.push(f)
-        });
+        tracker.sweep(
+            reset.ts_ns + HOLD_NS + GRACE_NS,
+            &FastSet::default(),
+            |f, _| out.push(f),
+        );
         assert!(out.is_empty());
         assert!(tracker.resets.is_empty());
     }
@@ -390,7 +403,7 @@ mod tests {
         (reset.local_port, reset.remote_port) = (40001, 80);
         decided(&mut tracker, &reset);
         let mut out = Vec::new();
-        tracker.sweep(u64::MAX, &FastSet::default(), |f| out.push(f));
+        tracker.sweep(u64::MAX, &FastSet::default(), |f, _| out.push(f));
         assert_eq!(out[0].outcome, OUTCOME_ESTABLISHED);
     }
 
@@ -402,9 +415,9 @@ mod tests {
         assert!(decided(&mut tracker, &refused).is_empty());
         let mut out = Vec::new();
         let none = FastSet::default();
-        tracker.sweep(refused.ts_ns + GRACE_NS - 1, &none, |f| out.push(f));
+        tracker.sweep(refused.ts_ns + GRACE_NS - 1, &none, |f, _| out.push(f));
         assert!(out.is_empty());
-        tracker.sweep(refused.ts_ns + GRACE_NS, &none, |f| out.push(f));
+        tracker.sweep(refused.ts_ns + GRACE_NS, &none, |f, _| out.push(f));
         assert_eq!(
             (out[0].outcome, out[0].rst_from),
             (OUTCOME_REFUSED, SIDE_SERVER)
@@ -416,7 +429,7 @@ mod tests {
         decided(&mut tracker, &record(ROLE_CLIENT, KIND_FAILED));
         decided(&mut tracker, &later);
         out.clear();
-        tracker.sweep(u64::MAX, &none, |f| out.push(f));
+        tracker.sweep(u64::MAX, &none, |f, _| out.push(f));
         let ends: Vec<u64> = out.iter().map(|f| f.ts_end).collect();
         assert_eq!(ends, [later.ts_ns - 1, later.ts_ns]);
         assert_eq!(decided(&mut tracker, &record(7, KIND_FAILED)).len(), 0);

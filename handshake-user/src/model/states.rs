@@ -6,14 +6,18 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use handshake_common::abi::{
-    census::{Socket, TwKey},
+    census::{NetnsStats, Socket, TwKey},
     tcp_state,
 };
 
 use crate::{
     kernel::census::NetnsCensus,
-    wire::{Endpoint, Family, Forecast, STATES, SocketView, TimeWaitView, state_name},
+    wire::{Attribution, Endpoint, Family, Forecast, STATES, SocketView, TimeWaitView, state_name},
 };
+
+/// Whose a socket is, from its namespace's inode and its cgroup id: the
+/// daemon resolves names and paths (`daemon::state::State::attribute`).
+pub type Attribute<'a> = dyn FnMut(u64, u64) -> Attribution + 'a;
 
 /// How much history is kept.
 const WINDOW_NS: u64 = 10_000_000_000;
@@ -58,21 +62,60 @@ struct Sample {
 #[derive(Clone, Debug)]
 pub struct NetnsView {
     pub name: String,
+    pub inode: u64,
     pub snapshot: NetnsCensus,
     pub taken_ns: u64,
     history: VecDeque<Sample>,
+    /// Its state changes so far, and when they were read.
+    stats: Option<(u64, NetnsStats)>,
+    /// State changes per second by the state entered, between the last
+    /// two reads at least half a second apart.
+    pub entered_per_second: [f64; 16],
 }
 
 impl NetnsView {
-    pub fn new(name: &str, snapshot: NetnsCensus, entries: u64, now_ns: u64) -> Self {
+    pub fn new(name: &str, inode: u64, snapshot: NetnsCensus, entries: u64, now_ns: u64) -> Self {
         let mut view = Self {
             name: name.to_owned(),
+            inode,
             snapshot: snapshot.clone(),
             taken_ns: now_ns,
             history: VecDeque::new(),
+            stats: None,
+            entered_per_second: [0.0; 16],
         };
         view.update(snapshot, entries, now_ns);
         view
+    }
+
+    /// Takes in the namespace's state changes so far (every round, counted
+    /// afresh or not).
+    pub fn observe(&mut self, stats: NetnsStats, now_ns: u64) {
+        match self.stats {
+            Some((then, before)) if now_ns.saturating_sub(then) >= 500_000_000 => {
+                let seconds = (now_ns - then) as f64 / 1e9;
+                for (rate, (after, before)) in self
+                    .entered_per_second
+                    .iter_mut()
+                    .zip(stats.entered.iter().zip(before.entered))
+                {
+                    *rate = after.saturating_sub(before) as f64 / seconds;
+                }
+                self.stats = Some((now_ns, stats));
+            }
+            Some(_) => {}
+            None => self.stats = Some((now_ns, stats)),
+        }
+    }
+
+    /// Its state changes so far, by the state entered.
+    pub fn stats(&self) -> NetnsStats {
+        self.stats.map(|(_, s)| s).unwrap_or_default()
+    }
+
+    /// All sockets counted, every state.
+    pub fn total(&self) -> u64 {
+        STATES.iter().map(|s| self.snapshot.count(*s)).sum()
     }
 
     /// Takes in a new census of this namespace.
@@ -167,13 +210,13 @@ impl NetnsView {
     }
 
     /// The listed sockets in `state`, oldest first, at most `top`.
-    pub fn oldest(&self, state: u32, top: usize) -> Vec<SocketView> {
+    pub fn oldest(&self, state: u32, top: usize, attribute: &mut Attribute<'_>) -> Vec<SocketView> {
         let mut views: Vec<SocketView> = self
             .snapshot
             .sockets
             .iter()
             .filter(|s| u32::from(s.state) == state)
-            .map(|s| socket_view(&self.name, s, self.taken_ns))
+            .map(|s| socket_view(attribute(self.inode, s.cgroup), s, self.taken_ns))
             .collect();
         SocketView::sort(&mut views);
         views.truncate(top);
@@ -194,11 +237,11 @@ impl NetnsView {
 }
 
 /// One full socket from a census listing, as the API shows it.
-pub fn socket_view(netns: &str, socket: &Socket, now_ns: u64) -> SocketView {
+pub fn socket_view(attribution: Attribution, socket: &Socket, now_ns: u64) -> SocketView {
     let family = Family::from_af(socket.family);
     let comm_len = socket.comm.iter().position(|b| *b == 0).unwrap_or(16);
     SocketView {
-        netns: netns.to_owned(),
+        attribution,
         family: family.name().to_owned(),
         state: state_name(u32::from(socket.state)).into_owned(),
         local_addr: family.address(&socket.local_addr),
@@ -228,6 +271,8 @@ pub fn time_wait_view(view: &NetnsView, top: usize) -> TimeWaitView {
     };
     TimeWaitView {
         netns: view.name.clone(),
+        netns_inode: view.inode,
+        workloads: Vec::new(),
         count: view.time_wait(),
         entries_per_second: view.entries_per_second(),
         port_range: [view.snapshot.port_range.0, view.snapshot.port_range.1],
@@ -274,7 +319,7 @@ mod tests {
         // 100 connections a second towards 10.0.0.1:80, 1000 ports: at
         // 100 per second TIME_WAIT would level off at 6000 > 1000, so the
         // ports run out (1000 - 400) / 100 = 6 s after the fourth second.
-        let mut view = NetnsView::new("host", snapshot(0), 0, 0);
+        let mut view = NetnsView::new("host", 1, snapshot(0), 0, 0);
         for s in 1..=4u64 {
             view.update(snapshot(100 * s), 100 * s, s * 1_000_000_000);
         }
@@ -290,17 +335,17 @@ mod tests {
     #[test]
     fn a_slow_or_flat_churn_never_exhausts() {
         // 10 per second levels off at 600 < 1000 ports.
-        let mut view = NetnsView::new("host", snapshot(0), 0, 0);
+        let mut view = NetnsView::new("host", 1, snapshot(0), 0, 0);
         view.update(snapshot(20), 20, 2_000_000_000);
         assert_eq!(view.forecast()[0].seconds_to_exhaustion, None);
-        let mut flat = NetnsView::new("host", snapshot(500), 0, 0);
+        let mut flat = NetnsView::new("host", 1, snapshot(500), 0, 0);
         flat.update(snapshot(500), 0, 2_000_000_000);
         assert_eq!(flat.forecast()[0].seconds_to_exhaustion, None);
     }
 
     #[test]
     fn history_keeps_a_bounded_window() {
-        let mut view = NetnsView::new("host", snapshot(0), 0, 0);
+        let mut view = NetnsView::new("host", 1, snapshot(0), 0, 0);
         for s in 1..=100u64 {
             view.update(snapshot(s), s, s * 1_000_000_000);
         }

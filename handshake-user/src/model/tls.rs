@@ -128,6 +128,7 @@ impl TlsRecord {
             ts_client_finished: self.ts_client_finished,
             ifindex: key.ifindex,
             age_s: now_ns.saturating_sub(self.ts_client_hello) as f64 / 1e9,
+            attribution: Default::default(),
         };
         if let Some(said) = self.hello.said() {
             view.sni.clone_from(&said.sni);

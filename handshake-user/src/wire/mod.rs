@@ -10,7 +10,8 @@ use std::fmt;
 
 pub use names::{Family, Outcome, Role, STATES, Source, state_by_name, state_name};
 pub use views::{
-    ConnView, Endpoint, Endpoints, Forecast, SocketView, StatesView, TimeWaitView, TlsView,
+    Attribution, ConnView, Endpoint, Endpoints, Forecast, SocketView, StatesView, TimeWaitView,
+    TlsView,
 };
 
 /// Where the daemon listens and the CLI asks, unless told otherwise.

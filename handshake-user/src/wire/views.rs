@@ -10,6 +10,21 @@ use serde::{Deserialize, Serialize};
 /// connection, whichever side this host was.
 pub type Endpoints = (String, u16, String, u16);
 
+/// Whose a socket or connection is: its network namespace and, from the
+/// socket's cgroup v2 path (the cgroup it was created in), the container,
+/// Kubernetes pod and systemd unit. `null` for what does not apply or is
+/// not known (a connection only the packet hooks saw has no cgroup).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attribution {
+    /// `host`, the `ip netns` name, or `ns:<inode>`.
+    pub netns: Option<String>,
+    pub netns_inode: Option<u64>,
+    pub cgroup: Option<String>,
+    pub container_id: Option<String>,
+    pub pod_uid: Option<String>,
+    pub unit: Option<String>,
+}
+
 /// One connection as `handshake conns --json` prints it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ConnView {
@@ -43,6 +58,8 @@ pub struct ConnView {
     pub ja4: Option<String>,
     /// Negotiated, from the ServerHello.
     pub tls_version: Option<String>,
+    #[serde(flatten)]
+    pub attribution: Attribution,
 }
 
 impl ConnView {
@@ -62,7 +79,8 @@ impl ConnView {
 /// One full socket from a census listing.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SocketView {
-    pub netns: String,
+    #[serde(flatten)]
+    pub attribution: Attribution,
     pub family: String,
     pub state: String,
     pub local_addr: String,
@@ -101,6 +119,17 @@ pub struct Forecast {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StatesView {
     pub netns: String,
+    pub netns_inode: u64,
+    /// The namespace's state changes per second by the state entered,
+    /// over the daemon's last second or so (the state tracepoint tells
+    /// each socket's namespace).
+    pub entered_per_second: BTreeMap<String, f64>,
+    /// Seconds since this namespace was last counted: a quiet namespace
+    /// keeps its counts until its sockets change.
+    pub counted_s_ago: f64,
+    /// The workloads whose processes live in this namespace (container,
+    /// pod, unit; deduplicated, at most 64).
+    pub workloads: Vec<Attribution>,
     pub states: BTreeMap<String, u64>,
     /// Host-wide (the state tracepoint sees every namespace): per
     /// `from->to`, over the daemon's last second or so.
@@ -126,6 +155,9 @@ pub struct Endpoint {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TimeWaitView {
     pub netns: String,
+    pub netns_inode: u64,
+    /// As in [`StatesView::workloads`].
+    pub workloads: Vec<Attribution>,
     pub count: u64,
     pub entries_per_second: Option<f64>,
     pub port_range: [u16; 2],
@@ -169,6 +201,8 @@ pub struct TlsView {
     #[serde(skip)]
     pub ifindex: u32,
     pub age_s: f64,
+    #[serde(flatten)]
+    pub attribution: Attribution,
 }
 
 impl TlsView {
