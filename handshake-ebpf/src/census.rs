@@ -409,9 +409,12 @@ pub extern "C" fn iter_tcp_census(ctx: *mut IterTcp) -> i32 {
     };
     // SAFETY: `meta` is never NULL for an iterator program.
     let (seq, seq_num) = unsafe { ((*meta).seq, (*meta).seq_num) };
-    if seq_num == 0 {
-        // First call of a run (or the only one, when there is no socket):
-        // whatever an earlier, interrupted run left is stale.
+    // The first call of a run: whatever an earlier run left is stale. The
+    // kernel numbers the closing call (no socket) one below the calls
+    // before it, so in a namespace with no socket at all the only call
+    // comes numbered u64::MAX, not 0 (an empty namespace showed the counts
+    // of the one counted before it).
+    if seq_num == 0 || (sk.is_null() && seq_num == u64::MAX) {
         clear(acc);
     }
     if sk.is_null() {

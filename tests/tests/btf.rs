@@ -140,6 +140,12 @@ fn offsets_equal_what_bpftool_reads_from_the_same_btf() {
             offsets::NET_NS_INUM,
             raw.offset("net", "ns") + raw.offset("ns_common", "inum"),
         ),
+        (
+            offsets::SK_CGROUP,
+            raw.offset("sock", "sk_cgrp_data") + raw.offset("sock_cgroup_data", "cgroup"),
+        ),
+        (offsets::CGROUP_KN, raw.offset("cgroup", "kn")),
+        (offsets::KERNFS_ID, raw.offset("kernfs_node", "id")),
     ];
     assert_eq!(resolved.values.len(), expected.len());
     for (global, offset) in expected {

@@ -239,6 +239,14 @@ impl CensusRunner {
             if !due {
                 continue;
             }
+            tracing::trace!(
+                netns = w.netns.name(),
+                volatile = w.volatile,
+                last = ?w.changes_at_census,
+                now = ?changes,
+                overflowed,
+                "counting afresh"
+            );
             let result = census
                 .run(&w.netns, socket_states, max_sockets)
                 .map(|snapshot| {
