@@ -26,14 +26,14 @@ use aya_ebpf::{
         },
     },
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, PerCpuArray},
 };
 use handshake_common::abi::{
     AF_INET, AF_INET6, FlowStat, IPPROTO_TCP, SOCK_AGE_ENTRIES,
     census::{
-        AgeSlot, Config, Header, NETNS_STATS_ENTRIES, NetnsStats, RECORD_SOCKET, RECORD_SUMMARY,
+        AgeSlot, Config, Header, NETNS_SLOTS, NetnsStats, RECORD_SOCKET, RECORD_SUMMARY,
         SUMMARY_ROW_IPV4, SUMMARY_ROW_IPV6, SockAge, Socket, Summary, TW_LOCAL_ENTRIES,
-        TW_REMOTE_ENTRIES, TwKey, age_slot,
+        TW_REMOTE_ENTRIES, TwKey, age_slot, netns_slot,
     },
     tcp_state,
 };
@@ -319,48 +319,37 @@ fn forget(key: u64) {
 }
 
 /// Per namespace: state changes by the state entered, and entries into
-/// TIME_WAIT (`abi::census::NetnsStats`). Per CPU, so a plain add is
-/// safe; a namespace past the map's size counts under inode 0.
+/// TIME_WAIT (`abi::census::NetnsStats`), in two candidate slots of a
+/// per-CPU array (`abi::census::netns_slot`), the last slot for the rest.
+/// Per CPU, so plain adds are safe.
 #[map]
-static NETNS_STATS: PerCpuHashMap<u32, NetnsStats> =
-    PerCpuHashMap::with_max_entries(NETNS_STATS_ENTRIES, 0);
-
-/// A namespace's first entry: zeros, copied by the insert from here (a
-/// zeroed value on the stack compiles to a byte-at-a-time `memset`).
-static NETNS_STATS_ZERO: NetnsStats = NetnsStats {
-    entered: [0; 16],
-    time_wait_entries: 0,
-};
+static NETNS_STATS: PerCpuArray<NetnsStats> = PerCpuArray::with_max_entries(NETNS_SLOTS + 1, 0);
 
 /// A socket of namespace `inum` entered state `new`; `time_wait`: that
 /// put it in TIME_WAIT (FIN_WAIT2 or CLOSING → CLOSE: a minisock takes
 /// over).
 #[inline(always)]
 fn netns_change(inum: u32, new: u32, time_wait: bool) {
-    let bump = |key: &u32| {
-        let Some(stats) = NETNS_STATS.get_ptr_mut(key) else {
-            return false;
+    let first = netns_slot(inum);
+    for slot in [first, first | 1, NETNS_SLOTS] {
+        let Some(stats) = NETNS_STATS.get_ptr_mut(slot) else {
+            continue;
         };
         // SAFETY: this CPU's value of the map; programs do not nest on a
         // CPU.
         unsafe {
+            let owner = (*stats).inum;
+            if owner == 0 && slot != NETNS_SLOTS {
+                (*stats).inum = inum;
+            } else if owner != inum && slot != NETNS_SLOTS {
+                continue;
+            }
             (*stats).entered[(new & 0xf) as usize] += 1;
             if time_wait {
                 (*stats).time_wait_entries += 1;
             }
         }
-        true
-    };
-    for key in [inum, 0] {
-        if bump(&key) {
-            return;
-        }
-        // A namespace's first change (on this CPU): an entry at zero, then
-        // the add (another CPU may have made the entry meanwhile).
-        let _ = NETNS_STATS.insert(&key, &NETNS_STATS_ZERO, u64::from(BPF_NOEXIST));
-        if bump(&key) {
-            return;
-        }
+        return;
     }
 }
 

@@ -435,6 +435,8 @@ fn interfaces_are_followed_as_they_come_and_go() {
     let _serial = serial();
     let id = unique_id();
     let daemon = Daemon::start(&[]);
+    // A second daemon hooks interfaces named hsp* in every namespace.
+    let everywhere = Daemon::start(&["--netns", "all", "--iface", "hsp*"]);
     let peer = Named::new(&format!("hs-if-{id}"));
     let (host_if, peer_if) = (format!("hsh{id}"), format!("hsp{id}"));
 
@@ -487,6 +489,29 @@ fn interfaces_are_followed_as_they_come_and_go() {
         "attached after {:?}",
         made.elapsed()
     );
+    // The other daemon found the new namespace and its interface.
+    let inside = |daemon: &Daemon| {
+        daemon.scrape().try_get(
+            "handshake_probe_attached",
+            &[
+                ("probe", "tc_eg_handshake"),
+                ("interface", &peer_if),
+                ("netns", &peer.0),
+            ],
+        )
+    };
+    while inside(&everywhere) != Some(1.0) {
+        assert!(
+            made.elapsed() < Duration::from_secs(5),
+            "--netns all: {peer_if} in {} not attached:\n{}",
+            peer.0,
+            everywhere.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("--netns all attached inside {:?} after", made.elapsed());
+    assert_eq!(inside(&daemon), None, "the default hooks stay in the host");
+    drop(everywhere);
 
     let listener = std::net::TcpListener::bind("10.214.0.1:8200").expect("bind on the veth");
     let server = std::thread::spawn(move || {

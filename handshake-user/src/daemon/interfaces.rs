@@ -31,8 +31,10 @@ use crate::{
 /// missed netlink message, a namespace found by discovery).
 const POLL: Duration = Duration::from_secs(5);
 
-/// How often `--netns all` looks for namespaces that came or went.
-const DISCOVER: Duration = Duration::from_secs(1);
+/// How often `--netns all` looks for namespaces that came or went: an
+/// interface in a new namespace is attached within about this long (one
+/// `readlink` per process each time).
+const DISCOVER: Duration = Duration::from_millis(500);
 
 /// Where the packet hooks go: interfaces matching `patterns` (empty: every
 /// interface that is up except loopback) in `namespaces`, or in every

@@ -635,6 +635,60 @@ mod tests {
     use super::*;
     use crate::model::conntrack::{Histogram, Phase};
 
+    /// A namespace's view with `established` IPv4 sockets.
+    fn view(name: &str, inode: u64, established: u64) -> NetnsView {
+        let mut sockets = [[0; 16]; 2];
+        sockets[0][tcp_state::ESTABLISHED as usize] = established;
+        let snapshot = crate::kernel::census::NetnsCensus {
+            summary: handshake_common::abi::census::Summary {
+                sockets,
+                ..Default::default()
+            },
+            sockets: Vec::new(),
+            tw_remote: Vec::new(),
+            tw_local: Vec::new(),
+            port_range: (32768, 60999),
+            duration: std::time::Duration::from_millis(3),
+        };
+        NetnsView::new(name, inode, snapshot, 0, 0)
+    }
+
+    #[test]
+    fn the_busiest_namespaces_get_a_label_and_the_rest_sum_into_other() {
+        let census = [
+            view("host", 1, 5),
+            view("a", 2, 50),
+            view("ns:3", 3, 1),
+            view("b", 4, 7),
+        ];
+        let groups = netns_groups(&census, 2);
+        let names: Vec<&str> = groups.iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, ["a", "b", "other"]);
+        let text = render(&Report {
+            counts: &KernelCounts::default(),
+            attachments: &[],
+            totals: &Totals::default(),
+            live: &[],
+            flow_stats: FlowStats::default(),
+            self_stats: SelfStats::default(),
+            malformed_records: 0,
+            half_open_top: 5,
+            census: &census,
+            netns_top: 2,
+            tls: &TlsTotals::default(),
+        });
+        let established = |ns: &str| {
+            format!("handshake_tcp_sockets{{netns=\"{ns}\",state=\"established\",family=\"ipv4\"}}")
+        };
+        for (ns, count) in [("a", 50), ("b", 7), ("other", 6)] {
+            let line = format!("{} {count}", established(ns));
+            assert!(text.lines().any(|l| l == line), "missing {line:?}");
+        }
+        assert!(!text.contains(&established("host")));
+        // Every namespace gets a label when there are few.
+        assert_eq!(netns_groups(&census, 20).len(), 4);
+    }
+
     #[test]
     fn empty_families_are_left_out_not_fatal() {
         let text = render(&Report {

@@ -10,7 +10,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
         BtfTracePoint, Iter, ProgramError, SchedClassifier, TcAttach, TcAttachType, Xdp,
         tc::{self, NlOptions, SchedClassifierLinkId},
@@ -562,7 +562,7 @@ fn load_census(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<Census, CensusError> {
         HashMap::try_from(take(ebpf, map::TW_REMOTE)?).map_err(map_error(map::TW_REMOTE))?;
     let tw_local =
         HashMap::try_from(take(ebpf, map::TW_LOCAL)?).map_err(map_error(map::TW_LOCAL))?;
-    let netns_stats = PerCpuHashMap::try_from(take(ebpf, map::NETNS_STATS)?)
+    let netns_stats = PerCpuArray::try_from(take(ebpf, map::NETNS_STATS)?)
         .map_err(map_error(map::NETNS_STATS))?;
     let mut census = Census::new(config, tw_remote, tw_local, netns_stats);
     if pretends_missing("iter_tcp") {
