@@ -17,6 +17,9 @@
 //! 5. `tls`: full TLS handshakes per second with and without the daemon.
 //! 6. `forecast`: whether the port-exhaustion forecast comes true on the
 //!    wall clock (forecast seconds over the seconds exhaustion took).
+//! 7. `namespaces`: the daemon's idle CPU with the host's namespace alone
+//!    and with 100 more, side by side with what counting every namespace
+//!    every round would cost; and a full census on request.
 //!
 //! Each measurement is one BPF_PROG_TEST_RUN call repeating the frame
 //! `REPEAT` times. The kernel runs the repeats in the calling thread, so the
@@ -232,6 +235,9 @@ fn main() {
     }
     if which == "all" || which == "forecast" {
         forecast::run();
+    }
+    if which == "all" || which == "namespaces" {
+        namespaces::run();
     }
 }
 
@@ -1499,5 +1505,142 @@ mod forecast {
             exhausted_at.as_secs_f64(),
             predicted.map_or_else(|| "-".to_owned(), |p| format!("{:.3}", p / actual)),
         );
+    }
+}
+
+mod namespaces {
+    use std::{
+        process::Command,
+        time::{Duration, Instant},
+    };
+
+    use handshake_tests::{Daemon, Metrics, sh, unique_id};
+
+    use super::median;
+
+    /// Namespaces made for the second phase.
+    const EXTRA: usize = 100;
+    /// Each idle phase.
+    const IDLE: Duration = Duration::from_secs(30);
+
+    /// Named namespaces, deleted on drop.
+    struct Made(Vec<String>);
+
+    impl Drop for Made {
+        fn drop(&mut self) {
+            for ns in &self.0 {
+                let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            }
+        }
+    }
+
+    fn counted(m: &Metrics, result: &str) -> f64 {
+        m.get("handshake_census_netns_total", &[("result", result)])
+    }
+
+    /// The daemon's CPU share over `IDLE`, and the namespaces its rounds
+    /// counted afresh and skipped meanwhile.
+    fn idle(daemon: &Daemon) -> (f64, f64, f64) {
+        let (before, cpu) = (daemon.scrape(), daemon.cpu_seconds());
+        let started = Instant::now();
+        std::thread::sleep(IDLE);
+        let (after, cpu_after) = (daemon.scrape(), daemon.cpu_seconds());
+        (
+            (cpu_after - cpu) / started.elapsed().as_secs_f64(),
+            counted(&after, "counted") - counted(&before, "counted"),
+            counted(&after, "skipped") - counted(&before, "skipped"),
+        )
+    }
+
+    pub fn run() {
+        // TIME_WAIT sockets left by other benchmarks would make the host's
+        // namespace count afresh every round.
+        let _ = Command::new("ss")
+            .args(["-K", "state", "time-wait"])
+            .output();
+        let daemon = Daemon::start(&[]);
+        let listed = |daemon: &Daemon| daemon.scrape().get("handshake_netns", &[]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while listed(&daemon) < 1.0 {
+            assert!(Instant::now() < deadline, "the daemon counts no namespace");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let (alone, alone_fresh, alone_skipped) = idle(&daemon);
+
+        let id = unique_id();
+        let made = Made((0..EXTRA).map(|i| format!("hs-b{id}-{i}")).collect());
+        for ns in &made.0 {
+            sh("ip", &["netns", "add", ns]);
+            sh("ip", &["-n", ns, "link", "set", "lo", "up"]);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while listed(&daemon) < (EXTRA + 1) as f64 {
+            assert!(
+                Instant::now() < deadline,
+                "the daemon did not find the namespaces"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        // Until a round has skipped them all (the first counts them).
+        let skipped = counted(&daemon.scrape(), "skipped");
+        while counted(&daemon.scrape(), "skipped") < skipped + EXTRA as f64 {
+            assert!(
+                Instant::now() < deadline + Duration::from_secs(60),
+                "never skipped"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let (many, many_fresh, many_skipped) = idle(&daemon);
+
+        // A request counts every namespace afresh: its time, and what
+        // each namespace's census took (what counting every namespace
+        // every round would cost a second).
+        let mut requests = Vec::new();
+        let mut per_round = Vec::new();
+        for _ in 0..5 {
+            let started = Instant::now();
+            let states = daemon.cli_json("states", &[]);
+            requests.push(started.elapsed().as_secs_f64() * 1e3);
+            let views = states.as_array().expect("states");
+            assert_eq!(views.len(), EXTRA + 1, "every namespace listed");
+            per_round.push(
+                views
+                    .iter()
+                    .filter_map(|v| v["census_seconds"].as_f64())
+                    .sum::<f64>(),
+            );
+        }
+        let naive = median(&mut per_round);
+        let rss = std::fs::read_to_string(format!("/proc/{}/status", daemon.pid()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS"))
+                    .map(|l| l.split_whitespace().nth(1).unwrap_or("?").to_owned())
+            })
+            .unwrap_or_default();
+        println!(
+            "namespaces: idle daemon, host only: {:.2} % of one CPU ({alone_fresh} counted afresh, {alone_skipped} skipped in {} s)",
+            alone * 100.0,
+            IDLE.as_secs()
+        );
+        println!(
+            "namespaces: idle daemon, {} namespaces: {:.2} % of one CPU ({many_fresh} counted afresh, {many_skipped} skipped); ratio to host only {:.2}",
+            EXTRA + 1,
+            many * 100.0,
+            many / alone
+        );
+        println!(
+            "namespaces: counting every namespace every round would take {:.1} ms a second ({:.1} % of one CPU): {:.0}x the measured idle share",
+            naive * 1e3,
+            naive * 100.0,
+            naive / many
+        );
+        println!(
+            "namespaces: a full census on request ({} namespaces): median {:.0} ms; daemon RSS {rss} KiB",
+            EXTRA + 1,
+            median(&mut requests)
+        );
+        drop(made);
     }
 }
