@@ -19,6 +19,11 @@ pub mod program {
     pub const TC_PASS_BASELINE: &str = "tc_pass_base";
     /// `iter/tcp`: the socket census (see [`super::census`]).
     pub const ITER_TCP_CENSUS: &str = "iter_tcp_census";
+    /// `skb:kfree_skb` (BTF tracepoint): dropped handshake packets by the
+    /// kernel's reason (see [`super::drops`]). Loaded apart from
+    /// [`HOOKS`]: a kernel whose tracepoint lacks the reason or the
+    /// receiving socket refuses it, and the daemon goes on without.
+    pub const TP_KFREE_SKB: &str = "tp_kfree_skb";
 
     /// The programs the daemon loads when it starts, before it attaches
     /// any (the census is loaded apart: it may fail and fall back).
@@ -32,7 +37,7 @@ pub mod program {
     ];
 
     /// Every program of the eBPF object.
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 10] = [
         XDP_INGRESS,
         TC_INGRESS,
         TC_EGRESS,
@@ -42,6 +47,7 @@ pub mod program {
         XDP_PASS_BASELINE,
         TC_PASS_BASELINE,
         ITER_TCP_CENSUS,
+        TP_KFREE_SKB,
     ];
 }
 
@@ -108,9 +114,12 @@ pub mod map {
     /// Per-CPU word where the state tracepoint and the census turn a
     /// socket's address into a number to hash: kernel-only.
     pub const ADDRESS: &str = "ADDRESS";
+    /// Per-CPU hash [`super::drops::DropKey`] → count: handshake packets
+    /// the kernel dropped, by namespace, port, packet and reason.
+    pub const HANDSHAKE_DROPS: &str = "HANDSHAKE_DROPS";
 
     /// Every map of the eBPF object.
-    pub const ALL: [&str; 23] = [
+    pub const ALL: [&str; 24] = [
         PACKET_COUNTS,
         PARSE_ERRORS,
         TRANSITIONS,
@@ -134,6 +143,7 @@ pub mod map {
         SOCK_LOG_HEADS,
         SYN_SENT_AT,
         ADDRESS,
+        HANDSHAKE_DROPS,
     ];
 }
 
@@ -189,10 +199,14 @@ pub enum FlowStat {
     SockAgesFull = 9,
     /// Socket-layer handshakes lost because their ring buffer was full.
     SockEventsDropped = 10,
+    /// Dropped handshake packets not counted: `HANDSHAKE_DROPS` was full.
+    HandshakeDropsFull = 11,
+    /// Dropped packets `kfree_skb` showed whose headers could not be read.
+    DropParseFailures = 12,
 }
 
 impl FlowStat {
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 13;
 }
 
 /// Which way a packet crossed the interface.
@@ -383,6 +397,7 @@ pub mod census {
     /// Record kinds in the iterator's output.
     pub const RECORD_SOCKET: u32 = 1;
     pub const RECORD_SUMMARY: u32 = 2;
+    pub const RECORD_LISTENER: u32 = 3;
 
     /// Rows of [`Summary::sockets`] per address family (an index, not a
     /// family code: the census's records carry `AF_INET`/`AF_INET6`).
@@ -410,8 +425,10 @@ pub mod census {
         /// that a server's TIME_WAIT sockets do not make one entry each.
         pub ephemeral_low: u16,
         pub ephemeral_high: u16,
+        /// At most this many [`Listener`] records per run.
+        pub max_listeners: u32,
     }
-    const _: () = assert!(size_of::<Config>() == 12);
+    const _: () = assert!(size_of::<Config>() == 16);
 
     #[repr(C)]
     #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -445,8 +462,44 @@ pub mod census {
         pub sockets_dropped: u64,
         pub tw_remote_overflow: u64,
         pub tw_local_overflow: u64,
+        /// Listener records written, and those not written (over
+        /// `max_listeners`).
+        pub listeners_written: u64,
+        pub listeners_dropped: u64,
+        /// The kernel's `jiffies` when the walk ended: with the
+        /// listeners' overflow stamps, how long ago they overflowed.
+        pub jiffies: u64,
     }
-    const _: () = assert!(size_of::<Summary>() == 456);
+    const _: () = assert!(size_of::<Summary>() == 480);
+
+    /// One listener: its queues and drops as `ss -tlnm` shows them, and
+    /// when its SYN queue last overflowed.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Listener {
+        pub header: Header,
+        pub family: u16,
+        pub local_port: u16,
+        pub _pad: u32,
+        pub local_addr: [u8; 16],
+        /// `sk_ack_backlog`: connections waiting for accept() (ss Recv-Q).
+        pub accept_queue: u32,
+        /// `sk_max_ack_backlog` (ss Send-Q).
+        pub accept_queue_max: u32,
+        /// `icsk_accept_queue.qlen`: request sockets waiting for the
+        /// final ACK.
+        pub syn_queue: u32,
+        /// The listener's drop count (`sk_drops`, or its per-NUMA
+        /// counters), ss's `d` in skmem.
+        pub drops: u32,
+        /// `jiffies` (low 32 bits) of the last SYN queue overflow stamped
+        /// on the listener or its reuseport group; 0: never.
+        pub overflow_stamp: u32,
+        pub _pad2: u32,
+        /// The listener's cgroup v2 id.
+        pub cgroup: u64,
+    }
+    const _: () = assert!(size_of::<Listener>() == 64);
 
     /// One full socket in a state [`Config::socket_states`] asks for.
     #[repr(C)]
@@ -523,6 +576,33 @@ pub mod census {
         pub const CGROUP_KN: &str = "OFF_CGROUP_KN";
         /// `struct kernfs_node`: `id`, the cgroup id (inode number).
         pub const KERNFS_ID: &str = "OFF_KERNFS_ID";
+        /// `struct sock`: the listener's queues and drops.
+        pub const SK_ACK_BACKLOG: &str = "OFF_SK_ACK_BACKLOG";
+        pub const SK_MAX_ACK_BACKLOG: &str = "OFF_SK_MAX_ACK_BACKLOG";
+        pub const SK_DROPS: &str = "OFF_SK_DROPS";
+        /// `struct sock`: `sk_drop_counters`, per-NUMA drop counts some
+        /// sockets use instead of `sk_drops` (6.18).
+        pub const SK_DROP_COUNTERS: &str = "OFF_SK_DROP_COUNTERS";
+        /// `struct numa_drop_counters`: `drops0`, `drops1`.
+        pub const NDC_DROPS0: &str = "OFF_NDC_DROPS0";
+        pub const NDC_DROPS1: &str = "OFF_NDC_DROPS1";
+        /// `inet_connection_sock.icsk_accept_queue.qlen`.
+        pub const ICSK_SYN_QLEN: &str = "OFF_ICSK_SYN_QLEN";
+        /// `struct sock`: `sk_reuseport_cb`, and `sock_reuseport`'s
+        /// `synq_overflow_ts`.
+        pub const SK_REUSEPORT_CB: &str = "OFF_SK_REUSEPORT_CB";
+        pub const REUSEPORT_SYNQ_TS: &str = "OFF_REUSEPORT_SYNQ_TS";
+        /// `tcp_sock.rx_opt.ts_recent_stamp`: a listener's last SYN queue
+        /// overflow.
+        pub const TCP_TS_RECENT_STAMP: &str = "OFF_TCP_TS_RECENT_STAMP";
+        /// `struct sk_buff`: what `kfree_skb` reads of a dropped packet.
+        pub const SKB_HEAD: &str = "OFF_SKB_HEAD";
+        pub const SKB_NETWORK_HEADER: &str = "OFF_SKB_NETWORK_HEADER";
+        pub const SKB_TRANSPORT_HEADER: &str = "OFF_SKB_TRANSPORT_HEADER";
+        pub const SKB_PROTOCOL: &str = "OFF_SKB_PROTOCOL";
+        pub const SKB_DEV: &str = "OFF_SKB_DEV";
+        /// `struct net_device`: `nd_net`, its namespace.
+        pub const NETDEV_ND_NET: &str = "OFF_NETDEV_ND_NET";
     }
 
     /// Slots of [`super::map::NETNS_STATS`] for namespaces counted apart
@@ -579,6 +659,9 @@ pub mod census {
     // SAFETY: as above; `_pad` is written out.
     #[cfg(feature = "user")]
     unsafe impl aya::Pod for Socket {}
+    // SAFETY: as above; `_pad` and `_pad2` are written out.
+    #[cfg(feature = "user")]
+    unsafe impl aya::Pod for Listener {}
     // SAFETY: as above.
     #[cfg(feature = "user")]
     unsafe impl aya::Pod for NetnsStats {}
@@ -614,6 +697,43 @@ pub mod census {
     pub const fn age_slot(sk: u64, mask: u32) -> u32 {
         (((sk >> 6).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32) & mask & !1
     }
+}
+
+/// Handshake packets the kernel dropped: `skb:kfree_skb` (a BTF
+/// tracepoint) passes each dropped packet with the kernel's reason and,
+/// since 6.x, the socket that received it. SYNs, SYN-ACKs, and pure ACKs a
+/// listener received (the final ACK) are counted by namespace, server
+/// port, packet and reason; the daemon names the reasons from BTF (their
+/// numbers move between kernels).
+pub mod drops {
+    /// Entries of [`super::map::HANDSHAKE_DROPS`].
+    pub const DROP_ENTRIES: u32 = 4096;
+
+    pub const PACKET_SYN: u8 = 1;
+    pub const PACKET_SYN_ACK: u8 = 2;
+    /// A pure ACK a listener received: a handshake's final ACK.
+    pub const PACKET_ACK: u8 = 3;
+
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+    pub struct DropKey {
+        /// The namespace's inode (of the receiving device, else socket).
+        pub netns: u32,
+        /// `enum skb_drop_reason`, as this kernel numbers it.
+        pub reason: u32,
+        /// The server's port: the destination of a SYN or ACK, the source
+        /// of a SYN-ACK.
+        pub port: u16,
+        /// `PACKET_*`.
+        pub packet: u8,
+        pub _pad: u8,
+    }
+    const _: () = assert!(size_of::<DropKey>() == 12);
+
+    // SAFETY: `repr(C)` plain integers, no implicit padding (size
+    // asserted), valid for any bit pattern.
+    #[cfg(feature = "user")]
+    unsafe impl aya::Pod for DropKey {}
 }
 
 /// Handshakes from the socket layer: the state tracepoint sees every TCP

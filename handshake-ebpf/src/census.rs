@@ -21,8 +21,8 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid,
         generated::{
-            bpf_get_current_comm, bpf_ktime_get_ns, bpf_seq_write, bpf_skc_to_tcp_sock,
-            bpf_skc_to_tcp_timewait_sock,
+            bpf_get_current_comm, bpf_jiffies64, bpf_ktime_get_ns, bpf_probe_read_kernel,
+            bpf_seq_write, bpf_skc_to_tcp_sock, bpf_skc_to_tcp_timewait_sock,
         },
     },
     macros::map,
@@ -31,9 +31,9 @@ use aya_ebpf::{
 use handshake_common::abi::{
     AF_INET, AF_INET6, FlowStat, IPPROTO_TCP, SOCK_AGE_ENTRIES,
     census::{
-        AgeSlot, Config, Header, NETNS_SLOTS, NetnsStats, RECORD_SOCKET, RECORD_SUMMARY,
-        SUMMARY_ROW_IPV4, SUMMARY_ROW_IPV6, SockAge, Socket, Summary, TW_LOCAL_ENTRIES,
-        TW_REMOTE_ENTRIES, TwKey, age_slot, netns_slot,
+        AgeSlot, Config, Header, Listener, NETNS_SLOTS, NetnsStats, RECORD_LISTENER, RECORD_SOCKET,
+        RECORD_SUMMARY, SUMMARY_ROW_IPV4, SUMMARY_ROW_IPV6, SockAge, Socket, Summary,
+        TW_LOCAL_ENTRIES, TW_REMOTE_ENTRIES, TwKey, age_slot, netns_slot,
     },
     tcp_state,
 };
@@ -74,12 +74,32 @@ static OFF_TW_SUBSTATE: u32 = 0;
 #[unsafe(no_mangle)]
 static OFF_SKC_NET: u32 = 0;
 #[unsafe(no_mangle)]
-static OFF_NET_NS_INUM: u32 = 0;
+pub(crate) static OFF_NET_NS_INUM: u32 = 0;
 
 #[unsafe(no_mangle)]
 static OFF_SK_PROTOCOL: u32 = 0;
 #[unsafe(no_mangle)]
 static OFF_SK_CGROUP: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_SK_ACK_BACKLOG: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_SK_MAX_ACK_BACKLOG: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_SK_DROPS: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_SK_DROP_COUNTERS: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_NDC_DROPS0: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_NDC_DROPS1: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_ICSK_SYN_QLEN: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_SK_REUSEPORT_CB: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_REUSEPORT_SYNQ_TS: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_TCP_TS_RECENT_STAMP: u32 = 0;
 #[unsafe(no_mangle)]
 static OFF_CGROUP_KN: u32 = 0;
 #[unsafe(no_mangle)]
@@ -408,8 +428,10 @@ pub extern "C" fn iter_tcp_census(ctx: *mut IterTcp) -> i32 {
     }
     if sk.is_null() {
         // The walk is over: hand the aggregates over.
-        // SAFETY: `acc` points to the map's one value.
+        // SAFETY: `acc` points to the map's one value; a helper without
+        // preconditions.
         unsafe {
+            (*acc).jiffies = bpf_jiffies64();
             (*acc).header = Header {
                 kind: RECORD_SUMMARY,
                 len: size_of::<Summary>() as u32,
@@ -442,6 +464,10 @@ fn emit_if_asked(sk: *const u8, seq: *mut seq_file, acc: *mut Summary, config: &
             field::<u8>(sk, offset(&OFF_SKC_STATE)) as u32,
         )
     };
+    if (family == AF_INET || family == AF_INET6) && state == tcp_state::LISTEN {
+        // SAFETY: as in `count`.
+        return listener(sk, seq, unsafe { &mut *acc }, config, family);
+    }
     if (family == AF_INET || family == AF_INET6)
         && config.socket_states & (1 << (state & 0x1f)) != 0
     {
@@ -491,6 +517,9 @@ fn count(sk: *const u8, seq: *mut seq_file, acc: *mut Summary, config: &Config) 
         s => s,
     };
     acc.sockets[fam][(state & 0xf) as usize] += 1;
+    if state == tcp_state::LISTEN {
+        return listener(sk, seq, acc, config, family);
+    }
     let age = age_of(sk, state);
     if let Some(age) = age {
         let oldest = &mut acc.oldest_since_ns[(state & 0xf) as usize];
@@ -599,6 +628,116 @@ pub(crate) fn endpoints(sk: *const u8, fam: usize) -> ([u8; 16], [u8; 16], u16, 
             field::<u16>(sk, offset(&OFF_SKC_NUM)),
             u16::from_be(field::<u16>(sk, offset(&OFF_SKC_DPORT))),
         )
+    }
+}
+
+/// A socket's drop count as the kernel reads it (`sk_drops_read`): its
+/// per-NUMA counters when it has them (6.18; offset 0 where the kernel
+/// has no such field), else `sk_drops`. Read with the helper: the
+/// counters' fields may not exist in this kernel's BTF.
+#[inline(always)]
+fn drop_count(tcp: *const u8) -> u32 {
+    let counters_at = offset(&OFF_SK_DROP_COUNTERS);
+    if counters_at != 0 {
+        let mut counters: u64 = 0;
+        // SAFETY: the helper checks the source; 8 bytes into a u64.
+        let rc = unsafe {
+            bpf_probe_read_kernel(
+                (&raw mut counters).cast::<c_void>(),
+                8,
+                tcp.wrapping_add(counters_at).cast::<c_void>(),
+            )
+        };
+        if rc == 0 && counters != 0 {
+            let mut drops = [0u32; 2];
+            for (i, at) in [offset(&OFF_NDC_DROPS0), offset(&OFF_NDC_DROPS1)]
+                .into_iter()
+                .enumerate()
+            {
+                // SAFETY: as above, 4 bytes into a u32.
+                unsafe {
+                    bpf_probe_read_kernel(
+                        (&raw mut drops[i]).cast::<c_void>(),
+                        4,
+                        (counters + at as u64) as *const c_void,
+                    )
+                };
+            }
+            return drops[0].wrapping_add(drops[1]);
+        }
+    }
+    // SAFETY: a field of `struct sock` at its BTF offset.
+    unsafe { field::<u32>(tcp, offset(&OFF_SK_DROPS)) }
+}
+
+/// A listener: its queues, drops and last SYN queue overflow, as a
+/// [`Listener`] record (at most `max_listeners` a run).
+#[inline(always)]
+fn listener(sk: *const u8, seq: *mut seq_file, acc: &mut Summary, config: &Config, family: u16) {
+    if acc.listeners_written >= u64::from(config.max_listeners) {
+        acc.listeners_dropped += 1;
+        return;
+    }
+    // SAFETY: the helper checks that `sk` is a full TCP socket.
+    let tcp = unsafe { bpf_skc_to_tcp_sock(sk as *mut c_void) }.cast::<u8>();
+    if tcp.is_null() {
+        acc.read_errors += 1;
+        return;
+    }
+    let fam = if family == AF_INET {
+        SUMMARY_ROW_IPV4
+    } else {
+        SUMMARY_ROW_IPV6
+    };
+    let (local, _, local_port, _) = endpoints(sk, fam);
+    // SAFETY: BTF-typed loads at offsets resolved from BTF: fields of
+    // `struct tcp_sock` and the structs it opens with, and of the
+    // structs its pointers lead to (a NULL pointer's field reads 0).
+    let record = unsafe {
+        let drops = drop_count(tcp);
+        // The kernel stamps the reuseport group when there is one, else
+        // the listener (`tcp_synq_overflow`).
+        // Both read, then one chosen: a load whose base and offset LLVM
+        // picks on a NULL test fails the verifier, which does not carry
+        // a BTF pointer's NULL test from one branch to the next (a NULL
+        // group's field reads 0).
+        let reuse: *const u8 = field(tcp, offset(&OFF_SK_REUSEPORT_CB));
+        let group_stamp = field::<u32>(reuse, offset(&OFF_REUSEPORT_SYNQ_TS));
+        let own_stamp = field::<u32>(tcp, offset(&OFF_TCP_TS_RECENT_STAMP));
+        let overflow_stamp = if reuse.is_null() {
+            own_stamp
+        } else {
+            group_stamp
+        };
+        Listener {
+            header: Header {
+                kind: RECORD_LISTENER,
+                len: size_of::<Listener>() as u32,
+            },
+            family,
+            local_port,
+            _pad: 0,
+            local_addr: local,
+            accept_queue: field(tcp, offset(&OFF_SK_ACK_BACKLOG)),
+            accept_queue_max: field(tcp, offset(&OFF_SK_MAX_ACK_BACKLOG)),
+            syn_queue: field(tcp, offset(&OFF_ICSK_SYN_QLEN)),
+            drops,
+            overflow_stamp,
+            _pad2: 0,
+            cgroup: cgroup_id(tcp),
+        }
+    };
+    // SAFETY: `seq` is the iterator's seq_file; the record is on the stack.
+    let written = unsafe {
+        bpf_seq_write(
+            seq,
+            ptr::from_ref(&record).cast::<c_void>(),
+            size_of::<Listener>() as u32,
+        )
+    };
+    // One that does not fit is shown again at the next read(2).
+    if written == 0 {
+        acc.listeners_written += 1;
     }
 }
 

@@ -10,6 +10,7 @@
 #![no_main]
 
 mod census;
+mod drops;
 mod socket;
 mod tls;
 
@@ -371,6 +372,17 @@ pub fn tp_synack_rtx(_ctx: BtfTracePointContext) -> i32 {
 pub fn tp_syn_rtx(ctx: BtfTracePointContext) -> i32 {
     let sk: *const u8 = ctx.arg(0);
     socket::retransmit(sk);
+    0
+}
+
+/// `skb:kfree_skb`, as a BTF tracepoint: a dropped packet, the kernel's
+/// reason, and the socket that received it (`drops`).
+#[btf_tracepoint(function = "kfree_skb")]
+pub fn tp_kfree_skb(ctx: BtfTracePointContext) -> i32 {
+    let skb: *const u8 = ctx.arg(0);
+    let reason: u32 = ctx.arg(2);
+    let rx_sk: *const u8 = ctx.arg(3);
+    drops::dropped(skb, reason, rx_sk);
     0
 }
 

@@ -25,6 +25,7 @@ fn main() -> ExitCode {
         cli::Command::States(flags) => client::states(&flags),
         cli::Command::Tls(flags) => client::tls(&flags),
         cli::Command::Timewait(flags) => client::timewait(&flags),
+        cli::Command::Listeners(flags) => client::listeners(&flags),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

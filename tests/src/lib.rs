@@ -908,11 +908,21 @@ pub struct NftDrop {
 }
 
 impl NftDrop {
+    /// Drops the packets `expr` matches as they arrive in `ns`.
     pub fn input(ns: &str, expr: &str) -> Self {
+        Self::hook(ns, "input", expr)
+    }
+
+    /// Drops the packets `expr` matches as they leave `ns`.
+    pub fn output(ns: &str, expr: &str) -> Self {
+        Self::hook(ns, "output", expr)
+    }
+
+    fn hook(ns: &str, hook: &str, expr: &str) -> Self {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let table = format!("handshake_test_{}", NEXT.fetch_add(1, Ordering::Relaxed));
         let rules = format!(
-            "table inet {table} {{\n  chain input {{\n    type filter hook input priority 0;\n    {expr} drop\n  }}\n}}\n"
+            "table inet {table} {{\n  chain {hook} {{\n    type filter hook {hook} priority 0;\n    {expr} drop\n  }}\n}}\n"
         );
         let mut nft = Command::new("ip")
             .args(["netns", "exec", ns, "nft", "-f", "-"])

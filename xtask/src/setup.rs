@@ -27,6 +27,9 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("tshark", "tshark"),
     ("curl", "curl"),
     ("bpftool", "bpftool"),
+    ("nstat", "iproute2"),
+    ("hping3", "hping3"),
+    ("python3", "python3"),
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -13,10 +13,10 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use crate::{
-    cli::{ConnsFlags, StatesFlags, TimewaitFlags, TlsFlags, WhoFlags},
+    cli::{ConnsFlags, ListenersFlags, StatesFlags, TimewaitFlags, TlsFlags, WhoFlags},
     wire::{
-        Attribution, ConnView, Request, STATES, SocketView, StatesView, TimeWaitView, TlsView,
-        error_of, state_by_name, state_name,
+        Attribution, ConnView, ListenerView, Request, STATES, SocketView, StatesView, TimeWaitView,
+        TlsView, error_of, state_by_name, state_name,
     },
 };
 
@@ -131,7 +131,7 @@ pub fn conns(flags: &ConnsFlags) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<12} {:<24} {:<6} {:<11} {:<6} {:<41} {:<41} {:>10} {:>10} {:>10} {:>5} {:>8}  {:<4} SNI / JA4",
+        "{:<16} {:<24} {:<6} {:<11} {:<6} {:<41} {:<41} {:>10} {:>10} {:>10} {:>5} {:>8}  {:<4} SNI / JA4",
         "NETNS",
         "WORKLOAD",
         "ROLE",
@@ -154,7 +154,7 @@ pub fn conns(flags: &ConnsFlags) -> anyhow::Result<()> {
             (None, _) => String::new(),
         };
         println!(
-            "{:<12} {:<24} {:<6} {:<11} {:<6} {:<41} {:<41} {:>10} {:>10} {:>10} {:>5} {:>7.1}s  {:<4} {tls}",
+            "{:<16} {:<24} {:<6} {:<11} {:<6} {:<41} {:<41} {:>10} {:>10} {:>10} {:>5} {:>7.1}s  {:<4} {tls}",
             v.attribution.netns.as_deref().unwrap_or("-"),
             workload_column(&v.attribution),
             v.role,
@@ -165,9 +165,18 @@ pub fn conns(flags: &ConnsFlags) -> anyhow::Result<()> {
             us(v.connect_us),
             us(v.syn_to_synack_us),
             us(v.synack_to_ack_us),
-            v.syn_retransmits + v.synack_retransmits,
+            format!(
+                "{}{}",
+                v.syn_retransmits + v.synack_retransmits,
+                if v.listener_overflowing { "*" } else { "" }
+            ),
             v.age_s,
             v.tls_version.as_deref().unwrap_or("-"),
+        );
+    }
+    if views.iter().any(|v| v.listener_overflowing) {
+        println!(
+            "* the SYN was retransmitted while its listener was overflowing (handshake listeners)"
         );
     }
     Ok(())
@@ -361,6 +370,37 @@ pub fn timewait(flags: &TimewaitFlags) -> anyhow::Result<()> {
                 f.growth_per_second
             );
         }
+    }
+    Ok(())
+}
+
+pub fn listeners(flags: &ListenersFlags) -> anyhow::Result<()> {
+    let mut views: Vec<ListenerView> = fetch(&flags.api_socket, Request::Listeners)?;
+    views.retain(|v| {
+        flags.port.is_none_or(|p| v.local_port == p) && flags.who.matches(&v.attribution)
+    });
+    if flags.json {
+        println!("{}", serde_json::to_string_pretty(&views)?);
+        return Ok(());
+    }
+    println!(
+        "{:<16} {:<24} {:<41} {:>7} {:>7} {:>7} {:>9} {:>9}  COOKIES",
+        "NETNS", "WORKLOAD", "LOCAL", "ACCEPT", "MAX", "SYN", "DROPS", "DROPS/S"
+    );
+    for v in &views {
+        println!(
+            "{:<16} {:<24} {:<41} {:>7} {:>7} {:>7} {:>9} {:>9}  {}",
+            v.attribution.netns.as_deref().unwrap_or("-"),
+            workload_column(&v.attribution),
+            endpoint(&v.family, &v.local_addr, v.local_port),
+            v.accept_queue,
+            v.accept_queue_max,
+            v.syn_queue,
+            v.drops,
+            v.drops_per_second
+                .map_or_else(|| "-".to_owned(), |r| format!("{r:.1}")),
+            if v.syn_cookies { "yes" } else { "no" },
+        );
     }
     Ok(())
 }

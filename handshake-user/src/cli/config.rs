@@ -97,6 +97,7 @@ impl TryFrom<DaemonFlags> for DaemonConfig {
             conn_history: flags.conn_history,
             half_open_top: flags.half_open_top,
             netns_top: flags.netns_top,
+            listener_top: flags.listener_top,
             census_interval,
             census_source: flags.census_source,
         })

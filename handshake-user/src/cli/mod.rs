@@ -43,6 +43,28 @@ pub enum Command {
     /// TIME_WAIT per namespace: count, entry rate, top remote endpoints and
     /// the ephemeral-port exhaustion forecast per destination.
     Timewait(TimewaitFlags),
+    /// Every listener of every namespace: accept and SYN queues, their
+    /// limit, drops and drop rate, and whether it sends SYN cookies (a
+    /// fresh census).
+    Listeners(ListenersFlags),
+}
+
+#[derive(Debug, Args)]
+pub struct ListenersFlags {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Only listeners on this port.
+    #[arg(long, value_name = "PORT")]
+    pub port: Option<u16>,
+
+    #[command(flatten)]
+    pub who: WhoFlags,
+
+    /// The daemon's API socket.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    pub api_socket: PathBuf,
 }
 
 /// Whose sockets to show: each flag narrows the rows to those it names.
@@ -216,6 +238,11 @@ pub struct DaemonFlags {
     /// and JSON list every namespace.
     #[arg(long, value_name = "N", default_value_t = 20)]
     pub netns_top: usize,
+
+    /// Listeners with their own series in the listen-queue metrics: the N
+    /// with the longest queues, then the most drops.
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    pub listener_top: usize,
 
     /// Listening ports exported by `handshake_tcp_half_open` (most half-open first).
     #[arg(long, value_name = "N", default_value_t = 20)]

@@ -13,7 +13,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use handshake_common::flow::{Flow, OUTCOME_ESTABLISHED, OUTCOME_IN_PROGRESS};
+use handshake_common::flow::{Flow, OUTCOME_ESTABLISHED, OUTCOME_IN_PROGRESS, ROLE_SERVER};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},
@@ -29,13 +29,14 @@ use crate::{
     kernel::{clock, netns},
     model::{
         conntrack::{Origin, conn_view, row_key},
+        listeners::{Overflows, listener_view},
         states::{STUCK_RECORDS, STUCK_STATES, stuck_mask, time_wait_view},
         tls::TlsRecord,
         workload::Workload,
     },
     wire::{
-        Attribution, ConnView, Endpoints, Request, STATES, SocketView, Source, StatesView,
-        TimeWaitView, TlsView, error_body, state_name,
+        Attribution, ConnView, Endpoints, ListenerView, Request, STATES, SocketView, Source,
+        StatesView, TimeWaitView, TlsView, error_body, state_name,
     },
 };
 
@@ -165,6 +166,7 @@ async fn census_answer(
         census: views,
         cgroups,
         transitions_per_second,
+        jiffies,
         ..
     } = &mut *state;
     let mut attribute = |inode, cgroup| attribution(views, cgroups, inode, cgroup);
@@ -176,6 +178,22 @@ async fn census_answer(
                 .collect();
             SocketView::sort(&mut views);
             serde_json::to_string(&views)
+        }
+        Request::Listeners => {
+            let mut listed: Vec<ListenerView> = Vec::new();
+            for view in views.iter() {
+                for listener in &view.snapshot.listeners {
+                    let stamp_s_ago = jiffies
+                        .seconds_between(listener.overflow_stamp, view.snapshot.summary.jiffies);
+                    listed.push(listener_view(
+                        attribute(view.inode, listener.cgroup),
+                        listener,
+                        view.before(listener),
+                        stamp_s_ago,
+                    ));
+                }
+            }
+            serde_json::to_string(&listed)
         }
         Request::TimeWait { top } => {
             let views: Vec<TimeWaitView> = views
@@ -314,6 +332,23 @@ pub fn tls(state: &Mutex<State>) -> Vec<TlsView> {
     views
 }
 
+/// Whether handshake `flow`'s SYN was retransmitted while its listener
+/// overflowed: a listener of this host, on the server's port (in the
+/// row's namespace when this host was the server, in any when it was the
+/// client), between the first SYN and the end.
+fn waited_on_listener(overflows: &Overflows, flow: &Flow, origin: Origin, now: u64) -> bool {
+    if flow.syn_count < 2 {
+        return false;
+    }
+    let (netns, port) = if flow.role == ROLE_SERVER {
+        (Some(u64::from(origin.netns)), flow.server_port)
+    } else {
+        (None, flow.server_port)
+    };
+    let end = if flow.ts_end == 0 { now } else { flow.ts_end };
+    overflows.during(netns, port, flow.ts_syn, end)
+}
+
 /// Recent decided handshakes and those still in progress, oldest first,
 /// with what their TLS ClientHello and ServerHello said and whose they
 /// are.
@@ -362,6 +397,7 @@ pub fn conns(state: &Mutex<State>) -> Vec<ConnView> {
             .iter()
             .map(|(f, source, origin)| {
                 let mut view = conn_view(f, *source, now);
+                view.listener_overflowing = waited_on_listener(&state.overflows, f, *origin, now);
                 view.attribution = known
                     .entry(*origin)
                     .or_insert_with(|| state.attribute(u64::from(origin.netns), origin.cgroup))

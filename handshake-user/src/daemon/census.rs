@@ -260,7 +260,14 @@ impl CensusRunner {
                 w.changes_at_census = Some(changes.unwrap_or(0));
                 w.volatile = snapshot.count(tcp_state::TIME_WAIT) != 0
                     || snapshot.count(tcp_state::SYN_RECV) != 0
-                    || snapshot.summary.tw_fin_wait2.iter().any(|n| *n != 0);
+                    || snapshot.summary.tw_fin_wait2.iter().any(|n| *n != 0)
+                    // Queues fill and drain without a state change of
+                    // the listener (request sockets, a full accept queue
+                    // dropping SYNs).
+                    || snapshot
+                        .listeners
+                        .iter()
+                        .any(|l| l.accept_queue > 0 || l.syn_queue > 0);
             }
             counted.push(Counted {
                 name: w.netns.name().to_owned(),

@@ -31,6 +31,8 @@ pub struct DaemonConfig {
     pub half_open_top: usize,
     /// Namespaces with their own `netns` label value in the metrics.
     pub netns_top: usize,
+    /// Listeners with their own series in the metrics.
+    pub listener_top: usize,
     /// How often the socket census runs in each watched namespace.
     pub census_interval: Duration,
     pub census_source: CensusSource,

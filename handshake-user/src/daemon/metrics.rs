@@ -12,7 +12,8 @@ use std::{
 use handshake_common::{
     abi::{
         Direction, PacketKind, ParseError,
-        census::{SUMMARY_ROW_IPV4, SUMMARY_ROW_IPV6},
+        census::{Listener, SUMMARY_ROW_IPV4, SUMMARY_ROW_IPV6},
+        drops::{PACKET_ACK, PACKET_SYN, PACKET_SYN_ACK},
         tcp_state,
     },
     flow::{Flow, ROLE_SERVER},
@@ -28,11 +29,13 @@ use crate::{
         state::{SelfStats, State, lock},
     },
     kernel::{
+        census::Netstat,
         loader::{Attachment, Attachments, lock_attachments},
         maps::{Counters, FlowStats, KernelCounts, Table},
     },
     model::{
         conntrack::{BUCKETS, Histogram, Phase, Totals},
+        listeners::{COOKIES_WITHIN_S, JiffyClock},
         states::{NetnsView, STUCK_STATES},
         tls::{TlsPhase, TlsTotals},
     },
@@ -58,6 +61,12 @@ pub struct Report<'a> {
     pub census: &'a [NetnsView],
     /// Namespaces with their own `netns` label value (`--netns-top`).
     pub netns_top: usize,
+    /// Listeners with their own series (`--listener-top`).
+    pub listener_top: usize,
+    /// The kernel's clock of listener stamps.
+    pub jiffies: &'a JiffyClock,
+    /// This kernel's drop reasons by number.
+    pub reasons: &'a BTreeMap<u32, String>,
     pub tls: &'a TlsTotals,
 }
 
@@ -69,6 +78,7 @@ pub fn renderer(
     attachments: Attachments,
     half_open_top: usize,
     netns_top: usize,
+    listener_top: usize,
 ) -> Render {
     Arc::new(move || {
         let counts = counters.read();
@@ -86,6 +96,9 @@ pub fn renderer(
                 half_open_top,
                 census: &state.census,
                 netns_top,
+                listener_top,
+                jiffies: &state.jiffies,
+                reasons: &counters.reasons,
                 tls: &state.tls.totals,
             })),
             Err(error) => {
@@ -105,6 +118,7 @@ pub fn render(report: &Report<'_>) -> String {
     handshake_families(report, &mut families);
     table_families(report, &mut families);
     census_families(report, &mut families);
+    listener_families(report, &mut families);
     time_wait_families(report, &mut families);
     tls_families(report, &mut families);
 
@@ -580,6 +594,202 @@ fn census_families(report: &Report<'_>, families: &mut Families) {
     );
 }
 
+/// Listeners per (namespace, port), both families and every address
+/// together: the `listener_top` with the longest queues, then the most
+/// drops.
+fn busiest_listeners<'a>(report: &Report<'a>) -> Vec<(&'a NetnsView, u16, Vec<&'a Listener>)> {
+    let mut by_port: Vec<(&NetnsView, u16, Vec<&Listener>)> = Vec::new();
+    for view in report.census {
+        for listener in &view.snapshot.listeners {
+            match by_port
+                .iter_mut()
+                .find(|(v, port, _)| v.inode == view.inode && *port == listener.local_port)
+            {
+                Some((_, _, list)) => list.push(listener),
+                None => by_port.push((view, listener.local_port, vec![listener])),
+            }
+        }
+    }
+    let weight = |list: &[&Listener]| {
+        let queued: u64 = list
+            .iter()
+            .map(|l| u64::from(l.accept_queue) + u64::from(l.syn_queue))
+            .sum();
+        let drops: u64 = list.iter().map(|l| u64::from(l.drops)).sum();
+        (queued, drops)
+    };
+    by_port.sort_by(|a, b| weight(&b.2).cmp(&weight(&a.2)).then(a.1.cmp(&b.1)));
+    by_port.truncate(report.listener_top);
+    by_port
+}
+
+/// Listen queues, listener drops and SYN cookies; dropped handshake
+/// packets by reason; each namespace's listen-queue counters.
+fn listener_families(report: &Report<'_>, families: &mut Families) {
+    let (mut length, mut max, mut drops, mut cookies) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (view, port, list) in busiest_listeners(report) {
+        let port = port.to_string();
+        let labels = [("netns", view.name.as_str()), ("port", port.as_str())];
+        let sum =
+            |f: fn(&Listener) -> u32| list.iter().map(|l| u64::from(f(l))).sum::<u64>() as f64;
+        for (queue, value) in [
+            ("accept", sum(|l| l.accept_queue)),
+            ("syn", sum(|l| l.syn_queue)),
+        ] {
+            length.push(gauge(&[labels[0], labels[1], ("queue", queue)], value));
+        }
+        max.push(gauge(&labels, sum(|l| l.accept_queue_max)));
+        drops.push(counter(&labels, sum(|l| l.drops) as u64));
+        let sending = list.iter().any(|l| {
+            report
+                .jiffies
+                .seconds_between(l.overflow_stamp, view.snapshot.summary.jiffies)
+                .is_some_and(|s| s < COOKIES_WITHIN_S)
+        });
+        cookies.push(gauge(&labels, if sending { 1.0 } else { 0.0 }));
+    }
+    families.gauges(
+        "handshake_tcp_listen_queue_length",
+        "Connections waiting for accept() (queue=accept, ss's Recv-Q) and request sockets waiting for the final ACK (queue=syn), per listening port, at the last census; the --listener-top longest queues, then most drops.",
+        length,
+    );
+    families.gauges(
+        "handshake_tcp_listen_queue_max",
+        "The accept queue's limit (the listen() backlog, capped by somaxconn; ss's Send-Q).",
+        max,
+    );
+    families.counters(
+        "handshake_tcp_listen_drops_total",
+        "Packets the listener dropped (its sk_drops, ss's skmem d): SYNs and final ACKs refused by a full queue, among others.",
+        drops,
+    );
+    families.gauges(
+        "handshake_tcp_listen_syn_cookies",
+        "1 while the listener answers SYNs with cookies (its SYN queue, or its reuseport group's, overflowed in the last 2 s).",
+        cookies,
+    );
+    handshake_drop_families(report, families);
+    netstat_families(report, families);
+}
+
+/// Dropped handshake packets per namespace, port, packet and reason, the
+/// `listener_top` busiest (namespace, port) pairs by name and the rest as
+/// port `other`.
+fn handshake_drop_families(report: &Report<'_>, families: &mut Families) {
+    let name_of = |inode: u32| {
+        report
+            .census
+            .iter()
+            .find(|v| v.inode == u64::from(inode))
+            .map_or_else(|| format!("ns:{inode}"), |v| v.name.clone())
+    };
+    let mut per_port: BTreeMap<(u32, u16), u64> = BTreeMap::new();
+    for (key, count) in &report.counts.drops {
+        *per_port.entry((key.netns, key.port)).or_default() += count;
+    }
+    let mut ranked: Vec<((u32, u16), u64)> = per_port.into_iter().collect();
+    ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    ranked.truncate(report.listener_top);
+    let named: Vec<(u32, u16)> = ranked.into_iter().map(|(k, _)| k).collect();
+    let mut series: BTreeMap<(String, String, &str, String), u64> = BTreeMap::new();
+    for (key, count) in &report.counts.drops {
+        let port = if named.contains(&(key.netns, key.port)) {
+            key.port.to_string()
+        } else {
+            "other".to_owned()
+        };
+        let packet = match key.packet {
+            PACKET_SYN => "syn",
+            PACKET_SYN_ACK => "syn_ack",
+            PACKET_ACK => "ack",
+            _ => "other",
+        };
+        let reason = report
+            .reasons
+            .get(&key.reason)
+            .cloned()
+            .unwrap_or_else(|| format!("reason_{}", key.reason));
+        *series
+            .entry((name_of(key.netns), port, packet, reason))
+            .or_default() += count;
+    }
+    families.counters(
+        "handshake_tcp_handshake_drops_total",
+        "Handshake packets the kernel dropped (skb:kfree_skb), by namespace, server port, packet (syn, syn_ack, and ack: a pure ACK a listener received, the final ACK) and the kernel's drop reason (no_socket: a closed port, the refusal; tcp_listen_overflow; tcp_flags; netfilter_drop...). A SYN a full listener drops is not freed as a drop: see handshake_tcp_listen_drops_total.",
+        series
+            .iter()
+            .map(|((netns, port, packet, reason), n)| {
+                counter(
+                    &[
+                        ("netns", netns),
+                        ("port", port),
+                        ("packet", packet),
+                        ("reason", reason),
+                    ],
+                    *n,
+                )
+            })
+            .collect(),
+    );
+    families.counter(
+        "handshake_drops_uncounted_total",
+        "Dropped packets the kfree_skb program could not count: headers it could not read, or its table full.",
+        report.flow_stats.drop_parse_failures + report.flow_stats.handshake_drops_full,
+    );
+}
+
+/// Each namespace's listen-queue counters from its `/proc/net/netstat`
+/// (`nstat`'s TcpExt), at its last census; namespaces as the other
+/// per-namespace series label them.
+fn netstat_families(report: &Report<'_>, families: &mut Families) {
+    let mut overflows = Vec::new();
+    let mut listen_drops = Vec::new();
+    let mut full = Vec::new();
+    let mut syncookies = Vec::new();
+    for (netns, views) in netns_groups(report.census, report.netns_top) {
+        let sum =
+            |f: fn(&Netstat) -> u64| views.iter().map(|v| f(&v.snapshot.netstat)).sum::<u64>();
+        overflows.push(counter(&[("netns", netns)], sum(|n| n.listen_overflows)));
+        listen_drops.push(counter(&[("netns", netns)], sum(|n| n.listen_drops)));
+        full.push(counter(
+            &[("netns", netns), ("action", "drop")],
+            sum(|n| n.req_q_full_drop),
+        ));
+        full.push(counter(
+            &[("netns", netns), ("action", "cookie")],
+            sum(|n| n.req_q_full_do_cookies),
+        ));
+        for (what, value) in [
+            ("sent", sum(|n| n.syncookies_sent)),
+            ("recv", sum(|n| n.syncookies_recv)),
+            ("failed", sum(|n| n.syncookies_failed)),
+        ] {
+            syncookies.push(counter(&[("netns", netns), ("what", what)], value));
+        }
+    }
+    families.counters(
+        "handshake_tcp_listen_overflows_total",
+        "ListenOverflows of the namespace: a full accept queue refused a SYN or a final ACK.",
+        overflows,
+    );
+    families.counters(
+        "handshake_tcp_listen_netns_drops_total",
+        "ListenDrops of the namespace: every drop at a listener, overflows included.",
+        listen_drops,
+    );
+    families.counters(
+        "handshake_tcp_syn_queue_full_total",
+        "A full SYN queue dropped a SYN (action=drop: TCPReqQFullDrop) or answered it with a cookie (action=cookie: TCPReqQFullDoCookies).",
+        full,
+    );
+    families.counters(
+        "handshake_tcp_syncookies_total",
+        "SYN cookies sent, received valid, and failed (SyncookiesSent, SyncookiesRecv, SyncookiesFailed).",
+        syncookies,
+    );
+}
+
 /// TIME_WAIT: sockets held, entries, and the port-exhaustion forecast.
 fn time_wait_families(report: &Report<'_>, families: &mut Families) {
     let mut time_wait = Vec::new();
@@ -648,6 +858,9 @@ mod tests {
             tw_remote: Vec::new(),
             tw_local: Vec::new(),
             port_range: (32768, 60999),
+            listeners: Vec::new(),
+            netstat: Default::default(),
+            syncookies: false,
             duration: std::time::Duration::from_millis(3),
         };
         NetnsView::new(name, inode, snapshot, 0, 0)
@@ -675,6 +888,9 @@ mod tests {
             half_open_top: 5,
             census: &census,
             netns_top: 2,
+            listener_top: 20,
+            jiffies: &JiffyClock::default(),
+            reasons: &BTreeMap::new(),
             tls: &TlsTotals::default(),
         });
         let established = |ns: &str| {
@@ -702,6 +918,9 @@ mod tests {
             half_open_top: 5,
             census: &[],
             netns_top: 20,
+            listener_top: 20,
+            jiffies: &JiffyClock::default(),
+            reasons: &BTreeMap::new(),
             tls: &TlsTotals::default(),
         });
         assert!(text.contains("handshake_packets_total{"));
@@ -757,6 +976,9 @@ mod tests {
             half_open_top: 5,
             census: &[],
             netns_top: 20,
+            listener_top: 20,
+            jiffies: &JiffyClock::default(),
+            reasons: &BTreeMap::new(),
             tls: &TlsTotals::default(),
         });
         for line in [

@@ -235,6 +235,7 @@ fn serve(
             .attachments_handle(),
         config.half_open_top,
         config.netns_top,
+        config.listener_top,
     );
     let expiry = Expiry {
         handshake_timeout_ns: config.handshake_timeout.as_nanos() as u64,

@@ -15,6 +15,7 @@ use crate::{
     model::{
         FastMap, FastSet,
         conntrack::{Conntrack, Origin, RowKey, row_key},
+        listeners::{JiffyClock, Overflows, overflowing},
         sockets::SocketHandshakes,
         states::NetnsView,
         tls::TlsTracker,
@@ -65,6 +66,10 @@ pub struct State {
     pub census: Vec<NetnsView>,
     /// Cgroup ids to paths, for attribution.
     pub cgroups: Cgroups,
+    /// The kernel's `jiffies` against the daemon's clock (listener stamps).
+    pub jiffies: JiffyClock,
+    /// When listeners overflowed, to mark the handshakes that waited.
+    pub overflows: Overflows,
     /// The inode of the namespace the packet hooks are attached in (the
     /// first, with several): their rows' namespace, unless
     /// `hook_netns_by_index` knows better.
@@ -92,15 +97,21 @@ impl State {
             } = counted;
             match result {
                 Ok((snapshot, entries)) => {
-                    match self.census.iter_mut().find(|v| v.inode == inode) {
-                        Some(view) => {
+                    self.jiffies.observe(snapshot.summary.jiffies, now);
+                    let at = match self.census.iter().position(|v| v.inode == inode) {
+                        Some(at) => {
+                            let view = &mut self.census[at];
                             view.name = name;
                             view.update(snapshot, entries, now);
+                            at
                         }
-                        None => self
-                            .census
-                            .push(NetnsView::new(&name, inode, snapshot, entries, now)),
-                    }
+                        None => {
+                            self.census
+                                .push(NetnsView::new(&name, inode, snapshot, entries, now));
+                            self.census.len() - 1
+                        }
+                    };
+                    note_overflows(&self.census[at], &self.jiffies, &mut self.overflows);
                 }
                 Err(error) => {
                     self.self_stats.census_errors += 1;
@@ -145,6 +156,23 @@ impl State {
     /// Whose a socket of namespace `inode` and cgroup `cgroup` is.
     pub fn attribute(&mut self, inode: u64, cgroup: u64) -> Attribution {
         attribution(&self.census, &mut self.cgroups, inode, cgroup)
+    }
+}
+
+/// Records the listeners of `view`'s last census that overflowed since
+/// its census before.
+fn note_overflows(view: &NetnsView, clock: &JiffyClock, overflows: &mut Overflows) {
+    let now = view.taken_ns;
+    for listener in &view.snapshot.listeners {
+        let before = view.before(listener);
+        let stamp_s_ago =
+            clock.seconds_between(listener.overflow_stamp, view.snapshot.summary.jiffies);
+        if overflowing(listener, before.map(|(b, _)| b), stamp_s_ago) {
+            let since = before.map_or(now.saturating_sub(1_000_000_000), |(_, seconds)| {
+                now.saturating_sub((seconds * 1e9) as u64)
+            });
+            overflows.record(view.inode, listener.local_port, since, now);
+        }
     }
 }
 
@@ -227,6 +255,8 @@ impl State {
             self_stats: SelfStats::default(),
             census: Vec::new(),
             cgroups: Cgroups::new(),
+            jiffies: JiffyClock::default(),
+            overflows: Overflows::default(),
             hook_netns: 0,
             hook_netns_by_index: FastMap::default(),
             tls: TlsTracker::new(history),

@@ -27,7 +27,7 @@ pub enum BtfError {
 /// program's globals want them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Offsets {
-    pub values: [(&'static str, u32); 22],
+    pub values: [(&'static str, u32); 38],
 }
 
 impl Offsets {
@@ -47,6 +47,11 @@ impl Offsets {
                     field,
                     size,
                 })
+        };
+        // A field some kernels lack: offset 0, which the program reads as
+        // "absent".
+        let optional = |strukt, field, size, global| {
+            (global, offset_of(&btf, strukt, field, size).unwrap_or(0))
         };
         Ok(Self {
             values: [
@@ -85,6 +90,50 @@ impl Offsets {
                 ),
                 field("cgroup", "kn", 8, offsets::CGROUP_KN)?,
                 field("kernfs_node", "id", 8, offsets::KERNFS_ID)?,
+                field("sock", "sk_ack_backlog", 4, offsets::SK_ACK_BACKLOG)?,
+                field("sock", "sk_max_ack_backlog", 4, offsets::SK_MAX_ACK_BACKLOG)?,
+                field("sock", "sk_drops", 4, offsets::SK_DROPS)?,
+                optional("sock", "sk_drop_counters", 8, offsets::SK_DROP_COUNTERS),
+                optional("numa_drop_counters", "drops0", 4, offsets::NDC_DROPS0),
+                optional("numa_drop_counters", "drops1", 4, offsets::NDC_DROPS1),
+                (
+                    offsets::ICSK_SYN_QLEN,
+                    field(
+                        "inet_connection_sock",
+                        "icsk_accept_queue",
+                        size_of_struct(&btf, "request_sock_queue")?,
+                        "",
+                    )?
+                    .1 + field("request_sock_queue", "qlen", 4, "")?.1,
+                ),
+                field("sock", "sk_reuseport_cb", 8, offsets::SK_REUSEPORT_CB)?,
+                field(
+                    "sock_reuseport",
+                    "synq_overflow_ts",
+                    4,
+                    offsets::REUSEPORT_SYNQ_TS,
+                )?,
+                (
+                    offsets::TCP_TS_RECENT_STAMP,
+                    field(
+                        "tcp_sock",
+                        "rx_opt",
+                        size_of_struct(&btf, "tcp_options_received")?,
+                        "",
+                    )?
+                    .1 + field("tcp_options_received", "ts_recent_stamp", 4, "")?.1,
+                ),
+                field("sk_buff", "head", 8, offsets::SKB_HEAD)?,
+                field("sk_buff", "network_header", 2, offsets::SKB_NETWORK_HEADER)?,
+                field(
+                    "sk_buff",
+                    "transport_header",
+                    2,
+                    offsets::SKB_TRANSPORT_HEADER,
+                )?,
+                field("sk_buff", "protocol", 2, offsets::SKB_PROTOCOL)?,
+                field("sk_buff", "dev", 8, offsets::SKB_DEV)?,
+                field("net_device", "nd_net", 8, offsets::NETDEV_ND_NET)?,
             ],
         })
     }
@@ -164,4 +213,29 @@ fn type_size(btf: &Btf, mut ty: Type) -> Option<usize> {
         };
     }
     None
+}
+
+/// The kernel's drop reasons by number (`enum skb_drop_reason`), named in
+/// lower case without the `SKB_DROP_REASON_` prefix, as the kernel spells
+/// them (`no_socket`, `tcp_listen_overflow`...). Their numbers move
+/// between kernels; empty when this kernel's BTF has no such enum.
+pub fn drop_reasons(path: &str) -> std::collections::BTreeMap<u32, String> {
+    let Ok(btf) = Btf::from_file(path) else {
+        return Default::default();
+    };
+    let Ok(types) = btf.resolve_types_by_name("skb_drop_reason") else {
+        return Default::default();
+    };
+    let Some(Type::Enum(reasons)) = types.into_iter().find(|t| matches!(t, Type::Enum(_))) else {
+        return Default::default();
+    };
+    reasons
+        .members
+        .iter()
+        .filter_map(|member| {
+            let name = btf.resolve_name(member).ok()?;
+            let name = name.strip_prefix("SKB_DROP_REASON_").unwrap_or(&name);
+            Some((member.val(), name.to_ascii_lowercase()))
+        })
+        .collect()
 }

@@ -18,8 +18,8 @@ use std::{
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues};
 use aya::{Pod, programs::ProgramError};
 use handshake_common::abi::census::{
-    Config, Header, NETNS_SLOTS, NetnsStats, RECORD_SOCKET, RECORD_SUMMARY, SUMMARY_ROW_IPV4,
-    SUMMARY_ROW_IPV6, Socket, Summary, TwKey,
+    Config, Header, Listener, NETNS_SLOTS, NetnsStats, RECORD_LISTENER, RECORD_SOCKET,
+    RECORD_SUMMARY, SUMMARY_ROW_IPV4, SUMMARY_ROW_IPV6, Socket, Summary, TwKey,
 };
 use thiserror::Error;
 
@@ -92,6 +92,90 @@ pub struct NetnsCensus {
     pub port_range: (u16, u16),
     /// Wall time of the run: iterator walk, read and map drain.
     pub duration: Duration,
+    /// Every listener (at most [`MAX_LISTENERS`]).
+    pub listeners: Vec<Listener>,
+    /// The namespace's listen-queue counters (`/proc/net/netstat`), and
+    /// whether it answers a SYN queue overflow with cookies.
+    pub netstat: Netstat,
+    pub syncookies: bool,
+}
+
+/// Listener records a run writes at most per namespace.
+pub const MAX_LISTENERS: u32 = 4096;
+
+/// A namespace's `TcpExt` counters about listen queues, as `nstat`
+/// shows them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Netstat {
+    /// A full accept queue refused a connection (SYN or final ACK).
+    pub listen_overflows: u64,
+    /// Every drop at a listener, overflows included.
+    pub listen_drops: u64,
+    /// A full SYN queue dropped a SYN (no cookies).
+    pub req_q_full_drop: u64,
+    /// A full SYN queue answered with a cookie.
+    pub req_q_full_do_cookies: u64,
+    pub syncookies_sent: u64,
+    pub syncookies_recv: u64,
+    pub syncookies_failed: u64,
+}
+
+impl Netstat {
+    /// Parses `/proc/net/netstat`: pairs of lines, names then values.
+    pub fn parse(text: &str) -> Self {
+        let mut out = Self::default();
+        let lines: Vec<&str> = text.lines().collect();
+        for pair in lines.chunks(2) {
+            let [names, values] = pair else { continue };
+            let (Some(("TcpExt", names)), Some(("TcpExt", values))) =
+                (names.split_once(": "), values.split_once(": "))
+            else {
+                continue;
+            };
+            for (name, value) in names.split_whitespace().zip(values.split_whitespace()) {
+                let value = value.parse().unwrap_or(0);
+                match name {
+                    "ListenOverflows" => out.listen_overflows = value,
+                    "ListenDrops" => out.listen_drops = value,
+                    "TCPReqQFullDrop" => out.req_q_full_drop = value,
+                    "TCPReqQFullDoCookies" => out.req_q_full_do_cookies = value,
+                    "SyncookiesSent" => out.syncookies_sent = value,
+                    "SyncookiesRecv" => out.syncookies_recv = value,
+                    "SyncookiesFailed" => out.syncookies_failed = value,
+                    _ => {}
+                }
+            }
+        }
+        out
+    }
+}
+
+/// What a census reads of the namespace itself, inside it.
+struct NamespaceFiles {
+    port_range: (u16, u16),
+    netstat: Netstat,
+    syncookies: bool,
+}
+
+/// `ip_local_port_range`, `/proc/net/netstat` and `tcp_syncookies` of the
+/// calling thread's namespace.
+fn namespace_files(netns: &Netns) -> Result<NamespaceFiles, CensusError> {
+    let port_range = port_range().map_err(|source| CensusError::PortRange {
+        path: PORT_RANGE,
+        netns: netns.name().to_owned(),
+        source,
+    })?;
+    // The calling thread's namespace: /proc/net is the process's.
+    let netstat = std::fs::read_to_string("/proc/thread-self/net/netstat")
+        .map(|text| Netstat::parse(&text))
+        .unwrap_or_default();
+    let syncookies = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_syncookies")
+        .is_ok_and(|text| text.trim() != "0");
+    Ok(NamespaceFiles {
+        port_range,
+        netstat,
+        syncookies,
+    })
 }
 
 impl NetnsCensus {
@@ -160,10 +244,12 @@ const BPF_LINK_CREATE: u32 = 28;
 const BPF_ITER_CREATE: u32 = 33;
 const BPF_TRACE_ITER: u32 = 28;
 
-/// Upper bound on one run's output: the summary plus the socket records
-/// the config allows.
+/// Upper bound on one run's output: the summary plus the socket and
+/// listener records the config allows.
 fn max_output(config: &Config) -> usize {
-    size_of::<Summary>() + config.max_sockets as usize * size_of::<Socket>()
+    size_of::<Summary>()
+        + config.max_sockets as usize * size_of::<Socket>()
+        + config.max_listeners as usize * size_of::<Listener>()
 }
 
 impl Census {
@@ -289,25 +375,23 @@ impl Census {
         let Some(link) = self.link.as_ref().map(AsFd::as_fd) else {
             return netlink_run(netns, socket_states, max_sockets, started);
         };
-        let (port_range, iter) = netns.run(|| {
-            let range = port_range().map_err(|source| CensusError::PortRange {
-                path: PORT_RANGE,
-                netns: netns.name().to_owned(),
-                source,
-            })?;
+        let (files, iter) = netns.run(|| {
+            let files = namespace_files(netns)?;
             let iter = bpf(BPF_ITER_CREATE, &[link.as_raw_fd() as u32, 0]).map_err(|source| {
                 CensusError::Syscall {
                     call: "bpf_iter_create (iter/tcp)",
                     source,
                 }
             })?;
-            Ok::<_, CensusError>((range, iter))
+            Ok::<_, CensusError>((files, iter))
         })??;
+        let port_range = files.port_range;
         let config = Config {
             socket_states,
             max_sockets,
             ephemeral_low: port_range.0,
             ephemeral_high: port_range.1,
+            max_listeners: MAX_LISTENERS,
         };
         self.config
             .set(0, &config, 0)
@@ -323,7 +407,11 @@ impl Census {
                 call: "read (iter/tcp)",
                 source,
             })?;
-        let (summary, sockets) = decode(&output)?;
+        let Decoded {
+            summary,
+            sockets,
+            listeners,
+        } = decode(&output)?;
         let tw_remote = drain(&mut self.tw_remote, "TW_REMOTE")?;
         let tw_local = drain(&mut self.tw_local, "TW_LOCAL")?;
         Ok(NetnsCensus {
@@ -333,6 +421,9 @@ impl Census {
             tw_local,
             port_range,
             duration: started.elapsed(),
+            listeners,
+            netstat: files.netstat,
+            syncookies: files.syncookies,
         })
     }
 }
@@ -344,19 +435,16 @@ fn netlink_run(
     max_sockets: u32,
     started: Instant,
 ) -> Result<NetnsCensus, CensusError> {
-    let (port_range, dump) = netns.run(|| {
-        let range = port_range().map_err(|source| CensusError::PortRange {
-            path: PORT_RANGE,
-            netns: netns.name().to_owned(),
-            source,
-        })?;
-        let dump = sockdiag::dump(socket_states, max_sockets, range).map_err(|source| {
-            CensusError::Syscall {
-                call: "sock_diag dump",
-                source,
-            }
-        })?;
-        Ok::<_, CensusError>((range, dump))
+    let (files, dump) = netns.run(|| {
+        let files = namespace_files(netns)?;
+        let dump =
+            sockdiag::dump(socket_states, max_sockets, files.port_range).map_err(|source| {
+                CensusError::Syscall {
+                    call: "sock_diag dump",
+                    source,
+                }
+            })?;
+        Ok::<_, CensusError>((files, dump))
     })??;
     let sorted = |map: std::collections::HashMap<TwKey, u64>| {
         let mut entries: Vec<(TwKey, u64)> = map.into_iter().collect();
@@ -368,8 +456,11 @@ fn netlink_run(
         sockets: dump.sockets,
         tw_remote: sorted(dump.tw_remote),
         tw_local: sorted(dump.tw_local),
-        port_range,
+        port_range: files.port_range,
         duration: started.elapsed(),
+        listeners: dump.listeners,
+        netstat: files.netstat,
+        syncookies: files.syncookies,
     })
 }
 
@@ -411,11 +502,20 @@ fn drain(
     Ok(entries)
 }
 
-/// Splits the iterator's output into its summary and socket records.
-/// Socket records shown twice (the kernel repeats a socket whose record did
-/// not fit a read) are kept once.
-pub fn decode(output: &[u8]) -> Result<(Summary, Vec<Socket>), CensusError> {
+/// What one run's output holds.
+#[derive(Debug)]
+pub struct Decoded {
+    pub summary: Summary,
+    pub sockets: Vec<Socket>,
+    pub listeners: Vec<Listener>,
+}
+
+/// Splits the iterator's output into its summary, socket and listener
+/// records. Records shown twice (the kernel repeats a socket whose record
+/// did not fit a read) are kept once.
+pub fn decode(output: &[u8]) -> Result<Decoded, CensusError> {
     let mut sockets: Vec<Socket> = Vec::new();
+    let mut listeners: Vec<Listener> = Vec::new();
     let mut summary = None;
     let mut at = 0;
     while at < output.len() {
@@ -426,6 +526,12 @@ pub fn decode(output: &[u8]) -> Result<(Summary, Vec<Socket>), CensusError> {
                 let socket: Socket = read_record(output, at)?;
                 if sockets.last() != Some(&socket) {
                     sockets.push(socket);
+                }
+            }
+            RECORD_LISTENER if len == size_of::<Listener>() => {
+                let listener: Listener = read_record(output, at)?;
+                if listeners.last() != Some(&listener) {
+                    listeners.push(listener);
                 }
             }
             RECORD_SUMMARY if len == size_of::<Summary>() => {
@@ -440,7 +546,11 @@ pub fn decode(output: &[u8]) -> Result<(Summary, Vec<Socket>), CensusError> {
         at += len;
     }
     let summary = summary.ok_or_else(|| CensusError::Output("no summary record".to_owned()))?;
-    Ok((summary, sockets))
+    Ok(Decoded {
+        summary,
+        sockets,
+        listeners,
+    })
 }
 
 /// Copies a `T` out of `bytes` at `at`, checking the bounds.

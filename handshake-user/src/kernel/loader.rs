@@ -70,6 +70,7 @@ const fn traced_event(program: &str) -> Option<&'static str> {
         b"tp_sock_state" => Some("inet_sock_set_state"),
         b"tp_synack_rtx" => Some("tcp_retransmit_synack"),
         b"tp_syn_rtx" => Some("tcp_retransmit_skb"),
+        b"tp_kfree_skb" => Some("kfree_skb"),
         _ => None,
     }
 }
@@ -293,6 +294,31 @@ impl Observer {
                 .and_then(BtfTracePoint::attach);
             self.record(name, None, result.map(|_| "tp_btf".to_owned()));
         }
+        let name = program::TP_KFREE_SKB;
+        let result = self.attach_drops();
+        self.record(name, None, result.map(|_| "tp_btf".to_owned()));
+    }
+
+    /// Loads and attaches `skb:kfree_skb`: apart from the other
+    /// tracepoints, since a kernel whose tracepoint lacks the drop reason
+    /// or the receiving socket refuses the program; the daemon goes on
+    /// without drop reasons and says so (`handshake_probe_attached`).
+    fn attach_drops(&mut self) -> Result<(), ProgramError> {
+        if pretends_missing("kfree_skb") {
+            return Err(ProgramError::IOError(std::io::Error::other(format!(
+                "{PRETEND_MISSING}=kfree_skb"
+            ))));
+        }
+        let btf = aya::Btf::from_sys_fs().map_err(|e| {
+            ProgramError::IOError(std::io::Error::other(format!("kernel BTF: {e}")))
+        })?;
+        let prog: &mut BtfTracePoint = self
+            .ebpf
+            .program_mut(program::TP_KFREE_SKB)
+            .ok_or(ProgramError::UnexpectedProgramType)?
+            .try_into()?;
+        prog.load("kfree_skb", &btf)?;
+        prog.attach().map(drop)
     }
 
     /// Ingress and egress hooks on each interface of `netns`.

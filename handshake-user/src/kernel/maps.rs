@@ -2,19 +2,26 @@
 //! into plain values: [`KernelCounts`] summed over CPUs, the flows a
 //! [`Sweep`] found. (The census's maps are the census's.)
 
+use std::collections::BTreeMap;
+
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap},
 };
 use handshake_common::{
     abi::{
-        self, Direction, FlowStat, PacketKind, ParseError, STATE_SLOTS, map as names,
+        self, Direction, FlowStat, PacketKind, ParseError, STATE_SLOTS,
+        drops::DropKey,
+        map as names,
         tls_capture::{TlsKey, TlsPending},
     },
     flow::{Flow, FlowKey},
 };
 
-use crate::kernel::error::LoadError;
+use crate::kernel::{
+    btf::{KERNEL_BTF, drop_reasons},
+    error::LoadError,
+};
 
 /// The packet, parse-error and state-transition counters, read from the
 /// kernel at one moment.
@@ -26,6 +33,8 @@ pub struct KernelCounts {
     pub parse_errors: [u64; ParseError::COUNT as usize],
     /// Non-zero (from, to, count) state transitions.
     pub transitions: Vec<(u32, u32, u64)>,
+    /// Dropped handshake packets (`skb:kfree_skb`), by key.
+    pub drops: Vec<(DropKey, u64)>,
 }
 
 impl KernelCounts {
@@ -50,6 +59,9 @@ pub struct Counters {
     packets: PerCpuArray<MapData, u64>,
     parse_errors: PerCpuArray<MapData, u64>,
     transitions: PerCpuArray<MapData, u64>,
+    drops: PerCpuHashMap<MapData, DropKey, u64>,
+    /// This kernel's drop reasons by number, from its BTF.
+    pub reasons: BTreeMap<u32, String>,
 }
 
 impl std::fmt::Debug for Counters {
@@ -73,7 +85,21 @@ impl Counters {
             packets: take(ebpf, names::PACKET_COUNTS)?,
             parse_errors: take(ebpf, names::PARSE_ERRORS)?,
             transitions: take(ebpf, names::TRANSITIONS)?,
+            drops: {
+                let name = names::HANDSHAKE_DROPS;
+                let map = ebpf.take_map(name).ok_or(LoadError::MissingMap(name))?;
+                PerCpuHashMap::try_from(map).map_err(|source| LoadError::Map { name, source })?
+            },
+            reasons: drop_reasons(KERNEL_BTF),
         })
+    }
+
+    /// The kernel's name of drop reason `reason`, or its number.
+    pub fn reason_name(&self, reason: u32) -> String {
+        self.reasons
+            .get(&reason)
+            .cloned()
+            .unwrap_or_else(|| format!("reason_{reason}"))
     }
 
     pub fn read(&self) -> Result<KernelCounts, MapError> {
@@ -96,6 +122,11 @@ impl Counters {
                     .push((index / STATE_SLOTS, index % STATE_SLOTS, count));
             }
         }
+        for entry in self.drops.iter() {
+            let (key, per_cpu) = entry?;
+            snapshot.drops.push((key, per_cpu.iter().sum()));
+        }
+        snapshot.drops.sort_unstable();
         Ok(snapshot)
     }
 }
@@ -159,6 +190,10 @@ pub struct FlowStats {
     /// Socket-layer handshakes lost to a full ring buffer.
     pub sock_events_dropped: u64,
     pub synack_retransmits_kernel: u64,
+    /// Dropped packets `kfree_skb` could not parse, and handshake drops
+    /// its full table could not count.
+    pub drop_parse_failures: u64,
+    pub handshake_drops_full: u64,
     /// LRU evictions per [`Table`], derived (see [`FlowTables::sweep`]).
     pub evictions: [u64; 2],
 }
@@ -191,6 +226,8 @@ impl FlowTables {
             sock_ages_full: self.stat(FlowStat::SockAgesFull)?,
             sock_events_dropped: self.stat(FlowStat::SockEventsDropped)?,
             synack_retransmits_kernel: self.stat(FlowStat::SynAckRetransmits)?,
+            drop_parse_failures: self.stat(FlowStat::DropParseFailures)?,
+            handshake_drops_full: self.stat(FlowStat::HandshakeDropsFull)?,
             evictions: self.evictions,
         })
     }

@@ -9,11 +9,13 @@ use std::{collections::HashMap, net::IpAddr};
 use handshake_common::abi::{
     AF_INET, AF_INET6,
     census::{
-        Header, RECORD_SOCKET, RECORD_SUMMARY, SUMMARY_ROW_IPV4, SUMMARY_ROW_IPV6, Socket, Summary,
-        TW_LOCAL_ENTRIES, TW_REMOTE_ENTRIES, TwKey,
+        Header, Listener, RECORD_LISTENER, RECORD_SOCKET, RECORD_SUMMARY, SUMMARY_ROW_IPV4,
+        SUMMARY_ROW_IPV6, Socket, Summary, TW_LOCAL_ENTRIES, TW_REMOTE_ENTRIES, TwKey,
     },
     tcp_state,
 };
+
+use crate::kernel::census::MAX_LISTENERS;
 use netlink_packet_core::{
     NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
 };
@@ -29,6 +31,9 @@ use netlink_sys::{Socket as NetlinkSocket, SocketAddr, protocols::NETLINK_SOCK_D
 pub struct Dump {
     pub summary: Summary,
     pub sockets: Vec<Socket>,
+    /// Listeners with their accept queues (the header's queues); the SYN
+    /// queue and drops are not read here (0).
+    pub listeners: Vec<Listener>,
     pub tw_remote: HashMap<TwKey, u64>,
     pub tw_local: HashMap<TwKey, u64>,
 }
@@ -54,6 +59,7 @@ pub fn dump(socket_states: u32, max_sockets: u32, ephemeral: (u16, u16)) -> std:
             ..Summary::default()
         },
         sockets: Vec::new(),
+        listeners: Vec::new(),
         tw_remote: HashMap::new(),
         tw_local: HashMap::new(),
     };
@@ -89,6 +95,20 @@ fn count(
     let id = &header.socket_id;
     let (local, remote) = (bytes(id.source_address), bytes(id.destination_address));
     let minisock = matches!(header.timer, Some(Timer::TimeWait));
+    if state == tcp_state::LISTEN && dump.listeners.len() < MAX_LISTENERS as usize {
+        dump.listeners.push(Listener {
+            header: Header {
+                kind: RECORD_LISTENER,
+                len: size_of::<Listener>() as u32,
+            },
+            family,
+            local_port: id.source_port,
+            local_addr: local,
+            accept_queue: header.recv_queue,
+            accept_queue_max: header.send_queue,
+            ..Listener::default()
+        });
+    }
     if minisock && state == tcp_state::FIN_WAIT2 {
         summary.tw_fin_wait2[fam] += 1;
     }

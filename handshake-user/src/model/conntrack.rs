@@ -152,6 +152,7 @@ pub fn conn_view(flow: &Flow, source: Source, now: u64) -> ConnView {
         sni: None,
         ja4: None,
         tls_version: None,
+        listener_overflowing: false,
         attribution: Default::default(),
     }
 }

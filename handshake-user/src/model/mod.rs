@@ -6,6 +6,7 @@
 
 pub mod conntrack;
 pub mod fingerprint;
+pub mod listeners;
 pub mod sockets;
 pub mod states;
 pub mod tls;

@@ -6,12 +6,13 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use handshake_common::abi::{
-    census::{NetnsStats, Socket, TwKey},
+    census::{Listener, NetnsStats, Socket, TwKey},
     tcp_state,
 };
 
 use crate::{
     kernel::census::NetnsCensus,
+    model::listeners::same_listener,
     wire::{Attribution, Endpoint, Family, Forecast, STATES, SocketView, TimeWaitView, state_name},
 };
 
@@ -71,6 +72,9 @@ pub struct NetnsView {
     /// State changes per second by the state entered, between the last
     /// two reads at least half a second apart.
     pub entered_per_second: [f64; 16],
+    /// The listeners of an earlier census at least half a second before
+    /// the last, and when it was taken: drop rates.
+    pub listeners_before: Option<(u64, Vec<Listener>)>,
 }
 
 impl NetnsView {
@@ -83,6 +87,7 @@ impl NetnsView {
             history: VecDeque::new(),
             stats: None,
             entered_per_second: [0.0; 16],
+            listeners_before: None,
         };
         view.update(snapshot, entries, now_ns);
         view
@@ -135,8 +140,23 @@ impl NetnsView {
         while self.history.len() > 2 && now_ns - self.history[1].at_ns >= WINDOW_NS {
             self.history.pop_front();
         }
+        if self.listeners_before.is_none() || now_ns.saturating_sub(self.taken_ns) >= 500_000_000 {
+            self.listeners_before =
+                Some((self.taken_ns, std::mem::take(&mut self.snapshot.listeners)));
+        }
         self.snapshot = snapshot;
         self.taken_ns = now_ns;
+    }
+
+    /// Listener `listener`'s record in the earlier census, and the seconds
+    /// between the two.
+    pub fn before(&self, listener: &Listener) -> Option<(&Listener, f64)> {
+        let (then, listeners) = self.listeners_before.as_ref()?;
+        let seconds = self.taken_ns.saturating_sub(*then) as f64 / 1e9;
+        listeners
+            .iter()
+            .find(|l| same_listener(l, listener))
+            .map(|l| (l, seconds))
     }
 
     fn span(&self) -> Option<(&Sample, &Sample, f64)> {
@@ -310,6 +330,9 @@ mod tests {
             )],
             tw_local: Vec::new(),
             port_range: (40_000, 40_999),
+            listeners: Vec::new(),
+            netstat: Default::default(),
+            syncookies: false,
             duration: Duration::ZERO,
         }
     }

@@ -10,8 +10,8 @@ use std::fmt;
 
 pub use names::{Family, Outcome, Role, STATES, Source, state_by_name, state_name};
 pub use views::{
-    Attribution, ConnView, Endpoint, Endpoints, Forecast, SocketView, StatesView, TimeWaitView,
-    TlsView,
+    Attribution, ConnView, Endpoint, Endpoints, Forecast, ListenerView, SocketView, StatesView,
+    TimeWaitView, TlsView,
 };
 
 /// Where the daemon listens and the CLI asks, unless told otherwise.
@@ -36,6 +36,8 @@ pub enum Request {
     /// A fresh census listing the sockets in `state` (kernel number):
     /// [`SocketView`]s.
     Sockets { state: u32 },
+    /// A fresh census of every listener: [`ListenerView`]s.
+    Listeners,
     /// What `/metrics` serves, in Prometheus text format (not JSON): for
     /// readers on the host that should not open a TCP connection, which
     /// the daemon would count as a handshake.
@@ -63,6 +65,7 @@ impl Request {
             "tls" => Ok(Self::Tls),
             "states" => Ok(Self::States),
             "metrics" => Ok(Self::Metrics),
+            "listeners" => Ok(Self::Listeners),
             "timewait" => Ok(Self::TimeWait {
                 top: argument.and_then(|n| n.parse().ok()).unwrap_or(DEFAULT_TOP),
             }),
@@ -83,6 +86,7 @@ impl fmt::Display for Request {
             Self::Tls => f.write_str("tls"),
             Self::States => f.write_str("states"),
             Self::Metrics => f.write_str("metrics"),
+            Self::Listeners => f.write_str("listeners"),
             Self::TimeWait { top } => write!(f, "timewait {top}"),
             Self::Sockets { state } => write!(f, "sockets {}", state_name(*state)),
         }
@@ -113,6 +117,7 @@ mod tests {
             Request::Tls,
             Request::States,
             Request::Metrics,
+            Request::Listeners,
             Request::TimeWait { top: 3 },
             Request::Sockets {
                 state: tcp_state::CLOSE_WAIT,

@@ -58,6 +58,10 @@ pub struct ConnView {
     pub ja4: Option<String>,
     /// Negotiated, from the ServerHello.
     pub tls_version: Option<String>,
+    /// Its SYN was retransmitted while its listener was overflowing (the
+    /// accept queue full, the SYN queue full or sending cookies, or drops
+    /// growing): the wait was the server's queue, not the network.
+    pub listener_overflowing: bool,
     #[serde(flatten)]
     pub attribution: Attribution,
 }
@@ -104,6 +108,31 @@ impl SocketView {
                 .total_cmp(&a.state_age_s.unwrap_or(-1.0))
         });
     }
+}
+
+/// One listener, from a fresh census: `handshake listeners --json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ListenerView {
+    #[serde(flatten)]
+    pub attribution: Attribution,
+    pub family: String,
+    pub local_addr: String,
+    pub local_port: u16,
+    /// Connections waiting for accept() (`sk_ack_backlog`, ss's Recv-Q).
+    pub accept_queue: u32,
+    /// Its limit (`sk_max_ack_backlog`, ss's Send-Q).
+    pub accept_queue_max: u32,
+    /// Request sockets waiting for the final ACK (ss's SYN-RECV).
+    pub syn_queue: u32,
+    /// The listener's drops (ss's skmem `d`).
+    pub drops: u32,
+    /// Drops per second between the last two censuses of its namespace.
+    pub drops_per_second: Option<f64>,
+    /// True while it answers SYNs with cookies (its SYN queue, or its
+    /// reuseport group's, overflowed in the last 2 s).
+    pub syn_cookies: bool,
+    /// Seconds since its SYN queue last overflowed, when known.
+    pub syn_overflow_s_ago: Option<f64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -109,7 +109,7 @@ fn rounds(default: usize) -> usize {
 
 /// The kernel programs of the object, by name: those the daemon attaches
 /// and the benchmark's floors (a program that did not run is not listed).
-const PROGRAMS: [&str; 9] = program::ALL;
+const PROGRAMS: [&str; 10] = program::ALL;
 
 /// Runs and run time so far of each of [`PROGRAMS`], summed over the
 /// loaded programs of that name, from the kernel's own statistics (kept
