@@ -10,10 +10,16 @@
 use core::{ffi::c_void, mem::size_of};
 
 use aya_ebpf::{helpers::generated::bpf_probe_read_kernel, macros::map, maps::PerCpuHashMap};
-use handshake_common::abi::{
-    FlowStat,
-    drops::{DROP_ENTRIES, DropKey, PACKET_ACK, PACKET_SYN, PACKET_SYN_ACK},
-    tcp_state,
+use handshake_common::{
+    abi::{
+        FlowStat, IPPROTO_TCP,
+        drops::{DROP_ENTRIES, DropKey, PACKET_ACK, PACKET_SYN, PACKET_SYN_ACK},
+        tcp_state,
+    },
+    packet::{
+        ETH_P_IP, ETH_P_IPV6,
+        tcp_flags::{ACK as TCP_ACK, FIN as TCP_FIN, RST as TCP_RST, SYN as TCP_SYN},
+    },
 };
 
 use crate::census::{OFF_NET_NS_INUM, OFF_SKC_STATE, field, netns_inum, offset};
@@ -36,13 +42,6 @@ static OFF_SKB_DEV: u32 = 0;
 #[unsafe(no_mangle)]
 static OFF_NETDEV_ND_NET: u32 = 0;
 
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86DD;
-const IPPROTO_TCP: u8 = 6;
-const TCP_SYN: u8 = 0x02;
-const TCP_RST: u8 = 0x04;
-const TCP_ACK: u8 = 0x10;
-const TCP_FIN: u8 = 0x01;
 /// `skb->transport_header` when unset.
 const UNSET: u16 = 0xffff;
 
@@ -127,13 +126,13 @@ pub fn dropped(skb: *const u8, reason: u32, rx_sk: *const u8) {
 fn tcp_at(network: u64, protocol: u16, th: u16, head: u64) -> Option<u64> {
     let ip = read::<10>(network)?;
     let header_len = if protocol == ETH_P_IP {
-        if ip[0] >> 4 != 4 || ip[9] != IPPROTO_TCP {
+        if ip[0] >> 4 != 4 || u16::from(ip[9]) != IPPROTO_TCP {
             return None;
         }
         u64::from(ip[0] & 0x0f) * 4
     } else {
         // No extension headers: a handshake packet carries none here.
-        if ip[0] >> 4 != 6 || ip[6] != IPPROTO_TCP {
+        if ip[0] >> 4 != 6 || u16::from(ip[6]) != IPPROTO_TCP {
             return None;
         }
         40

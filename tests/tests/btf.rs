@@ -146,6 +146,57 @@ fn offsets_equal_what_bpftool_reads_from_the_same_btf() {
         ),
         (offsets::CGROUP_KN, raw.offset("cgroup", "kn")),
         (offsets::KERNFS_ID, raw.offset("kernfs_node", "id")),
+        (
+            offsets::SK_ACK_BACKLOG,
+            raw.offset("sock", "sk_ack_backlog"),
+        ),
+        (
+            offsets::SK_MAX_ACK_BACKLOG,
+            raw.offset("sock", "sk_max_ack_backlog"),
+        ),
+        (offsets::SK_DROPS, raw.offset("sock", "sk_drops")),
+        (
+            offsets::SK_DROP_COUNTERS,
+            raw.offset("sock", "sk_drop_counters"),
+        ),
+        (
+            offsets::NDC_DROPS0,
+            raw.offset("numa_drop_counters", "drops0"),
+        ),
+        (
+            offsets::NDC_DROPS1,
+            raw.offset("numa_drop_counters", "drops1"),
+        ),
+        (
+            offsets::ICSK_SYN_QLEN,
+            raw.offset("inet_connection_sock", "icsk_accept_queue")
+                + raw.offset("request_sock_queue", "qlen"),
+        ),
+        (
+            offsets::SK_REUSEPORT_CB,
+            raw.offset("sock", "sk_reuseport_cb"),
+        ),
+        (
+            offsets::REUSEPORT_SYNQ_TS,
+            raw.offset("sock_reuseport", "synq_overflow_ts"),
+        ),
+        (
+            offsets::TCP_TS_RECENT_STAMP,
+            raw.offset("tcp_sock", "rx_opt")
+                + raw.offset("tcp_options_received", "ts_recent_stamp"),
+        ),
+        (offsets::SKB_HEAD, raw.offset("sk_buff", "head")),
+        (
+            offsets::SKB_NETWORK_HEADER,
+            raw.offset("sk_buff", "network_header"),
+        ),
+        (
+            offsets::SKB_TRANSPORT_HEADER,
+            raw.offset("sk_buff", "transport_header"),
+        ),
+        (offsets::SKB_PROTOCOL, raw.offset("sk_buff", "protocol")),
+        (offsets::SKB_DEV, raw.offset("sk_buff", "dev")),
+        (offsets::NETDEV_ND_NET, raw.offset("net_device", "nd_net")),
     ];
     assert_eq!(resolved.values.len(), expected.len());
     for (global, offset) in expected {

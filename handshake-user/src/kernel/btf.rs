@@ -53,6 +53,20 @@ impl Offsets {
         let optional = |strukt, field, size, global| {
             (global, offset_of(&btf, strukt, field, size).unwrap_or(0))
         };
+        // A field of a struct embedded in another: `outer.member.inner`.
+        let nested = |outer: &'static str,
+                      member: &'static str,
+                      embedded: &'static str,
+                      inner: &'static str,
+                      size: usize,
+                      global: &'static str|
+         -> Result<(&'static str, u32), BtfError> {
+            let whole = size_of_struct(&btf, embedded)?;
+            Ok((
+                global,
+                field(outer, member, whole, "")?.1 + field(embedded, inner, size, "")?.1,
+            ))
+        };
         Ok(Self {
             values: [
                 field(sc, "skc_daddr", 4, offsets::SKC_DADDR)?,
@@ -73,21 +87,15 @@ impl Offsets {
                 field("tcp_sock", "data_segs_in", 4, offsets::TCP_DATA_SEGS_IN)?,
                 field("tcp_sock", "data_segs_out", 4, offsets::TCP_DATA_SEGS_OUT)?,
                 field("tcp_sock", "retrans_stamp", 4, offsets::TCP_RETRANS_STAMP)?,
-                (
-                    offsets::NET_NS_INUM,
-                    field("net", "ns", size_of_struct(&btf, "ns_common")?, "")?.1
-                        + field("ns_common", "inum", 4, "")?.1,
-                ),
-                (
+                nested("net", "ns", "ns_common", "inum", 4, offsets::NET_NS_INUM)?,
+                nested(
+                    "sock",
+                    "sk_cgrp_data",
+                    "sock_cgroup_data",
+                    "cgroup",
+                    8,
                     offsets::SK_CGROUP,
-                    field(
-                        "sock",
-                        "sk_cgrp_data",
-                        size_of_struct(&btf, "sock_cgroup_data")?,
-                        "",
-                    )?
-                    .1 + field("sock_cgroup_data", "cgroup", 8, "")?.1,
-                ),
+                )?,
                 field("cgroup", "kn", 8, offsets::CGROUP_KN)?,
                 field("kernfs_node", "id", 8, offsets::KERNFS_ID)?,
                 field("sock", "sk_ack_backlog", 4, offsets::SK_ACK_BACKLOG)?,
@@ -96,16 +104,14 @@ impl Offsets {
                 optional("sock", "sk_drop_counters", 8, offsets::SK_DROP_COUNTERS),
                 optional("numa_drop_counters", "drops0", 4, offsets::NDC_DROPS0),
                 optional("numa_drop_counters", "drops1", 4, offsets::NDC_DROPS1),
-                (
+                nested(
+                    "inet_connection_sock",
+                    "icsk_accept_queue",
+                    "request_sock_queue",
+                    "qlen",
+                    4,
                     offsets::ICSK_SYN_QLEN,
-                    field(
-                        "inet_connection_sock",
-                        "icsk_accept_queue",
-                        size_of_struct(&btf, "request_sock_queue")?,
-                        "",
-                    )?
-                    .1 + field("request_sock_queue", "qlen", 4, "")?.1,
-                ),
+                )?,
                 field("sock", "sk_reuseport_cb", 8, offsets::SK_REUSEPORT_CB)?,
                 field(
                     "sock_reuseport",
@@ -113,16 +119,14 @@ impl Offsets {
                     4,
                     offsets::REUSEPORT_SYNQ_TS,
                 )?,
-                (
+                nested(
+                    "tcp_sock",
+                    "rx_opt",
+                    "tcp_options_received",
+                    "ts_recent_stamp",
+                    4,
                     offsets::TCP_TS_RECENT_STAMP,
-                    field(
-                        "tcp_sock",
-                        "rx_opt",
-                        size_of_struct(&btf, "tcp_options_received")?,
-                        "",
-                    )?
-                    .1 + field("tcp_options_received", "ts_recent_stamp", 4, "")?.1,
-                ),
+                )?,
                 field("sk_buff", "head", 8, offsets::SKB_HEAD)?,
                 field("sk_buff", "network_header", 2, offsets::SKB_NETWORK_HEADER)?,
                 field(
