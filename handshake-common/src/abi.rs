@@ -576,6 +576,8 @@ pub mod census {
         pub const CGROUP_KN: &str = "OFF_CGROUP_KN";
         /// `struct kernfs_node`: `id`, the cgroup id (inode number).
         pub const KERNFS_ID: &str = "OFF_KERNFS_ID";
+        /// `struct sock`: `sk_socket` (NULL once orphaned).
+        pub const SK_SOCKET: &str = "OFF_SK_SOCKET";
         /// `struct sock`: the listener's queues and drops.
         pub const SK_ACK_BACKLOG: &str = "OFF_SK_ACK_BACKLOG";
         pub const SK_MAX_ACK_BACKLOG: &str = "OFF_SK_MAX_ACK_BACKLOG";
@@ -668,16 +670,33 @@ pub mod census {
 
     /// Per-socket state kept by the state tracepoint in `SK_AGE`: when the
     /// socket entered its current state and, for connections this host
-    /// opened, who called connect().
+    /// opened, who called connect(); and for its close, when it was born
+    /// (connect(), or its handshake completed for a listener's child) and
+    /// when each end's FIN went (0: not yet).
     #[repr(C)]
     #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
     pub struct SockAge {
         pub since_ns: u64,
-        pub state: u32,
+        pub state: u16,
+        /// `AGE_*` bits.
+        pub flags: u16,
         pub pid: u32,
         pub comm: [u8; 16],
+        pub born_ns: u64,
+        /// This socket's FIN: it entered FIN_WAIT1 or LAST_ACK.
+        pub fin_out_ns: u64,
+        /// The peer's FIN: it entered CLOSE_WAIT or CLOSING, or left
+        /// FIN_WAIT1/FIN_WAIT2 for TIME_WAIT.
+        pub fin_in_ns: u64,
     }
-    const _: () = assert!(size_of::<SockAge>() == 32);
+    const _: () = assert!(size_of::<SockAge>() == 56);
+
+    /// [`SockAge::flags`]: the socket opened the connection (connect()).
+    pub const AGE_CLIENT: u16 = 1;
+    /// The socket is a listener's child.
+    pub const AGE_SERVER: u16 = 2;
+    /// Both ends closed at once: the socket went through CLOSING.
+    pub const AGE_CLOSING: u16 = 4;
 
     /// A slot of `SK_AGE_SLOTS`: the socket that holds it (its address; 0:
     /// free) and its age. A socket's slots are `i` and `i ^ 1` for `i` a
@@ -688,7 +707,7 @@ pub mod census {
         pub sk: u64,
         pub age: SockAge,
     }
-    const _: () = assert!(size_of::<AgeSlot>() == 40);
+    const _: () = assert!(size_of::<AgeSlot>() == 64);
 
     /// The first of the two slots of socket address `sk` in a table of
     /// `mask + 1` slots (a power of two): a multiplicative hash of the
@@ -768,6 +787,20 @@ pub mod socket {
     /// ESTABLISHED → CLOSE with no data segment either way: a reset, sent
     /// (`sk_err` 0) or received (`sk_err` ECONNRESET).
     pub const KIND_RESET: u8 = 3;
+    /// An established connection's socket closed (→ CLOSE): its close
+    /// timeline in `start_ns` (born), `fin_out_ns`, `fin_in_ns`, `ts_ns`
+    /// (the end), `old_state` and `close_flags` (`census::AGE_*`).
+    pub const KIND_CLOSED: u8 = 4;
+
+    /// [`SockHandshake::close_flags`]: the `census::AGE_*` bits the
+    /// socket's age held (its role, CLOSING seen) and:
+    pub const CLOSE_CLIENT: u8 = super::census::AGE_CLIENT as u8;
+    pub const CLOSE_SERVER: u8 = super::census::AGE_SERVER as u8;
+    pub const CLOSE_CLOSING: u8 = super::census::AGE_CLOSING as u8;
+    /// The application had closed the socket (`sk_socket` NULL): from
+    /// FIN_WAIT2 on, the kernel hands such a socket to a minisock, whose
+    /// end (the peer's FIN) the state tracepoint does not see.
+    pub const CLOSE_ORPHAN: u8 = 8;
 
     /// One socket's handshake as the state tracepoint saw it end.
     #[repr(C)]
@@ -801,11 +834,21 @@ pub mod socket {
         pub role: u8,
         /// `KIND_*`.
         pub kind: u8,
+        /// `KIND_CLOSED`: the state the socket left for CLOSE.
+        pub old_state: u8,
+        /// `KIND_CLOSED`: `census::AGE_*` bits (its role; CLOSING seen).
+        pub close_flags: u8,
+        pub _pad: u16,
+        pub _pad2: u32,
         /// The socket's cgroup v2 id, set at its creation (a server's
         /// socket: its listener's); 0 if unreadable.
         pub cgroup: u64,
+        /// `KIND_CLOSED`: when this end's FIN and the peer's went (0: not
+        /// seen, or the socket had no age).
+        pub fin_out_ns: u64,
+        pub fin_in_ns: u64,
     }
-    const _: () = assert!(size_of::<SockHandshake>() == 88);
+    const _: () = assert!(size_of::<SockHandshake>() == 112);
 
     // SAFETY: `repr(C)` plain integers and byte arrays, no implicit
     // padding (size asserted above), valid for any bit pattern.

@@ -31,9 +31,10 @@ use aya_ebpf::{
 use handshake_common::abi::{
     AF_INET, AF_INET6, FlowStat, IPPROTO_TCP, SOCK_AGE_ENTRIES,
     census::{
-        AgeSlot, Config, Header, Listener, NETNS_SLOTS, NetnsStats, RECORD_LISTENER, RECORD_SOCKET,
-        RECORD_SUMMARY, SUMMARY_ROW_IPV4, SUMMARY_ROW_IPV6, SockAge, Socket, Summary,
-        TW_LOCAL_ENTRIES, TW_REMOTE_ENTRIES, TwKey, age_slot, netns_slot,
+        AGE_CLIENT, AGE_CLOSING, AGE_SERVER, AgeSlot, Config, Header, Listener, NETNS_SLOTS,
+        NetnsStats, RECORD_LISTENER, RECORD_SOCKET, RECORD_SUMMARY, SUMMARY_ROW_IPV4,
+        SUMMARY_ROW_IPV6, SockAge, Socket, Summary, TW_LOCAL_ENTRIES, TW_REMOTE_ENTRIES, TwKey,
+        age_slot, netns_slot,
     },
     tcp_state,
 };
@@ -235,6 +236,11 @@ pub fn state_change(sk: *const u8, old: u32, new: u32, inum: u32) {
         new == tcp_state::CLOSE && (old == tcp_state::FIN_WAIT2 || old == tcp_state::CLOSING);
     netns_change(inum, new, time_wait);
     if new == tcp_state::CLOSE {
+        // An established connection's socket is done: its close, with
+        // what its age noted of it, before the age is forgotten.
+        if old != tcp_state::SYN_SENT && old != tcp_state::SYN_RECV && old != tcp_state::LISTEN {
+            crate::socket::closed(sk, inum, old, current_age(key));
+        }
         forget(key);
         return;
     }
@@ -263,7 +269,8 @@ pub fn state_change(sk: *const u8, old: u32, new: u32, inum: u32) {
             // serialised by its lock. The time before the state.
             unsafe {
                 ptr::write_volatile(&raw mut (*slot).age.since_ns, now);
-                ptr::write_volatile(&raw mut (*slot).age.state, new);
+                ptr::write_volatile(&raw mut (*slot).age.state, new as u16);
+                close_step(&raw mut (*slot).age, new, now);
             }
             return;
         }
@@ -271,24 +278,35 @@ pub fn state_change(sk: *const u8, old: u32, new: u32, inum: u32) {
             // SAFETY: as above, in the overflow table.
             unsafe {
                 (*age).since_ns = now;
-                (*age).state = new;
+                (*age).state = new as u16;
+                close_step(age, new, now);
             }
             return;
         }
     }
-    let connect = old == tcp_state::CLOSE && new == tcp_state::SYN_SENT;
+    let role = if old == tcp_state::CLOSE && new == tcp_state::SYN_SENT {
+        AGE_CLIENT
+    } else if old == tcp_state::SYN_RECV {
+        AGE_SERVER
+    } else {
+        0
+    };
     if let Some(slot) = own.or(free) {
         let slot = slot.as_ptr();
         // SAFETY: a valid map value; the age before the owner.
         unsafe {
-            write_fresh(&raw mut (*slot).age, now, new, connect);
+            write_fresh(&raw mut (*slot).age, now, new, role);
+            close_step(&raw mut (*slot).age, new, now);
             ptr::write_volatile(&raw mut (*slot).sk, key);
         }
         return;
     }
     let mut age = MaybeUninit::<SockAge>::uninit();
     // SAFETY: every field is written (the insert copies it).
-    unsafe { write_fresh(age.as_mut_ptr(), now, new, connect) };
+    unsafe {
+        write_fresh(age.as_mut_ptr(), now, new, role);
+        close_step(age.as_mut_ptr(), new, now);
+    }
     // SAFETY: all fields were written above.
     let age = unsafe { age.assume_init_ref() };
     if SK_AGE.insert(&key, age, 0).is_err() {
@@ -296,21 +314,63 @@ pub fn state_change(sk: *const u8, old: u32, new: u32, inum: u32) {
     }
 }
 
-/// Writes a fresh age at `age`: `state` entered at `now`, and on
-/// connect() the calling process as the opener. Field by field, and
+/// Notes a step of the close in `age`: this socket's FIN (FIN_WAIT1, or
+/// LAST_ACK after CLOSE_WAIT), the peer's (CLOSE_WAIT, or CLOSING: both
+/// at once).
+///
+/// # Safety
+/// `age` must be valid for writes.
+#[inline(always)]
+unsafe fn close_step(age: *mut SockAge, new: u32, now: u64) {
+    // SAFETY: the caller's.
+    unsafe {
+        match new {
+            tcp_state::FIN_WAIT1 | tcp_state::LAST_ACK => {
+                ptr::write_volatile(&raw mut (*age).fin_out_ns, now);
+            }
+            tcp_state::CLOSE_WAIT => ptr::write_volatile(&raw mut (*age).fin_in_ns, now),
+            tcp_state::CLOSING => {
+                ptr::write_volatile(&raw mut (*age).fin_in_ns, now);
+                (*age).flags |= AGE_CLOSING;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// What the state tracepoint noted of socket `key`, if anything.
+#[inline(always)]
+fn current_age(key: u64) -> Option<SockAge> {
+    match age_slots(key) {
+        // SAFETY: a valid map value, copied out at once.
+        (Some(slot), _) => Some(unsafe { (*slot.as_ptr()).age }),
+        // SAFETY: as above, in the overflow table.
+        (None, _) => SK_AGE.get_ptr(&key).map(|age| unsafe { *age }),
+    }
+}
+
+/// Writes a fresh age at `age`: `state` entered at `now`, its role
+/// (`AGE_CLIENT` on connect(), `AGE_SERVER` for a listener's child, 0
+/// unknown), and on connect() the calling process as the opener. Field by field, and
 /// `comm` by the helper or as two words: a `[0; 16]` compiles to a call to
 /// a byte-at-a-time `memset` subprogram.
 ///
 /// # Safety
 /// `age` must be valid for writes.
 #[inline(always)]
-unsafe fn write_fresh(age: *mut SockAge, now: u64, state: u32, connect: bool) {
+unsafe fn write_fresh(age: *mut SockAge, now: u64, state: u32, role: u16) {
     // SAFETY: the caller's.
     unsafe {
         ptr::write_volatile(&raw mut (*age).since_ns, now);
-        ptr::write_volatile(&raw mut (*age).state, state);
+        ptr::write_volatile(&raw mut (*age).state, state as u16);
+        ptr::write_volatile(&raw mut (*age).flags, role);
+        // Born when connect() began or the handshake completed; unknown
+        // (0) for a socket first seen later.
+        ptr::write_volatile(&raw mut (*age).born_ns, if role == 0 { 0 } else { now });
+        ptr::write_volatile(&raw mut (*age).fin_out_ns, 0);
+        ptr::write_volatile(&raw mut (*age).fin_in_ns, 0);
         let comm = (&raw mut (*age).comm).cast::<c_void>();
-        if connect {
+        if role == AGE_CLIENT {
             // connect(): the process is the current task. The helper fills
             // all 16 bytes, with zeros past the name or on failure.
             (*age).pid = (bpf_get_current_pid_tgid() >> 32) as u32;
@@ -551,7 +611,7 @@ fn age_of(sk: *const u8, state: u32) -> Option<SockAge> {
         // SAFETY: as above, in the overflow table.
         (None, _) => unsafe { *SK_AGE.get_ptr(&key)? },
     };
-    (age.state == state).then_some(age)
+    (u32::from(age.state) == state).then_some(age)
 }
 
 #[inline(always)]

@@ -7,7 +7,10 @@
 //! `bpf_probe_read_kernel` from the packet's head at the offsets the
 //! stack recorded (the linear part: a dropped handshake packet is small).
 
-use core::{ffi::c_void, mem::size_of};
+use core::{
+    ffi::c_void,
+    mem::{MaybeUninit, size_of},
+};
 
 use aya_ebpf::{helpers::generated::bpf_probe_read_kernel, macros::map, maps::PerCpuHashMap};
 use handshake_common::{
@@ -42,14 +45,28 @@ static OFF_SKB_DEV: u32 = 0;
 #[unsafe(no_mangle)]
 static OFF_NETDEV_ND_NET: u32 = 0;
 
+/// Reasons that free whole queues, not packets on their way (a closed
+/// socket's unread data: `queue_purge`, `socket_close`): skipped before
+/// any read, as this kernel numbers them (set at load from BTF; no reason
+/// is `u32::MAX`). Loopback churn frees one such packet a connection.
+#[unsafe(no_mangle)]
+static SKIP_REASON_QUEUE_PURGE: u32 = u32::MAX;
+#[unsafe(no_mangle)]
+static SKIP_REASON_SOCKET_CLOSE: u32 = u32::MAX;
+
 /// `skb->transport_header` when unset.
 const UNSET: u16 = 0xffff;
 
-/// Copies `N` bytes of kernel memory at `address`, `None` on a fault.
+/// Copies `N` bytes of kernel memory at `address`, `None` on a fault (a
+/// packet shorter than `N` from there may still copy: what lies past it
+/// in the buffer is not read as headers).
 #[inline(always)]
 fn read<const N: usize>(address: u64) -> Option<[u8; N]> {
-    let mut out = [0u8; N];
-    // SAFETY: the helper checks the source and writes at most N bytes.
+    // Not zeroed first: a zeroed array on the stack compiles to a
+    // byte-at-a-time memset, ~300 ns for these 128 bytes; the helper
+    // writes every byte (zeros on a fault).
+    let mut out = MaybeUninit::<[u8; N]>::uninit();
+    // SAFETY: the helper checks the source and writes all N bytes.
     let rc = unsafe {
         bpf_probe_read_kernel(
             out.as_mut_ptr().cast::<c_void>(),
@@ -57,12 +74,23 @@ fn read<const N: usize>(address: u64) -> Option<[u8; N]> {
             address as *const c_void,
         )
     };
-    (rc == 0).then_some(out)
+    // SAFETY: written in full by the helper, on success and on failure.
+    (rc == 0).then(|| unsafe { out.assume_init() })
 }
 
 /// A dropped packet: counted when it is a handshake packet.
 #[inline(always)]
 pub fn dropped(skb: *const u8, reason: u32, rx_sk: *const u8) {
+    // SAFETY: plain reads of globals set at load.
+    let skipped = unsafe {
+        [
+            core::ptr::read_volatile(&SKIP_REASON_QUEUE_PURGE),
+            core::ptr::read_volatile(&SKIP_REASON_SOCKET_CLOSE),
+        ]
+    };
+    if skipped.contains(&reason) {
+        return;
+    }
     // SAFETY: `skb` is the tracepoint's BTF-typed `struct sk_buff *`; the
     // offsets are its fields' (resolved from BTF, checked by the verifier).
     let (protocol, nh, th) = unsafe {
@@ -75,23 +103,23 @@ pub fn dropped(skb: *const u8, reason: u32, rx_sk: *const u8) {
     if protocol != ETH_P_IP && protocol != ETH_P_IPV6 {
         return;
     }
-    // The head as a number: the verifier allows no arithmetic on it.
-    let Some(head) = read::<8>(skb as u64 + offset(&OFF_SKB_HEAD) as u64) else {
+    // The head: a `char *` field, which the verifier loads as a plain
+    // number (no BTF type to check), so it may be added to.
+    // SAFETY: a field of `struct sk_buff` at its BTF offset.
+    let head: u64 = unsafe { field(skb, offset(&OFF_SKB_HEAD)) };
+    // One copy of the IP header and the TCP header's first 14 bytes: a
+    // helper call costs more than the bytes.
+    let Some(headers) = read::<HEADERS>(head + u64::from(nh)) else {
         crate::stat(FlowStat::DropParseFailures);
         return;
     };
-    let network = u64::from_ne_bytes(head) + u64::from(nh);
-    let Some(tcp) = tcp_at(network, protocol, th, u64::from_ne_bytes(head)) else {
-        return;
-    };
-    let Some(header) = read::<14>(tcp) else {
-        crate::stat(FlowStat::DropParseFailures);
+    let Some(at) = tcp_offset(&headers, protocol, nh, th) else {
         return;
     };
     let (sport, dport, flags) = (
-        u16::from_be_bytes([header[0], header[1]]),
-        u16::from_be_bytes([header[2], header[3]]),
-        header[13],
+        u16::from_be_bytes([headers[at & MASK], headers[(at + 1) & MASK]]),
+        u16::from_be_bytes([headers[(at + 2) & MASK], headers[(at + 3) & MASK]]),
+        headers[(at + 13) & MASK],
     );
     let (packet, port) = if flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN {
         (PACKET_SYN, dport)
@@ -121,29 +149,36 @@ pub fn dropped(skb: *const u8, reason: u32, rx_sk: *const u8) {
     }
 }
 
-/// The TCP header's address, when the packet at `network` is TCP.
+/// Bytes copied from the network header: an IPv4 header with options
+/// (60) and the TCP header's first 14, rounded to a power of two so an
+/// index can be masked into bounds.
+const HEADERS: usize = 128;
+const MASK: usize = HEADERS - 1;
+
+/// Where the TCP header starts in `headers` (copied from the network
+/// header), when the packet is TCP and its first 14 bytes were copied.
 #[inline(always)]
-fn tcp_at(network: u64, protocol: u16, th: u16, head: u64) -> Option<u64> {
-    let ip = read::<10>(network)?;
+fn tcp_offset(headers: &[u8; HEADERS], protocol: u16, nh: u16, th: u16) -> Option<usize> {
     let header_len = if protocol == ETH_P_IP {
-        if ip[0] >> 4 != 4 || u16::from(ip[9]) != IPPROTO_TCP {
+        if headers[0] >> 4 != 4 || u16::from(headers[9]) != IPPROTO_TCP {
             return None;
         }
-        u64::from(ip[0] & 0x0f) * 4
+        usize::from(headers[0] & 0x0f) * 4
     } else {
         // No extension headers: a handshake packet carries none here.
-        if ip[0] >> 4 != 6 || u16::from(ip[6]) != IPPROTO_TCP {
+        if headers[0] >> 4 != 6 || u16::from(headers[6]) != IPPROTO_TCP {
             return None;
         }
         40
     };
     // The stack sets the transport header once it has parsed the IP
     // header; a packet dropped before (netfilter's PREROUTING) has none.
-    Some(if th == UNSET || th == 0 {
-        network + header_len
+    let at = if th == UNSET || th <= nh {
+        header_len
     } else {
-        head + u64::from(th)
-    })
+        usize::from(th - nh)
+    };
+    (at + 14 <= HEADERS).then_some(at)
 }
 
 /// The namespace of the device that received the packet, else of the

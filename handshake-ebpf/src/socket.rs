@@ -32,10 +32,11 @@ use aya_ebpf::{
 use handshake_common::{
     abi::{
         AF_INET, FlowStat,
+        census::SockAge,
         census::{SUMMARY_ROW_IPV4, SUMMARY_ROW_IPV6},
         socket::{
-            HEAD_STRIDE, KIND_ESTABLISHED, KIND_FAILED, KIND_RESET, LOG_CPUS, LOG_SLOTS,
-            SYN_SENT_ENTRIES, SockHandshake,
+            CLOSE_ORPHAN, HEAD_STRIDE, KIND_CLOSED, KIND_ESTABLISHED, KIND_FAILED, KIND_RESET,
+            LOG_CPUS, LOG_SLOTS, SYN_SENT_ENTRIES, SockHandshake,
         },
         tcp_state,
     },
@@ -75,6 +76,10 @@ static OFF_TCP_DATA_SEGS_IN: u32 = 0;
 static OFF_TCP_DATA_SEGS_OUT: u32 = 0;
 #[unsafe(no_mangle)]
 static OFF_TCP_RETRANS_STAMP: u32 = 0;
+/// `struct sock`: `sk_socket`, NULL once the application closed it (an
+/// orphan).
+#[unsafe(no_mangle)]
+static OFF_SK_SOCKET: u32 = 0;
 
 /// A TCP socket of any namespace changed state: start a client's clock,
 /// or report a handshake that ended.
@@ -82,10 +87,10 @@ static OFF_TCP_RETRANS_STAMP: u32 = 0;
 pub fn state_change(sk: *const u8, old: u32, new: u32, inum: u32) {
     use tcp_state::{CLOSE, ESTABLISHED, SYN_RECV, SYN_SENT};
     match (old, new) {
-        (SYN_SENT, ESTABLISHED) => report(sk, inum, ROLE_CLIENT, KIND_ESTABLISHED),
-        (SYN_SENT, CLOSE) => report(sk, inum, ROLE_CLIENT, KIND_FAILED),
-        (SYN_RECV, ESTABLISHED) => report(sk, inum, ROLE_SERVER, KIND_ESTABLISHED),
-        (ESTABLISHED, CLOSE) => report(sk, inum, 0, KIND_RESET),
+        (SYN_SENT, ESTABLISHED) => report(sk, inum, ROLE_CLIENT, KIND_ESTABLISHED, Close::NONE),
+        (SYN_SENT, CLOSE) => report(sk, inum, ROLE_CLIENT, KIND_FAILED, Close::NONE),
+        (SYN_RECV, ESTABLISHED) => report(sk, inum, ROLE_SERVER, KIND_ESTABLISHED, Close::NONE),
+        (ESTABLISHED, CLOSE) => report(sk, inum, 0, KIND_RESET, Close::NONE),
         _ => {}
     }
 }
@@ -131,8 +136,52 @@ pub fn retransmit(sk: *const u8) {
     let _ = SYN_SENT_AT.insert(&(sk as u64), &start, u64::from(BPF_NOEXIST));
 }
 
+/// What a close record carries beyond a handshake record's fields.
+#[derive(Clone, Copy)]
+struct Close {
+    born_ns: u64,
+    fin_out_ns: u64,
+    fin_in_ns: u64,
+    old_state: u8,
+    flags: u8,
+}
+
+impl Close {
+    const NONE: Self = Self {
+        born_ns: 0,
+        fin_out_ns: 0,
+        fin_in_ns: 0,
+        old_state: 0,
+        flags: 0,
+    };
+}
+
+/// The socket left the connection's socket by going to CLOSE (from
+/// `old`): its close, as its age noted it (none: the socket predates the
+/// daemon, or found the tables full).
 #[inline(always)]
-fn report(sk: *const u8, netns: u32, role: u8, kind: u8) {
+pub fn closed(sk: *const u8, netns: u32, old: u32, age: Option<SockAge>) {
+    // SAFETY: the tracepoint's BTF-typed socket; a pointer field.
+    let orphan = unsafe { field::<*const u8>(sk, offset(&OFF_SK_SOCKET)) }.is_null();
+    let close = match age {
+        Some(age) => Close {
+            born_ns: age.born_ns,
+            fin_out_ns: age.fin_out_ns,
+            fin_in_ns: age.fin_in_ns,
+            old_state: old as u8,
+            flags: (age.flags as u8) | if orphan { CLOSE_ORPHAN } else { 0 },
+        },
+        None => Close {
+            old_state: old as u8,
+            flags: if orphan { CLOSE_ORPHAN } else { 0 },
+            ..Close::NONE
+        },
+    };
+    report(sk, netns, 0, KIND_CLOSED, close);
+}
+
+#[inline(always)]
+fn report(sk: *const u8, netns: u32, role: u8, kind: u8, close: Close) {
     // SAFETY: the helper checks that `sk` is a full TCP socket.
     let tcp = unsafe { bpf_skc_to_tcp_sock(sk as *mut _) }.cast::<u8>();
     if tcp.is_null() {
@@ -153,7 +202,9 @@ fn report(sk: *const u8, netns: u32, role: u8, kind: u8) {
     if kind == KIND_RESET && (segs_in != 0 || segs_out != 0) {
         return;
     }
-    let start_ns = if role == ROLE_CLIENT && total_retrans != 0 {
+    let start_ns = if kind == KIND_CLOSED {
+        close.born_ns
+    } else if role == ROLE_CLIENT && total_retrans != 0 {
         started(sk)
     } else {
         0
@@ -203,7 +254,13 @@ fn report(sk: *const u8, netns: u32, role: u8, kind: u8) {
             family,
             role,
             kind,
+            old_state: close.old_state,
+            close_flags: close.flags,
+            _pad: 0,
+            _pad2: 0,
             cgroup: crate::census::cgroup_id(tcp),
+            fin_out_ns: close.fin_out_ns,
+            fin_in_ns: close.fin_in_ns,
         })
     };
     // The record before its count: a reader that sees the count sees the

@@ -26,6 +26,7 @@ fn main() -> ExitCode {
         cli::Command::Tls(flags) => client::tls(&flags),
         cli::Command::Timewait(flags) => client::timewait(&flags),
         cli::Command::Listeners(flags) => client::listeners(&flags),
+        cli::Command::Closes(flags) => client::closes(&flags),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

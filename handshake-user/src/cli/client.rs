@@ -13,10 +13,12 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use crate::{
-    cli::{ConnsFlags, ListenersFlags, StatesFlags, TimewaitFlags, TlsFlags, WhoFlags},
+    cli::{
+        ClosesFlags, ConnsFlags, ListenersFlags, StatesFlags, TimewaitFlags, TlsFlags, WhoFlags,
+    },
     wire::{
-        Attribution, ConnView, ListenerView, Request, STATES, SocketView, StatesView, TimeWaitView,
-        TlsView, error_of, state_by_name, state_name,
+        Attribution, CloseGroupView, ConnView, ListenerView, Request, STATES, SocketView,
+        StatesView, TimeWaitView, TlsView, error_of, state_by_name, state_name,
     },
 };
 
@@ -125,13 +127,14 @@ pub fn conns(flags: &ConnsFlags) -> anyhow::Result<()> {
             && flags.role.is_none_or(|r| v.role == r.name())
             && flags.outcome.is_none_or(|o| v.outcome == o.name())
             && flags.who.matches(&v.attribution)
+            && (!flags.closed || v.closed_by.is_some())
     });
     if flags.json {
         println!("{}", serde_json::to_string_pretty(&views)?);
         return Ok(());
     }
     println!(
-        "{:<16} {:<24} {:<6} {:<11} {:<6} {:<41} {:<41} {:>10} {:>10} {:>10} {:>5} {:>8}  {:<4} SNI / JA4",
+        "{:<16} {:<24} {:<6} {:<11} {:<6} {:<41} {:<41} {:>10} {:>10} {:>10} {:>5} {:>8}  {:<4} {:<28} SNI / JA4",
         "NETNS",
         "WORKLOAD",
         "ROLE",
@@ -144,7 +147,8 @@ pub fn conns(flags: &ConnsFlags) -> anyhow::Result<()> {
         "SYNACK>ACK",
         "RETX",
         "AGE",
-        "TLS"
+        "TLS",
+        "CLOSE"
     );
     for v in &views {
         let endpoint = |addr: &str, port: u16| endpoint(&v.family, addr, port);
@@ -154,7 +158,7 @@ pub fn conns(flags: &ConnsFlags) -> anyhow::Result<()> {
             (None, _) => String::new(),
         };
         println!(
-            "{:<16} {:<24} {:<6} {:<11} {:<6} {:<41} {:<41} {:>10} {:>10} {:>10} {:>5} {:>7.1}s  {:<4} {tls}",
+            "{:<16} {:<24} {:<6} {:<11} {:<6} {:<41} {:<41} {:>10} {:>10} {:>10} {:>5} {:>7.1}s  {:<4} {:<28} {tls}",
             v.attribution.netns.as_deref().unwrap_or("-"),
             workload_column(&v.attribution),
             v.role,
@@ -172,11 +176,64 @@ pub fn conns(flags: &ConnsFlags) -> anyhow::Result<()> {
             ),
             v.age_s,
             v.tls_version.as_deref().unwrap_or("-"),
+            close_column(v),
         );
     }
     if views.iter().any(|v| v.listener_overflowing) {
         println!(
             "* the SYN was retransmitted while its listener was overflowing (handshake listeners)"
+        );
+    }
+    Ok(())
+}
+
+/// How a connection closed, in a few characters: `remote/fin cw=300ms`.
+fn close_column(v: &ConnView) -> String {
+    let (Some(by), Some(how)) = (&v.closed_by, &v.close) else {
+        return "-".to_owned();
+    };
+    let ms = |us: f64| {
+        if us >= 1e6 {
+            format!("{:.1}s", us / 1e6)
+        } else {
+            format!("{:.1}ms", us / 1e3)
+        }
+    };
+    let mut out = format!("{by}/{how}");
+    for (name, value) in [
+        ("cw", v.close_wait_us),
+        ("fw", v.fin_wait_us),
+        ("la", v.last_ack_us),
+        ("cl", v.closing_us),
+    ] {
+        if let Some(us) = value {
+            out.push_str(&format!(" {name}={}", ms(us)));
+        }
+    }
+    out
+}
+
+pub fn closes(flags: &ClosesFlags) -> anyhow::Result<()> {
+    let views: Vec<CloseGroupView> = fetch(&flags.api_socket, Request::Closes { top: flags.top })?;
+    if flags.json {
+        println!("{}", serde_json::to_string_pretty(&views)?);
+        return Ok(());
+    }
+    println!(
+        "{:<10} {:<66} {:<16} {:>8} {:>6} {:>12} {:>12}",
+        "KIND", "NAME", "NETNS", "CLOSES", "RST%", "CW p50", "CW p99"
+    );
+    let us = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |us| format!("{:.1}ms", us / 1e3));
+    for v in &views {
+        println!(
+            "{:<10} {:<66} {:<16} {:>8} {:>5.1}% {:>12} {:>12}",
+            v.kind,
+            v.name,
+            v.netns.as_deref().unwrap_or("-"),
+            v.closes,
+            v.rst_share * 100.0,
+            us(v.close_wait_p50_us),
+            us(v.close_wait_p99_us)
         );
     }
     Ok(())

@@ -43,10 +43,29 @@ pub enum Command {
     /// TIME_WAIT per namespace: count, entry rate, top remote endpoints and
     /// the ephemeral-port exhaustion forecast per destination.
     Timewait(TimewaitFlags),
+    /// Listeners and workloads (unit, container, pod) ranked by how their
+    /// recent connections closed: CLOSE_WAIT p50/p99 (the application's
+    /// reaction to the peer's FIN), RST share, count.
+    Closes(ClosesFlags),
     /// Every listener of every namespace: accept and SYN queues, their
     /// limit, drops and drop rate, and whether it sends SYN cookies (a
     /// fresh census).
     Listeners(ListenersFlags),
+}
+
+#[derive(Debug, Args)]
+pub struct ClosesFlags {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Rows listed: the slowest CLOSE_WAIT first, then the most reset.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_TOP)]
+    pub top: usize,
+
+    /// The daemon's API socket.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    pub api_socket: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -173,6 +192,10 @@ pub struct ConnsFlags {
     /// Only handshakes with this outcome.
     #[arg(long, value_enum)]
     pub outcome: Option<Outcome>,
+
+    /// Only connections whose socket has closed (with the close columns).
+    #[arg(long)]
+    pub closed: bool,
 
     /// The daemon's API socket.
     #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]

@@ -4,7 +4,7 @@
 //! fresh census first, so their answers are exact at that instant.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     io,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
@@ -28,15 +28,16 @@ use crate::{
     },
     kernel::{clock, netns},
     model::{
-        conntrack::{Origin, conn_view, row_key},
+        closes::{Close, ClosePhase, How, quantile},
+        conntrack::{Origin, RowKey, conn_view, row_key},
         listeners::{Overflows, listener_view},
         states::{STUCK_RECORDS, STUCK_STATES, stuck_mask, time_wait_view},
         tls::TlsRecord,
         workload::Workload,
     },
     wire::{
-        Attribution, ConnView, Endpoints, ListenerView, Request, STATES, SocketView, Source,
-        StatesView, TimeWaitView, TlsView, error_body, state_name,
+        Attribution, CloseGroupView, ConnView, Endpoints, ListenerView, Request, Role, STATES,
+        SocketView, Source, StatesView, TimeWaitView, TlsView, error_body, state_name,
     },
 };
 
@@ -125,6 +126,9 @@ async fn answer(
         Ok(Request::Conns) => serde_json::to_string(&conns(state)).map_err(io::Error::other)?,
         Ok(Request::Tls) => serde_json::to_string(&tls(state)).map_err(io::Error::other)?,
         Ok(Request::Metrics) => render().unwrap_or_else(|error| error_body(&error)),
+        Ok(Request::Closes { top }) => {
+            serde_json::to_string(&closes(state, top)).map_err(io::Error::other)?
+        }
         Ok(request) => match census {
             None => error_body(
                 "the socket census is not available (see the daemon's log and handshake_probe_attached{probe=\"iter_tcp_census\"})",
@@ -332,6 +336,100 @@ pub fn tls(state: &Mutex<State>) -> Vec<TlsView> {
     views
 }
 
+/// A connection end's close, in its row.
+fn with_close(view: &mut ConnView, close: &Close) {
+    let us = |phase| close.phase(phase).map(|ns| ns as f64 / 1e3);
+    view.closed_by = Some(close.closer.name().to_owned());
+    view.close = Some(close.how.name().to_owned());
+    view.close_rst_by = close.rst_by.map(|by| by.name().to_owned());
+    view.close_wait_us = us(ClosePhase::CloseWait);
+    view.fin_wait_us = us(ClosePhase::FinWait);
+    view.last_ack_us = us(ClosePhase::LastAck);
+    view.closing_us = us(ClosePhase::Closing);
+    view.lifetime_us = close.lifetime_ns.map(|ns| ns as f64 / 1e3);
+}
+
+/// Listeners (ports this host served, per namespace) and workloads
+/// (unit, container, pod) by how their recent connections closed: the
+/// `top` with the slowest CLOSE_WAIT (p99), then the largest RST share.
+pub fn closes(state: &Mutex<State>, top: usize) -> Vec<CloseGroupView> {
+    #[derive(Default)]
+    struct Group {
+        netns: Option<String>,
+        closes: u64,
+        rst: u64,
+        close_wait: Vec<u64>,
+        fin_wait: Vec<u64>,
+    }
+    let mut groups: BTreeMap<(&'static str, String, Option<u32>), Group> = BTreeMap::new();
+    {
+        let mut state = lock(state);
+        let recent: Vec<Close> = state.closes.recent().copied().collect();
+        let mut known: HashMap<Origin, Attribution> = HashMap::new();
+        for close in &recent {
+            let who = known
+                .entry(close.origin)
+                .or_insert_with(|| {
+                    state.attribute(u64::from(close.origin.netns), close.origin.cgroup)
+                })
+                .clone();
+            let mut keys: Vec<(&'static str, String, Option<u32>)> = Vec::new();
+            if close.role == Some(Role::Server) {
+                keys.push((
+                    "listener",
+                    close.key.5.to_string(),
+                    Some(close.origin.netns),
+                ));
+            }
+            for (kind, name) in [
+                ("unit", &who.unit),
+                ("container", &who.container_id),
+                ("pod", &who.pod_uid),
+            ] {
+                if let Some(name) = name {
+                    keys.push((kind, name.clone(), None));
+                }
+            }
+            for key in keys {
+                let listener = key.0 == "listener";
+                let group = groups.entry(key).or_default();
+                if listener {
+                    group.netns.clone_from(&who.netns);
+                }
+                group.closes += 1;
+                group.rst += u64::from(close.how == How::Rst);
+                group.close_wait.extend(close.phase(ClosePhase::CloseWait));
+                group.fin_wait.extend(close.phase(ClosePhase::FinWait));
+            }
+        }
+    }
+    let us = |v: Option<u64>| v.map(|ns| ns as f64 / 1e3);
+    let mut views: Vec<CloseGroupView> = groups
+        .into_iter()
+        .map(|((kind, name, _), mut g)| CloseGroupView {
+            kind: kind.to_owned(),
+            name,
+            netns: g.netns,
+            closes: g.closes,
+            rst: g.rst,
+            rst_share: g.rst as f64 / g.closes.max(1) as f64,
+            close_wait_p50_us: us(quantile(&mut g.close_wait, 0.5)),
+            close_wait_p99_us: us(quantile(&mut g.close_wait, 0.99)),
+            fin_wait_p50_us: us(quantile(&mut g.fin_wait, 0.5)),
+            fin_wait_p99_us: us(quantile(&mut g.fin_wait, 0.99)),
+        })
+        .collect();
+    views.sort_by(|a, b| {
+        let slow = |v: &CloseGroupView| v.close_wait_p99_us.unwrap_or(0.0);
+        slow(b)
+            .total_cmp(&slow(a))
+            .then(b.rst_share.total_cmp(&a.rst_share))
+            .then(b.closes.cmp(&a.closes))
+    });
+    views.truncate(top);
+    views
+}
+
 /// Whether handshake `flow`'s SYN was retransmitted while its listener
 /// overflowed: a listener of this host, on the server's port (in the
 /// row's namespace when this host was the server, in any when it was the
@@ -392,12 +490,20 @@ pub fn conns(state: &Mutex<State>) -> Vec<ConnView> {
                 }),
         );
         rows.sort_by_key(|(f, _, _)| f.ts_syn);
+        // Each connection end's latest close.
+        let mut closed: HashMap<RowKey, Close> = HashMap::new();
+        for close in state.closes.recent() {
+            closed.insert(close.key, *close);
+        }
         let mut known: HashMap<Origin, Attribution> = HashMap::new();
         let views: Vec<ConnView> = rows
             .iter()
             .map(|(f, source, origin)| {
                 let mut view = conn_view(f, *source, now);
                 view.listener_overflowing = waited_on_listener(&state.overflows, f, *origin, now);
+                if let Some(close) = closed.get(&row_key(f)).filter(|c| c.end_ns >= f.ts_syn) {
+                    with_close(&mut view, close);
+                }
                 view.attribution = known
                     .entry(*origin)
                     .or_insert_with(|| state.attribute(u64::from(origin.netns), origin.cgroup))

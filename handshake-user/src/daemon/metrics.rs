@@ -34,6 +34,7 @@ use crate::{
         maps::{Counters, FlowStats, KernelCounts, Table},
     },
     model::{
+        closes::{self, CLOSE_BUCKETS, ClosePhase, CloseTotals, Closer, How, ROLES},
         conntrack::{BUCKETS, Histogram, Phase, Totals},
         listeners::{COOKIES_WITHIN_S, JiffyClock},
         states::{NetnsView, STUCK_STATES},
@@ -67,6 +68,8 @@ pub struct Report<'a> {
     pub jiffies: &'a JiffyClock,
     /// This kernel's drop reasons by number.
     pub reasons: &'a BTreeMap<u32, String>,
+    /// How connections closed, since the start.
+    pub closes: &'a CloseTotals,
     pub tls: &'a TlsTotals,
 }
 
@@ -99,6 +102,7 @@ pub fn renderer(
                 listener_top,
                 jiffies: &state.jiffies,
                 reasons: &counters.reasons,
+                closes: &state.closes.totals,
                 tls: &state.tls.totals,
             })),
             Err(error) => {
@@ -119,6 +123,7 @@ pub fn render(report: &Report<'_>) -> String {
     table_families(report, &mut families);
     census_families(report, &mut families);
     listener_families(report, &mut families);
+    close_families(report, &mut families);
     time_wait_families(report, &mut families);
     tls_families(report, &mut families);
 
@@ -214,6 +219,84 @@ fn histogram(pairs: &[(&str, &str)], h: &Histogram) -> Metric {
     let mut m = Metric::from_label(labels(pairs));
     m.set_histogram(out);
     m
+}
+
+/// A histogram over the close buckets.
+fn close_histogram(pairs: &[(&str, &str)], h: &closes::Histogram) -> Metric {
+    let mut out = proto::Histogram::default();
+    out.set_sample_count(h.count);
+    out.set_sample_sum(h.sum);
+    out.set_bucket(
+        CLOSE_BUCKETS
+            .iter()
+            .zip(&h.buckets)
+            .map(|(bound, count)| {
+                let mut b = Bucket::default();
+                b.set_upper_bound(*bound);
+                b.set_cumulative_count(*count);
+                b
+            })
+            .collect(),
+    );
+    let mut m = Metric::from_label(labels(pairs));
+    m.set_histogram(out);
+    m
+}
+
+/// How connections closed: who first, FIN or RST, the closing states'
+/// durations and the connections' lifetimes, per role. Counted as the
+/// closes come: a close counts even once its row has left the history.
+fn close_families(report: &Report<'_>, families: &mut Families) {
+    let totals = report.closes;
+    let mut closes = Vec::new();
+    for (r, role) in ROLES.iter().enumerate() {
+        for closer in Closer::ALL {
+            for how in How::ALL {
+                let n = totals.closes(r, closer, how);
+                if n > 0 || *role != "unknown" && closer != Closer::Unknown {
+                    closes.push(counter(
+                        &[
+                            ("role", role),
+                            ("closer", closer.name()),
+                            ("how", how.name()),
+                        ],
+                        n,
+                    ));
+                }
+            }
+        }
+    }
+    families.counters(
+        "handshake_tcp_closes_total",
+        "Connections whose socket closed, by this host's role, who closed first (local, remote, both: a simultaneous close; unknown: the socket had no age) and how (fin: the four-way close; rst).",
+        closes,
+    );
+    let mut phases = Vec::new();
+    for (r, role) in ROLES.iter().enumerate().take(2) {
+        for phase in ClosePhase::ALL {
+            let h = &totals.phases[r][phase as usize];
+            phases.push(close_histogram(
+                &[("role", role), ("phase", phase.name())],
+                h,
+            ));
+        }
+    }
+    families.histograms(
+        "handshake_tcp_close_duration_seconds",
+        "Closing states' durations: close_wait (the peer's FIN to this end's close: the application's reaction), fin_wait (this end's FIN to the peer's: the peer's reaction; unknown for a socket the application had closed, whose FIN_WAIT2 the kernel hands to a minisock), last_ack, closing (both closed at once).",
+        phases,
+    );
+    let lifetimes = ROLES
+        .iter()
+        .enumerate()
+        .take(2)
+        .map(|(r, role)| close_histogram(&[("role", role)], &totals.lifetimes[r]))
+        .collect();
+    families.histograms(
+        "handshake_tcp_connection_duration_seconds",
+        "Connections' lifetimes: from connect() (client) or the completed handshake (server) to the socket's close.",
+        lifetimes,
+    );
 }
 
 /// One histogram per (role, phase), empty ones included.
@@ -891,6 +974,7 @@ mod tests {
             listener_top: 20,
             jiffies: &JiffyClock::default(),
             reasons: &BTreeMap::new(),
+            closes: &CloseTotals::default(),
             tls: &TlsTotals::default(),
         });
         let established = |ns: &str| {
@@ -921,6 +1005,7 @@ mod tests {
             listener_top: 20,
             jiffies: &JiffyClock::default(),
             reasons: &BTreeMap::new(),
+            closes: &CloseTotals::default(),
             tls: &TlsTotals::default(),
         });
         assert!(text.contains("handshake_packets_total{"));
@@ -979,6 +1064,7 @@ mod tests {
             listener_top: 20,
             jiffies: &JiffyClock::default(),
             reasons: &BTreeMap::new(),
+            closes: &CloseTotals::default(),
             tls: &TlsTotals::default(),
         });
         for line in [

@@ -7,13 +7,17 @@ use std::{
     sync::{Mutex, MutexGuard},
 };
 
-use handshake_common::{abi::socket::SockHandshake, flow::Flow};
+use handshake_common::{
+    abi::socket::{KIND_CLOSED, SockHandshake},
+    flow::Flow,
+};
 
 use crate::{
     daemon::census::{CensusRound, Counted},
     kernel::{cgroup::Cgroups, clock, loader::chain, maps::FlowStats},
     model::{
         FastMap, FastSet,
+        closes::{Closes, close_of},
         conntrack::{Conntrack, Origin, RowKey, row_key},
         listeners::{JiffyClock, Overflows, overflowing},
         sockets::SocketHandshakes,
@@ -70,6 +74,8 @@ pub struct State {
     pub jiffies: JiffyClock,
     /// When listeners overflowed, to mark the handshakes that waited.
     pub overflows: Overflows,
+    /// How connections closed: totals and the most recent.
+    pub closes: Closes,
     /// The inode of the namespace the packet hooks are attached in (the
     /// first, with several): their rows' namespace, unless
     /// `hook_netns_by_index` knows better.
@@ -215,8 +221,20 @@ impl State {
         self.conntrack.record_from(flow, Source::Wire, origin);
     }
 
-    /// A record of the socket layer: held until it may count.
+    /// A record of the socket layer: a close is counted and kept; a
+    /// handshake is held until it may count.
     pub fn record_socket(&mut self, record: &SockHandshake) {
+        if record.kind == KIND_CLOSED {
+            let origin = Origin {
+                netns: record.netns,
+                cgroup: record.cgroup,
+            };
+            match close_of(record, origin) {
+                Some(close) => self.closes.record(close),
+                None => self.sockets.malformed += 1,
+            }
+            return;
+        }
         let Self {
             sockets, conntrack, ..
         } = self;
@@ -257,6 +275,7 @@ impl State {
             cgroups: Cgroups::new(),
             jiffies: JiffyClock::default(),
             overflows: Overflows::default(),
+            closes: Closes::new(history),
             hook_netns: 0,
             hook_netns_by_index: FastMap::default(),
             tls: TlsTracker::new(history),

@@ -27,7 +27,7 @@ pub enum BtfError {
 /// program's globals want them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Offsets {
-    pub values: [(&'static str, u32); 38],
+    pub values: [(&'static str, u32); 39],
 }
 
 impl Offsets {
@@ -98,6 +98,7 @@ impl Offsets {
                 )?,
                 field("cgroup", "kn", 8, offsets::CGROUP_KN)?,
                 field("kernfs_node", "id", 8, offsets::KERNFS_ID)?,
+                field("sock", "sk_socket", 8, offsets::SK_SOCKET)?,
                 field("sock", "sk_ack_backlog", 4, offsets::SK_ACK_BACKLOG)?,
                 field("sock", "sk_max_ack_backlog", 4, offsets::SK_MAX_ACK_BACKLOG)?,
                 field("sock", "sk_drops", 4, offsets::SK_DROPS)?,

@@ -161,6 +161,25 @@ impl Observer {
         for (name, value) in &offsets.values {
             loader.override_global(name, value, true);
         }
+        // Drop reasons the kfree_skb program skips at once, by this
+        // kernel's numbers.
+        let reasons = crate::kernel::btf::drop_reasons(KERNEL_BTF);
+        let skipped: Vec<(&str, u32)> = [
+            ("SKIP_REASON_QUEUE_PURGE", "queue_purge"),
+            ("SKIP_REASON_SOCKET_CLOSE", "socket_close"),
+        ]
+        .into_iter()
+        .map(|(global, name)| {
+            let number = reasons
+                .iter()
+                .find(|(_, n)| n.as_str() == name)
+                .map_or(u32::MAX, |(number, _)| *number);
+            (global, number)
+        })
+        .collect();
+        for (global, number) in &skipped {
+            loader.override_global(global, number, true);
+        }
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(LoadError::Object)?;
         let skip = match ingress {
             Some(IngressHook::Xdp) => Some(program::TC_INGRESS),

@@ -153,6 +153,14 @@ pub fn conn_view(flow: &Flow, source: Source, now: u64) -> ConnView {
         ja4: None,
         tls_version: None,
         listener_overflowing: false,
+        closed_by: None,
+        close: None,
+        close_rst_by: None,
+        close_wait_us: None,
+        fin_wait_us: None,
+        last_ack_us: None,
+        closing_us: None,
+        lifetime_us: None,
         attribution: Default::default(),
     }
 }

@@ -4,6 +4,7 @@
 //! Pure: no I/O, no aya; the daemon feeds it records and a clock, and it
 //! builds the API's views (`wire`).
 
+pub mod closes;
 pub mod conntrack;
 pub mod fingerprint;
 pub mod listeners;

@@ -316,6 +316,7 @@ mod tests {
             role,
             kind,
             cgroup: 7,
+            ..SockHandshake::default()
         }
     }
 

@@ -10,8 +10,8 @@ use std::fmt;
 
 pub use names::{Family, Outcome, Role, STATES, Source, state_by_name, state_name};
 pub use views::{
-    Attribution, ConnView, Endpoint, Endpoints, Forecast, ListenerView, SocketView, StatesView,
-    TimeWaitView, TlsView,
+    Attribution, CloseGroupView, ConnView, Endpoint, Endpoints, Forecast, ListenerView, SocketView,
+    StatesView, TimeWaitView, TlsView,
 };
 
 /// Where the daemon listens and the CLI asks, unless told otherwise.
@@ -38,6 +38,9 @@ pub enum Request {
     Sockets { state: u32 },
     /// A fresh census of every listener: [`ListenerView`]s.
     Listeners,
+    /// Listeners and workloads by how their connections closed, the `top`
+    /// slowest or most reset: [`CloseGroupView`]s.
+    Closes { top: usize },
     /// What `/metrics` serves, in Prometheus text format (not JSON): for
     /// readers on the host that should not open a TCP connection, which
     /// the daemon would count as a handshake.
@@ -66,6 +69,9 @@ impl Request {
             "states" => Ok(Self::States),
             "metrics" => Ok(Self::Metrics),
             "listeners" => Ok(Self::Listeners),
+            "closes" => Ok(Self::Closes {
+                top: argument.and_then(|n| n.parse().ok()).unwrap_or(DEFAULT_TOP),
+            }),
             "timewait" => Ok(Self::TimeWait {
                 top: argument.and_then(|n| n.parse().ok()).unwrap_or(DEFAULT_TOP),
             }),
@@ -87,6 +93,7 @@ impl fmt::Display for Request {
             Self::States => f.write_str("states"),
             Self::Metrics => f.write_str("metrics"),
             Self::Listeners => f.write_str("listeners"),
+            Self::Closes { top } => write!(f, "closes {top}"),
             Self::TimeWait { top } => write!(f, "timewait {top}"),
             Self::Sockets { state } => write!(f, "sockets {}", state_name(*state)),
         }
@@ -118,6 +125,7 @@ mod tests {
             Request::States,
             Request::Metrics,
             Request::Listeners,
+            Request::Closes { top: 4 },
             Request::TimeWait { top: 3 },
             Request::Sockets {
                 state: tcp_state::CLOSE_WAIT,

@@ -62,6 +62,23 @@ pub struct ConnView {
     /// accept queue full, the SYN queue full or sending cookies, or drops
     /// growing): the wait was the server's queue, not the network.
     pub listener_overflowing: bool,
+    /// How this end's socket closed, once it did: who closed first
+    /// (`local`, `remote`, `both`, `unknown`), and how (`fin`, `rst`; the
+    /// RST's sender in `close_rst_by`).
+    pub closed_by: Option<String>,
+    pub close: Option<String>,
+    pub close_rst_by: Option<String>,
+    /// The closing states' durations, µs, where this end went through
+    /// them: the peer's FIN to this end's close (the application's
+    /// reaction), this end's FIN to the peer's (the peer's), LAST_ACK, and
+    /// CLOSING (both closed at once).
+    pub close_wait_us: Option<f64>,
+    pub fin_wait_us: Option<f64>,
+    pub last_ack_us: Option<f64>,
+    pub closing_us: Option<f64>,
+    /// From connect() (client) or the completed handshake (server) to the
+    /// socket's close.
+    pub lifetime_us: Option<f64>,
     #[serde(flatten)]
     pub attribution: Attribution,
 }
@@ -108,6 +125,26 @@ impl SocketView {
                 .total_cmp(&a.state_age_s.unwrap_or(-1.0))
         });
     }
+}
+
+/// Closes of one listener or workload: `handshake closes --json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CloseGroupView {
+    /// `listener` (a port this host served, in a namespace), `unit`,
+    /// `container` or `pod`.
+    pub kind: String,
+    /// The port, unit, container id or pod UID.
+    pub name: String,
+    pub netns: Option<String>,
+    pub closes: u64,
+    pub rst: u64,
+    pub rst_share: f64,
+    /// CLOSE_WAIT durations of the group's closes (the application's
+    /// reaction to the peer's FIN), µs.
+    pub close_wait_p50_us: Option<f64>,
+    pub close_wait_p99_us: Option<f64>,
+    pub fin_wait_p50_us: Option<f64>,
+    pub fin_wait_p99_us: Option<f64>,
 }
 
 /// One listener, from a fresh census: `handshake listeners --json`.
