@@ -146,6 +146,7 @@ fn offsets_equal_what_bpftool_reads_from_the_same_btf() {
         ),
         (offsets::CGROUP_KN, raw.offset("cgroup", "kn")),
         (offsets::KERNFS_ID, raw.offset("kernfs_node", "id")),
+        (offsets::SK_SOCKET, raw.offset("sock", "sk_socket")),
         (
             offsets::SK_ACK_BACKLOG,
             raw.offset("sock", "sk_ack_backlog"),
