@@ -11,6 +11,14 @@ use handshake_user::{
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
+    // The CLI's output is often piped into `head`: a reader that goes away
+    // ends the command quietly, as it ends other tools (Rust ignores
+    // SIGPIPE, and `println!` panics on the EPIPE that follows). Not the
+    // daemon: an API client that hangs up must not kill it.
+    if !matches!(args.command, cli::Command::Daemon(_)) {
+        // SAFETY: restores the default disposition, before any thread.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

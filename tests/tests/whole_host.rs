@@ -703,3 +703,31 @@ fn fifty_quiet_namespaces_are_listed_and_cost_nothing_between_requests() {
     );
     drop(namespaces);
 }
+
+/// The CLI's output piped into a reader that goes away (`| head -1`) ends
+/// it quietly: no panic on the broken pipe.
+#[test]
+fn a_reader_that_goes_away_ends_the_cli_quietly() {
+    require_root();
+    let _serial = serial();
+    let daemon = Daemon::start(&[]);
+    let bin = handshake_tests::handshake_bin();
+    for command in ["conns", "states", "listeners", "closes", "tls", "timewait"] {
+        // `true` exits at once; the CLI writes after it, into a pipe
+        // nobody reads.
+        let script = format!(
+            "sleep 0.2; {} {command} --api-socket {} 2>/tmp/handshake-pipe-$$.err; cat /tmp/handshake-pipe-$$.err >&2; rm -f /tmp/handshake-pipe-$$.err",
+            bin.display(),
+            daemon.api_socket.display()
+        );
+        let out = Command::new("sh")
+            .args(["-c", &format!("({script}) | true")])
+            .output()
+            .expect("run the pipeline");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !stderr.contains("panicked") && !stderr.contains("Broken pipe"),
+            "handshake {command} | true: {stderr}"
+        );
+    }
+}
