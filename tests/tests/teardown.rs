@@ -27,6 +27,32 @@ fn servers(port: u16) -> Vec<SocketAddr> {
         .collect()
 }
 
+/// A server in `pair`'s server namespace on `addrs`: per address,
+/// accepts `PER_FAMILY` connections one at a time, reads each to the
+/// client's FIN (EOF), waits `delay`, and closes.
+fn eof_server(
+    pair: &NetnsPair,
+    addrs: &[SocketAddr],
+    delay: Duration,
+) -> std::thread::JoinHandle<()> {
+    let addrs = addrs.to_vec();
+    spawn_in(&pair.server, move || {
+        let listeners: Vec<TcpListener> = addrs
+            .iter()
+            .map(|a| TcpListener::bind(a).unwrap())
+            .collect();
+        for listener in &listeners {
+            for _ in 0..PER_FAMILY {
+                let (mut s, _) = listener.accept().unwrap();
+                let mut buf = [0u8; 16];
+                while s.read(&mut buf).unwrap_or(0) > 0 {}
+                std::thread::sleep(delay);
+                drop(s);
+            }
+        }
+    })
+}
+
 /// The daemon's rows of closed connections on `port`, by role.
 fn closed_rows(daemon: &Daemon, port: u16, role: &str) -> Vec<serde_json::Value> {
     daemon.conns(&["--closed", "--port", &port.to_string(), "--role", role])
@@ -51,25 +77,8 @@ fn a_server_that_closes_late_shows_close_wait_and_its_client_fin_wait() {
     const PORT: u16 = 7800;
     let capture = Capture::start(&pair.server, &pair.server_if);
     let addrs = servers(PORT);
-    let server = {
-        let addrs = addrs.clone();
-        spawn_in(&pair.server, move || {
-            let listeners: Vec<TcpListener> = addrs
-                .iter()
-                .map(|a| TcpListener::bind(a).unwrap())
-                .collect();
-            for listener in &listeners {
-                for _ in 0..PER_FAMILY {
-                    let (mut s, _) = listener.accept().unwrap();
-                    // Until the client's FIN (EOF), then the delay.
-                    let mut buf = [0u8; 16];
-                    while s.read(&mut buf).unwrap_or(0) > 0 {}
-                    std::thread::sleep(DELAY);
-                    drop(s);
-                }
-            }
-        })
-    };
+    // Until the client's FIN (EOF), then the delay.
+    let server = eof_server(&pair, &addrs, DELAY);
     std::thread::sleep(Duration::from_millis(100));
     for addr in &addrs {
         for _ in 0..PER_FAMILY {
@@ -166,22 +175,7 @@ fn clients_that_reset_are_rst_closes_on_both_ends() {
     let daemon = Daemon::start(&[]);
     const PORT: u16 = 7801;
     let addrs = servers(PORT);
-    let server = {
-        let addrs = addrs.clone();
-        spawn_in(&pair.server, move || {
-            let listeners: Vec<TcpListener> = addrs
-                .iter()
-                .map(|a| TcpListener::bind(a).unwrap())
-                .collect();
-            for listener in &listeners {
-                for _ in 0..PER_FAMILY {
-                    let (mut s, _) = listener.accept().unwrap();
-                    let mut buf = [0u8; 16];
-                    while s.read(&mut buf).unwrap_or(0) > 0 {}
-                }
-            }
-        })
-    };
+    let server = eof_server(&pair, &addrs, Duration::ZERO);
     std::thread::sleep(Duration::from_millis(100));
     for addr in &addrs {
         for _ in 0..PER_FAMILY {

@@ -201,35 +201,29 @@ fn gauge(pairs: &[(&str, &str)], value: f64) -> Metric {
 }
 
 fn histogram(pairs: &[(&str, &str)], h: &Histogram) -> Metric {
-    let mut out = proto::Histogram::default();
-    out.set_sample_count(h.count);
-    out.set_sample_sum(h.sum);
-    out.set_bucket(
-        BUCKETS
-            .iter()
-            .zip(&h.buckets)
-            .map(|(bound, count)| {
-                let mut b = Bucket::default();
-                b.set_upper_bound(*bound);
-                b.set_cumulative_count(*count);
-                b
-            })
-            .collect(),
-    );
-    let mut m = Metric::from_label(labels(pairs));
-    m.set_histogram(out);
-    m
+    cumulative(pairs, &BUCKETS, &h.buckets, h.count, h.sum)
 }
 
 /// A histogram over the close buckets.
 fn close_histogram(pairs: &[(&str, &str)], h: &closes::Histogram) -> Metric {
+    cumulative(pairs, &CLOSE_BUCKETS, &h.buckets, h.count, h.sum)
+}
+
+/// A Prometheus histogram from cumulative counts at `bounds`.
+fn cumulative(
+    pairs: &[(&str, &str)],
+    bounds: &[f64],
+    buckets: &[u64],
+    count: u64,
+    sum: f64,
+) -> Metric {
     let mut out = proto::Histogram::default();
-    out.set_sample_count(h.count);
-    out.set_sample_sum(h.sum);
+    out.set_sample_count(count);
+    out.set_sample_sum(sum);
     out.set_bucket(
-        CLOSE_BUCKETS
+        bounds
             .iter()
-            .zip(&h.buckets)
+            .zip(buckets)
             .map(|(bound, count)| {
                 let mut b = Bucket::default();
                 b.set_upper_bound(*bound);
