@@ -236,12 +236,12 @@ pub fn state_change(sk: *const u8, old: u32, new: u32, inum: u32) {
         new == tcp_state::CLOSE && (old == tcp_state::FIN_WAIT2 || old == tcp_state::CLOSING);
     netns_change(inum, new, time_wait);
     if new == tcp_state::CLOSE {
-        // An established connection's socket is done: its close, with
-        // what its age noted of it, before the age is forgotten.
+        // The socket is done: its age freed, and for an established
+        // connection its close written with what the age noted of it.
+        let age = take_age(key);
         if old != tcp_state::SYN_SENT && old != tcp_state::SYN_RECV && old != tcp_state::LISTEN {
-            crate::socket::closed(sk, inum, old, current_age(key));
+            crate::socket::closed(sk, inum, old, age);
         }
-        forget(key);
         return;
     }
     // Listeners are not noted: the census reads no age for them (they are
@@ -338,17 +338,6 @@ unsafe fn close_step(age: *mut SockAge, new: u32, now: u64) {
     }
 }
 
-/// What the state tracepoint noted of socket `key`, if anything.
-#[inline(always)]
-fn current_age(key: u64) -> Option<SockAge> {
-    match age_slots(key) {
-        // SAFETY: a valid map value, copied out at once.
-        (Some(slot), _) => Some(unsafe { (*slot.as_ptr()).age }),
-        // SAFETY: as above, in the overflow table.
-        (None, _) => SK_AGE.get_ptr(&key).map(|age| unsafe { *age }),
-    }
-}
-
 /// Writes a fresh age at `age`: `state` entered at `now`, its role
 /// (`AGE_CLIENT` on connect(), `AGE_SERVER` for a listener's child, 0
 /// unknown), and on connect() the calling process as the opener. Field by field, and
@@ -384,18 +373,26 @@ unsafe fn write_fresh(age: *mut SockAge, now: u64, state: u32, role: u16) {
     }
 }
 
-/// Socket `key` closed: its slot is free again, or its overflow entry
-/// gone (looked up first: a removal takes the bucket's lock even when
-/// there is nothing to remove).
+/// Socket `key` closed: what its age noted, copied out as its slot is
+/// freed or its overflow entry removed (looked up first: a removal takes
+/// the bucket's lock even when there is nothing to remove). One lookup of
+/// the slots serves both.
 #[inline(always)]
-fn forget(key: u64) {
+fn take_age(key: u64) -> Option<SockAge> {
     if let (Some(slot), _) = age_slots(key) {
         let slot = slot.as_ptr();
-        // SAFETY: a valid map value this socket holds.
-        unsafe { ptr::write_volatile(&raw mut (*slot).sk, 0) };
-    } else if SK_AGE.get_ptr(&key).is_some() {
-        let _ = SK_AGE.remove(&key);
+        // SAFETY: a valid map value this socket holds: the age copied out,
+        // then the slot freed.
+        return unsafe {
+            let age = (*slot).age;
+            ptr::write_volatile(&raw mut (*slot).sk, 0);
+            Some(age)
+        };
     }
+    // SAFETY: a valid map value, copied out at once.
+    let age = SK_AGE.get_ptr(&key).map(|age| unsafe { *age })?;
+    let _ = SK_AGE.remove(&key);
+    Some(age)
 }
 
 /// Per namespace: state changes by the state entered, and entries into

@@ -118,6 +118,8 @@ pub struct Observer {
     census: Option<Result<Census, CensusError>>,
     /// CPUs the socket layer's log was sized for (the possible CPUs).
     log_cpus: u32,
+    /// This kernel's drop reasons by number, from its BTF.
+    drop_reasons: std::collections::BTreeMap<u32, String>,
 }
 
 impl Observer {
@@ -163,14 +165,15 @@ impl Observer {
         }
         // Drop reasons the kfree_skb program skips at once, by this
         // kernel's numbers.
-        let reasons = crate::kernel::btf::drop_reasons(KERNEL_BTF);
+        // Read once: also the names the metrics give the reasons.
+        let drop_reasons = crate::kernel::btf::drop_reasons(KERNEL_BTF);
         let skipped: Vec<(&str, u32)> = [
             ("SKIP_REASON_QUEUE_PURGE", "queue_purge"),
             ("SKIP_REASON_SOCKET_CLOSE", "socket_close"),
         ]
         .into_iter()
         .map(|(global, name)| {
-            let number = reasons
+            let number = drop_reasons
                 .iter()
                 .find(|(_, n)| n.as_str() == name)
                 .map_or(u32::MAX, |(number, _)| *number);
@@ -211,6 +214,7 @@ impl Observer {
             hooks: Vec::new(),
             census: Some(census),
             log_cpus,
+            drop_reasons,
         })
     }
 
@@ -227,7 +231,7 @@ impl Observer {
 
     /// Takes the counter maps out of the object, for the metrics collector.
     pub fn take_counters(&mut self) -> Result<Counters, LoadError> {
-        Counters::take_from(&mut self.ebpf)
+        Counters::take_from(&mut self.ebpf, std::mem::take(&mut self.drop_reasons))
     }
 
     /// Takes the flow tables out of the object, for the sweep.

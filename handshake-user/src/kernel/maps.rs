@@ -18,10 +18,7 @@ use handshake_common::{
     flow::{Flow, FlowKey},
 };
 
-use crate::kernel::{
-    btf::{KERNEL_BTF, drop_reasons},
-    error::LoadError,
-};
+use crate::kernel::error::LoadError;
 
 /// The packet, parse-error and state-transition counters, read from the
 /// kernel at one moment.
@@ -80,7 +77,11 @@ fn sum(map: &PerCpuArray<MapData, u64>, index: u32) -> Result<u64, MapError> {
 }
 
 impl Counters {
-    pub(crate) fn take_from(ebpf: &mut Ebpf) -> Result<Self, LoadError> {
+    /// `reasons`: this kernel's drop reasons, as the loader read them.
+    pub(crate) fn take_from(
+        ebpf: &mut Ebpf,
+        reasons: BTreeMap<u32, String>,
+    ) -> Result<Self, LoadError> {
         Ok(Self {
             packets: take(ebpf, names::PACKET_COUNTS)?,
             parse_errors: take(ebpf, names::PARSE_ERRORS)?,
@@ -90,7 +91,7 @@ impl Counters {
                 let map = ebpf.take_map(name).ok_or(LoadError::MissingMap(name))?;
                 PerCpuHashMap::try_from(map).map_err(|source| LoadError::Map { name, source })?
             },
-            reasons: drop_reasons(KERNEL_BTF),
+            reasons,
         })
     }
 

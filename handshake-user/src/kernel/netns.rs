@@ -352,16 +352,10 @@ pub fn discover() -> Vec<Found> {
             add(inode, name, mount_point);
         }
     }
-    if let Ok(entries) = std::fs::read_dir("/proc") {
-        for entry in entries.flatten() {
-            let pid = entry.file_name();
-            if !pid.as_encoded_bytes().iter().all(u8::is_ascii_digit) {
-                continue;
-            }
-            let path = entry.path().join("ns/net");
-            if let Some(inode) = link_inode(&path) {
-                add(inode, None, path);
-            }
+    for pid in processes() {
+        let path = pid.join("ns/net");
+        if let Some(inode) = link_inode(&path) {
+            add(inode, None, path);
         }
     }
     found
@@ -371,22 +365,11 @@ pub fn discover() -> Vec<Found> {
 /// it (from `/proc/PID/cgroup`), each once: whose a namespace is.
 pub fn holders() -> std::collections::BTreeMap<u64, Vec<String>> {
     let mut out: std::collections::BTreeMap<u64, Vec<String>> = Default::default();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for entry in entries.flatten() {
-        if !entry
-            .file_name()
-            .as_encoded_bytes()
-            .iter()
-            .all(u8::is_ascii_digit)
-        {
-            continue;
-        }
-        let Some(inode) = link_inode(&entry.path().join("ns/net")) else {
+    for pid in processes() {
+        let Some(inode) = link_inode(&pid.join("ns/net")) else {
             continue;
         };
-        let Ok(cgroups) = std::fs::read_to_string(entry.path().join("cgroup")) else {
+        let Ok(cgroups) = std::fs::read_to_string(pid.join("cgroup")) else {
             continue;
         };
         if let Some(path) = cgroups.lines().find_map(|l| l.strip_prefix("0::")) {
@@ -397,6 +380,22 @@ pub fn holders() -> std::collections::BTreeMap<u64, Vec<String>> {
         }
     }
     out
+}
+
+/// `/proc/PID` of every process now.
+fn processes() -> impl Iterator<Item = PathBuf> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|entry| {
+            entry
+                .file_name()
+                .as_encoded_bytes()
+                .iter()
+                .all(u8::is_ascii_digit)
+        })
+        .map(|entry| entry.path())
 }
 
 /// The inode in a namespace link's target, `net:[4026531840]`.
