@@ -35,6 +35,13 @@ fn main() -> ExitCode {
         cli::Command::Timewait(flags) => client::timewait(&flags),
         cli::Command::Listeners(flags) => client::listeners(&flags),
         cli::Command::Closes(flags) => client::closes(&flags),
+        cli::Command::Status(flags) => client::status(&flags),
+        cli::Command::Watch(flags) => cli::watch::run(&flags),
+        cli::Command::Completions { shell } => {
+            cli::completions(shell);
+            Ok(())
+        }
+        cli::Command::Manpages { dir } => cli::manpages(&dir),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

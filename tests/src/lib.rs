@@ -326,18 +326,26 @@ impl Daemon {
 
     /// [`Self::start`] with `env` added to the daemon's environment.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(handshake_bin());
+        command.envs(env.iter().copied());
+        Self::start_command(command, args)
+    }
+
+    /// [`Self::start`] through `command`: the binary, or a wrapper such as
+    /// `setpriv ... /usr/sbin/handshake`, to which `daemon ARGS` and the
+    /// addresses are appended.
+    pub fn start_command(mut command: Command, args: &[&str]) -> Self {
         let metrics_addr = format!("127.0.0.1:{}", free_port());
         let id = unique_id();
         let log = std::env::temp_dir().join(format!("handshake-daemon-{id}.log"));
         let api_socket = std::env::temp_dir().join(format!("handshake-{id}.sock"));
         let log_file = std::fs::File::create(&log).expect("daemon log file");
-        let child = Command::new(handshake_bin())
+        let child = command
             .arg("daemon")
             .args(args)
             .args(["--metrics-addr", &metrics_addr])
             .arg("--api-socket")
             .arg(&api_socket)
-            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().expect("log fd"))
             .stderr(log_file)

@@ -5,6 +5,7 @@
 //! pinned toolchains everything else is built with.
 
 mod bench;
+mod dist;
 mod setup;
 
 use std::{
@@ -22,6 +23,9 @@ usage: cargo xtask <command>
                    bpf-linker, Debian packages); quick when all is there
   build            setup, then a release build of the handshake binary
   run [-- ARGS]    setup, build, then run `handshake ARGS` (default: `daemon`)
+  dist             setup, build, then the Debian package and a tarball in
+                   target/dist/: the binary, systemd unit, man pages,
+                   completions, default configuration and licences
   test [-- ARGS]   setup, rustfmt and clippy checks, then every test: unit,
                    BPF_PROG_TEST_RUN and network-namespace tests (ARGS go
                    to `cargo test`); every test binary runs even after a
@@ -40,6 +44,10 @@ fn main() -> ExitCode {
         Some("setup") => setup::Project::locate().and_then(|p| p.setup(setup::Needs::Test)),
         Some("build") => setup::Project::locate().and_then(|p| build(&p)),
         Some("run") => setup::Project::locate().and_then(|p| run(&p, &rest)),
+        Some("dist") => setup::Project::locate().and_then(|p| {
+            p.setup(setup::Needs::Dist)?;
+            dist::dist(&p).map(|_| ())
+        }),
         Some("test") => setup::Project::locate().and_then(|p| test(&p, &rest)),
         Some("bench") => setup::Project::locate().and_then(|p| bench::run(&p, &rest)),
         Some("help" | "-h" | "--help") => {
@@ -77,6 +85,11 @@ pub fn status(cmd: &mut Command) -> Result {
 
 fn build(project: &setup::Project) -> Result {
     project.setup(setup::Needs::Run)?;
+    release(project)
+}
+
+/// The release build of the handshake binary (the eBPF object embedded).
+pub fn release(project: &setup::Project) -> Result {
     status(project.cargo().args([
         "build",
         "--release",
@@ -122,6 +135,8 @@ fn test(project: &setup::Project, args: &[OsString]) -> Result {
             .args(["build", "--package", "handshake-user", "--bin", "handshake"]),
     )?;
     let binary = project.target_dir().join("debug/handshake");
+    // The package tests install what `dist` builds.
+    let package = dist::dist(project)?;
     // Tests that cannot run here (a kernel feature missing) append a line
     // to this file (`handshake_tests::skip`): libtest would count them as
     // passed.
@@ -140,6 +155,7 @@ fn test(project: &setup::Project, args: &[OsString]) -> Result {
     cargo
         .args(args)
         .env("HANDSHAKE_BIN", binary)
+        .env("HANDSHAKE_DEB", package)
         .env("HANDSHAKE_SKIP_LOG", &skip_log)
         .stdout(Stdio::piped());
     let shown = format!("{cargo:?}");

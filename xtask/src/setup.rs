@@ -16,6 +16,9 @@ use crate::{Result, status, workspace_root};
 /// The bpf-linker release built for the pinned nightly.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
+/// The cargo-deb release `cargo xtask dist` packages with.
+const CARGO_DEB_VERSION: &str = "3.8.0";
+
 /// Debian packages the tests and benchmarks use (command → package).
 const TEST_PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
@@ -30,13 +33,25 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("nstat", "iproute2"),
     ("hping3", "hping3"),
     ("python3", "python3"),
+    ("tmux", "tmux"),
+    ("prometheus", "prometheus"),
+    ("promtool", "prometheus"),
+    ("systemd-analyze", "systemd"),
+    ("setpriv", "util-linux"),
+    ("man", "man-db"),
+    ("dpkg-shlibdeps", "dpkg-dev"),
 ];
+
+/// PyPI packages the tests use (module → package), installed with pip.
+const TEST_PYTHON: &[(&str, &str)] = &[("kubernetes_validate", "kubernetes-validate")];
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Needs {
     /// Building and running the daemon.
     Run,
-    /// Also the tools the tests drive.
+    /// Also cargo-deb, to build the package.
+    Dist,
+    /// Also the tools the tests drive (the package among them).
     Test,
     /// Also the peers the benchmarks compare against.
     Bench,
@@ -84,12 +99,7 @@ impl Project {
     /// Where bpf-linker for the pinned nightly lives, outside any checkout
     /// so that fresh clones share it.
     fn linker_root(&self) -> PathBuf {
-        let home = env::var_os("CARGO_HOME")
-            .map(PathBuf::from)
-            .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
-            .unwrap_or_else(|| PathBuf::from("/root/.cargo"));
-        home.join("handshake")
-            .join(format!("bpf-linker-{BPF_LINKER_VERSION}-{}", self.nightly))
+        tools_root().join(format!("bpf-linker-{BPF_LINKER_VERSION}-{}", self.nightly))
     }
 
     /// `cargo` of the pinned stable, in the workspace, with bpf-linker on
@@ -104,7 +114,7 @@ impl Project {
             .env_remove("RUSTC")
             .env_remove("RUSTDOC")
             .env_remove("CARGO");
-        let mut path = vec![self.linker_root().join("bin")];
+        let mut path = vec![self.linker_root().join("bin"), cargo_deb_root().join("bin")];
         path.extend(env::split_paths(&env::var_os("PATH").unwrap_or_default()));
         cmd.env(
             "PATH",
@@ -119,12 +129,42 @@ impl Project {
         self.bpf_linker()?;
         match needs {
             Needs::Run => {}
-            Needs::Test => debian_packages(TEST_PACKAGES)?,
+            Needs::Dist => self.cargo_deb()?,
+            Needs::Test => {
+                self.cargo_deb()?;
+                debian_packages(TEST_PACKAGES)?;
+                python_packages(TEST_PYTHON)?;
+            }
             Needs::Bench => {
                 debian_packages(&[TEST_PACKAGES, BENCH_PACKAGES].concat())?;
             }
         }
         Ok(())
+    }
+
+    /// cargo-deb, pinned, beside bpf-linker.
+    fn cargo_deb(&self) -> Result {
+        let root = cargo_deb_root();
+        let works = Command::new(root.join("bin/cargo-deb"))
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if works {
+            return Ok(());
+        }
+        eprintln!("xtask: building cargo-deb {CARGO_DEB_VERSION} (a few minutes)");
+        status(
+            Command::new("rustup")
+                .args(["run", &self.stable, "cargo", "install", "cargo-deb"])
+                .args(["--version", CARGO_DEB_VERSION, "--locked", "--force"])
+                .arg("--root")
+                .arg(&root)
+                .env_remove("RUSTUP_TOOLCHAIN")
+                .env_remove("CARGO")
+                .env_remove("RUSTC"),
+        )
     }
 
     fn toolchain(&self, name: &str, components: &[&str]) -> Result {
@@ -223,6 +263,52 @@ impl Project {
                 .env_remove("RUSTC"),
         )
     }
+}
+
+/// Where the project's own tools are installed, outside any checkout so
+/// that fresh clones share them.
+fn tools_root() -> PathBuf {
+    env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
+        .join("handshake")
+}
+
+fn cargo_deb_root() -> PathBuf {
+    tools_root().join(format!("cargo-deb-{CARGO_DEB_VERSION}"))
+}
+
+/// PyPI packages, by the module each provides.
+fn python_packages(packages: &[(&str, &str)]) -> Result {
+    let missing: Vec<&str> = packages
+        .iter()
+        .filter(|(module, _)| {
+            !Command::new("python3")
+                .args(["-c", &format!("import {module}")])
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing PyPI packages {missing:?}");
+    status(
+        Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(&missing)
+            .env("PIP_ROOT_USER_ACTION", "ignore")
+            .stdin(Stdio::null()),
+    )
 }
 
 fn capture(cmd: &mut Command) -> Result<String> {

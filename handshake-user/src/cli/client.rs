@@ -14,11 +14,12 @@ use anyhow::{Context as _, bail};
 
 use crate::{
     cli::{
-        ClosesFlags, ConnsFlags, ListenersFlags, StatesFlags, TimewaitFlags, TlsFlags, WhoFlags,
+        ClosesFlags, ConnsFlags, ListenersFlags, StatesFlags, StatusFlags, TimewaitFlags, TlsFlags,
+        WhoFlags,
     },
     wire::{
         Attribution, CloseGroupView, ConnView, ListenerView, Request, STATES, SocketView,
-        StatesView, TimeWaitView, TlsView, error_of, state_by_name, state_name,
+        StatesView, StatusView, TimeWaitView, TlsView, error_of, state_by_name, state_name,
     },
 };
 
@@ -88,11 +89,16 @@ fn workload_column(who: &Attribution) -> String {
 
 /// Sends one request and returns the daemon's answer.
 pub fn request(socket: &Path, request: Request) -> anyhow::Result<String> {
-    let mut stream = UnixStream::connect(socket).map_err(|error| {
-        anyhow::anyhow!(
+    let mut stream = UnixStream::connect(socket).map_err(|error| match error.kind() {
+        std::io::ErrorKind::PermissionDenied => anyhow::anyhow!(
+            "not allowed to talk to the daemon on {} ({error}): it answers root, its own user \
+             and the members of its --api-group",
+            socket.display()
+        ),
+        _ => anyhow::anyhow!(
             "no daemon answers on {} ({error}); start one with `handshake daemon`",
             socket.display()
-        )
+        ),
     })?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     stream.write_all(format!("{request}\n").as_bytes())?;
@@ -107,7 +113,7 @@ pub fn request(socket: &Path, request: Request) -> anyhow::Result<String> {
 }
 
 /// Sends `request` and decodes the daemon's JSON answer.
-fn fetch<T: serde::de::DeserializeOwned>(
+pub fn fetch<T: serde::de::DeserializeOwned>(
     socket: &Path,
     request_line: Request,
 ) -> anyhow::Result<T> {
@@ -458,6 +464,52 @@ pub fn listeners(flags: &ListenersFlags) -> anyhow::Result<()> {
                 .map_or_else(|| "-".to_owned(), |r| format!("{r:.1}")),
             if v.syn_cookies { "yes" } else { "no" },
         );
+    }
+    Ok(())
+}
+
+pub fn status(flags: &StatusFlags) -> anyhow::Result<()> {
+    let s: StatusView = fetch(&flags.api_socket, Request::Status)?;
+    if flags.json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(());
+    }
+    println!("handshake {} (pid {}, uid {})", s.version, s.pid, s.uid);
+    println!("uptime        {:.0} s", s.uptime_s);
+    println!("capabilities  {}", s.capabilities.join(" "));
+    println!("metrics       http://{}/metrics", s.metrics_addr);
+    println!("api           {}", s.api_socket);
+    println!(
+        "census        {} every {:.1} s (now {:.1} s), {} namespaces",
+        s.census_source, s.census_interval_s, s.census_interval_actual_s, s.namespaces
+    );
+    println!(
+        "process       {:.1} MiB resident, {:.2} s CPU",
+        s.rss_bytes as f64 / (1 << 20) as f64,
+        s.cpu_s
+    );
+    println!(
+        "\n{:<22} {:<16} {:<16} {:<9} DETAIL",
+        "PROBE", "INTERFACE", "NETNS", "ATTACHED"
+    );
+    for p in &s.probes {
+        println!(
+            "{:<22} {:<16} {:<16} {:<9} {}",
+            p.probe,
+            p.interface.as_deref().unwrap_or("-"),
+            p.netns.as_deref().unwrap_or("-"),
+            if p.attached { "yes" } else { "NO" },
+            p.detail
+        );
+    }
+    println!("\n{:<14} {:>10} {:>10}", "TABLE", "ENTRIES", "CAPACITY");
+    for t in &s.tables {
+        let entries = t.entries.map_or_else(|| "-".to_owned(), |n| n.to_string());
+        println!("{:<14} {:>10} {:>10}", t.map, entries, t.capacity);
+    }
+    println!("\n{:<24} {:>10}", "LOST", "COUNT");
+    for (what, n) in &s.lost {
+        println!("{what:<24} {n:>10}");
     }
     Ok(())
 }

@@ -92,6 +92,7 @@ impl TryFrom<DaemonFlags> for DaemonConfig {
             loopback_skipped,
             metrics_addr,
             api_socket: flags.api_socket,
+            api_group: flags.api_group.as_deref().map(group_id).transpose()?,
             handshake_timeout,
             tables,
             conn_history: flags.conn_history,
@@ -102,6 +103,23 @@ impl TryFrom<DaemonFlags> for DaemonConfig {
             census_source: flags.census_source,
         })
     }
+}
+
+/// A group's id, by name or number.
+fn group_id(name: &str) -> anyhow::Result<u32> {
+    if let Ok(gid) = name.parse() {
+        return Ok(gid);
+    }
+    let c_name = std::ffi::CString::new(name)
+        .with_context(|| format!("--api-group {name:?} is not a group name"))?;
+    // SAFETY: a valid C string; the result is read before any other
+    // call that could reuse its static storage.
+    let group = unsafe { libc::getgrnam(c_name.as_ptr()) };
+    if group.is_null() {
+        bail!("--api-group {name:?}: no such group");
+    }
+    // SAFETY: non-null, as getgrnam returned it.
+    Ok(unsafe { (*group).gr_gid })
 }
 
 /// The kernel tables' sizes, each within what the kernel and memory allow.

@@ -5,10 +5,12 @@
 
 pub mod client;
 pub mod config;
+pub mod watch;
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use anyhow::Context as _;
+use clap::{Args, CommandFactory as _, Parser, Subcommand};
 
 use crate::{
     daemon::config::CensusSource,
@@ -51,6 +53,54 @@ pub enum Command {
     /// limit, drops and drop rate, and whether it sends SYN cookies (a
     /// fresh census).
     Listeners(ListenersFlags),
+    /// The daemon about itself: version, uptime, user and capabilities,
+    /// each probe and where it is attached, the census, the tables' fill
+    /// and what was lost.
+    Status(StatusFlags),
+    /// A full-screen view refreshed each second: handshakes per second by
+    /// outcome, phase latencies, the slowest and failing connections,
+    /// listen queues, TIME_WAIT, TLS versions. `q` quits.
+    Watch(WatchFlags),
+    /// Print the completion script for a shell (bash, zsh, fish, elvish,
+    /// powershell), e.g. `handshake completions bash > /etc/bash_completion.d/handshake`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (handshake.8, and handshake-COMMAND.8 for each
+    /// command) into a directory; used to build the package.
+    #[command(hide = true)]
+    Manpages {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct StatusFlags {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+
+    /// The daemon's API socket.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    pub api_socket: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct WatchFlags {
+    /// Seconds between refreshes.
+    #[arg(long, value_name = "DURATION", default_value = "1s")]
+    pub interval: String,
+
+    /// Print one frame of the view as JSON (what the screen would show)
+    /// and exit, instead of the full-screen view.
+    #[arg(long)]
+    pub json: bool,
+
+    /// The daemon's API socket.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    pub api_socket: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -225,9 +275,16 @@ pub struct DaemonFlags {
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9640")]
     pub metrics_addr: String,
 
-    /// The local API socket `handshake conns` talks to (mode 0600).
+    /// The local API socket `handshake conns` talks to (mode 0600: the
+    /// daemon's user and root only, unless --api-group).
     #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
     pub api_socket: PathBuf,
+
+    /// Open the API socket to this group as well (mode 0660): its members
+    /// may run `handshake conns` and the other commands without root. The
+    /// daemon must be a member (`SupplementaryGroups=` in the unit).
+    #[arg(long, value_name = "GROUP")]
+    pub api_group: Option<String>,
 
     /// A handshake with no SYN-ACK, or no completing ACK, this long after
     /// its first SYN counts as timed out (e.g. `10s`, `500ms`).
@@ -295,4 +352,38 @@ pub struct DaemonFlags {
     /// veth, and makes some NIC drivers reset on attach. `native` on request.
     #[arg(long, value_enum, default_value_t = XdpMode::Auto)]
     pub xdp_mode: XdpMode,
+}
+
+/// Prints the completion script for `shell` on stdout.
+pub fn completions(shell: clap_complete::Shell) {
+    clap_complete::generate(
+        shell,
+        &mut Cli::command(),
+        "handshake",
+        &mut std::io::stdout(),
+    );
+}
+
+/// Writes `handshake.8` and a `handshake-COMMAND.8` for every command
+/// into `dir`.
+pub fn manpages(dir: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let command = Cli::command().version(env!("CARGO_PKG_VERSION"));
+    let mut pages = vec![("handshake".to_owned(), command.clone())];
+    for sub in command.get_subcommands().filter(|c| !c.is_hide_set()) {
+        let name = format!("handshake-{}", sub.get_name());
+        pages.push((name.clone(), sub.clone().name(name)));
+    }
+    for (name, page) in pages {
+        let path = dir.join(format!("{name}.8"));
+        let mut out = Vec::new();
+        clap_mangen::Man::new(page)
+            .section("8")
+            .manual("System Administration")
+            .source(format!("handshake {}", env!("CARGO_PKG_VERSION")))
+            .render(&mut out)
+            .with_context(|| format!("rendering {name}.8"))?;
+        std::fs::write(&path, out).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
 }

@@ -25,6 +25,7 @@ use crate::{
         census::{Scope, census_round},
         http::Render,
         state::{State, attribution, lock},
+        status::Status,
     },
     kernel::{clock, netns},
     model::{
@@ -47,8 +48,9 @@ const MAX_REQUEST_BYTES: u64 = 1024;
 const MAX_LISTED: u32 = 65_536;
 
 /// Binds the API socket before anything touches the kernel: a live daemon
-/// on the same path is an error, a stale socket file is replaced.
-pub fn bind(path: &Path) -> anyhow::Result<std::os::unix::net::UnixListener> {
+/// on the same path is an error, a stale socket file is replaced. Mode
+/// 0600 (the daemon's user, and root), or 0660 with `group`.
+pub fn bind(path: &Path, group: Option<u32>) -> anyhow::Result<std::os::unix::net::UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating {} for --api-socket", dir.display()))?;
@@ -65,8 +67,26 @@ pub fn bind(path: &Path) -> anyhow::Result<std::os::unix::net::UnixListener> {
     }
     let listener = std::os::unix::net::UnixListener::bind(path)
         .with_context(|| format!("cannot listen on --api-socket {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("restricting {} to root", path.display()))?;
+    let restrict = || {
+        let mode = match group {
+            None => 0o600,
+            Some(gid) => {
+                std::os::unix::fs::chown(path, None, Some(gid)).with_context(|| {
+                    format!(
+                        "giving {} to group {gid} (--api-group): the daemon must be a member of it",
+                        path.display()
+                    )
+                })?;
+                0o660
+            }
+        };
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("restricting {} to mode {mode:o}", path.display()))
+    };
+    if let Err(error) = restrict() {
+        let _ = std::fs::remove_file(path);
+        return Err(error);
+    }
     listener.set_nonblocking(true)?;
     Ok(listener)
 }
@@ -87,6 +107,7 @@ pub async fn serve(
     state: Arc<Mutex<State>>,
     census: Option<SharedCensus>,
     render: Render,
+    status: Status,
 ) {
     loop {
         match listener.accept().await {
@@ -94,8 +115,10 @@ pub async fn serve(
                 let state = Arc::clone(&state);
                 let census = census.clone();
                 let render = Arc::clone(&render);
+                let status = Arc::clone(&status);
                 tokio::spawn(async move {
-                    if let Err(error) = answer(stream, &state, census.as_ref(), &render).await {
+                    let served = answer(stream, &state, census.as_ref(), &render, &status).await;
+                    if let Err(error) = served {
                         tracing::debug!(%error, "API request failed");
                     }
                 });
@@ -113,6 +136,7 @@ async fn answer(
     state: &Mutex<State>,
     census: Option<&SharedCensus>,
     render: &Render,
+    status: &Status,
 ) -> io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
@@ -126,6 +150,7 @@ async fn answer(
         Ok(Request::Conns) => serde_json::to_string(&conns(state)).map_err(io::Error::other)?,
         Ok(Request::Tls) => serde_json::to_string(&tls(state)).map_err(io::Error::other)?,
         Ok(Request::Metrics) => render().unwrap_or_else(|error| error_body(&error)),
+        Ok(Request::Status) => serde_json::to_string(&status()).map_err(io::Error::other)?,
         Ok(Request::Closes { top }) => {
             serde_json::to_string(&closes(state, top)).map_err(io::Error::other)?
         }

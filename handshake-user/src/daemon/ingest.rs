@@ -80,6 +80,7 @@ pub async fn sweep(
                     state.record_wire(flow);
                 }
                 state.live = sweep.live;
+                state.table_entries = sweep.entries;
                 state.flow_stats = stats;
             }
             Err(error) => {

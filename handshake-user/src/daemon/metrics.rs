@@ -27,10 +27,11 @@ use crate::{
     daemon::{
         http::Render,
         state::{SelfStats, State, lock},
+        status::{self, ProcessStats},
     },
     kernel::{
         census::Netstat,
-        loader::{Attachment, Attachments, lock_attachments},
+        loader::{Attachment, Attachments, TableSizes, lock_attachments},
         maps::{Counters, FlowStats, KernelCounts, Table},
     },
     model::{
@@ -40,7 +41,7 @@ use crate::{
         states::{NetnsView, STUCK_STATES},
         tls::{TlsPhase, TlsTotals},
     },
-    wire::{Family, Outcome, Role, STATES, state_name},
+    wire::{Family, Outcome, Role, STATES, TableView, state_name},
 };
 
 /// Everything one scrape shows.
@@ -82,11 +83,15 @@ pub fn renderer(
     half_open_top: usize,
     netns_top: usize,
     listener_top: usize,
+    sizes: TableSizes,
 ) -> Render {
+    let started_unix_s = status::unix_now_s();
     Arc::new(move || {
         let counts = counters.read();
         let attachments = lock_attachments(&attachments).clone();
+        let process = ProcessStats::read(started_unix_s);
         let mut state = lock(&state);
+        let own = own_families(&process, &status::tables(sizes, state.table_entries));
         match counts {
             Ok(counts) => Ok(render(&Report {
                 counts: &counts,
@@ -104,7 +109,7 @@ pub fn renderer(
                 reasons: &counters.reasons,
                 closes: &state.closes.totals,
                 tls: &state.tls.totals,
-            })),
+            }) + &own),
             Err(error) => {
                 state.self_stats.map_read_errors += 1;
                 tracing::error!(%error, "reading the counter maps failed");
@@ -112,6 +117,64 @@ pub fn renderer(
             }
         }
     })
+}
+
+/// The daemon's own families: its version, its process (the names
+/// Prometheus client libraries use) and its tables' fill.
+pub fn own_families(process: &ProcessStats, tables: &[TableView]) -> String {
+    let mut families = Families::default();
+    families.gauges(
+        "handshake_build_info",
+        "1, labeled with the daemon's version.",
+        vec![gauge(&[("version", env!("CARGO_PKG_VERSION"))], 1.0)],
+    );
+    families.counters(
+        "process_cpu_seconds_total",
+        "User and system CPU time the daemon spent, in seconds.",
+        vec![{
+            let mut c = Counter::default();
+            c.set_value(process.cpu_s);
+            let mut m = Metric::default();
+            m.set_counter(c);
+            m
+        }],
+    );
+    for (name, help, value) in [
+        (
+            "process_resident_memory_bytes",
+            "The daemon's resident memory, in bytes.",
+            process.rss_bytes as f64,
+        ),
+        (
+            "process_start_time_seconds",
+            "When the daemon started, in seconds since the Unix epoch.",
+            process.start_unix_s,
+        ),
+        (
+            "process_open_fds",
+            "File descriptors the daemon holds open.",
+            process.open_fds as f64,
+        ),
+    ] {
+        families.gauges(name, help, vec![gauge(&[], value)]);
+    }
+    families.gauges(
+        "handshake_map_capacity",
+        "Entries each kernel table can hold (--half-open-entries, --flow-entries, --socket-age-entries).",
+        tables
+            .iter()
+            .map(|t| gauge(&[("map", &t.map)], f64::from(t.capacity)))
+            .collect(),
+    );
+    families.gauges(
+        "handshake_map_entries",
+        "Entries in each flow table at the last sweep.",
+        tables
+            .iter()
+            .filter_map(|t| Some(gauge(&[("map", &t.map)], t.entries? as f64)))
+            .collect(),
+    );
+    encode(families)
 }
 
 /// Renders every family in Prometheus text format.
@@ -126,7 +189,10 @@ pub fn render(report: &Report<'_>) -> String {
     close_families(report, &mut families);
     time_wait_families(report, &mut families);
     tls_families(report, &mut families);
+    encode(families)
+}
 
+fn encode(families: Families) -> String {
     // The encoder rejects a family without samples (no transition seen
     // yet, no port half-open); Prometheus reads an absent series as none.
     let mut families = families.0;

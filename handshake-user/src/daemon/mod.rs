@@ -13,6 +13,7 @@ pub mod ingest;
 pub mod interfaces;
 pub mod metrics;
 pub mod state;
+pub mod status;
 
 use std::{
     sync::{Arc, Mutex},
@@ -106,7 +107,7 @@ impl Listeners {
         let metrics = std::net::TcpListener::bind(config.metrics_addr)
             .with_context(|| format!("cannot listen on --metrics-addr {}", config.metrics_addr))?;
         metrics.set_nonblocking(true)?;
-        let api = api::bind(&config.api_socket)?;
+        let api = api::bind(&config.api_socket, config.api_group)?;
         Ok(Self {
             metrics,
             api,
@@ -236,6 +237,15 @@ fn serve(
         config.half_open_top,
         config.netns_top,
         config.listener_top,
+        config.tables,
+    );
+    let status = status::status(
+        config,
+        Arc::clone(&state),
+        observer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .attachments_handle(),
     );
     let expiry = Expiry {
         handshake_timeout_ns: config.handshake_timeout.as_nanos() as u64,
@@ -263,7 +273,7 @@ fn serve(
         let mut sigint = signal(SignalKind::interrupt())?;
         tokio::select! {
             () = http::serve(metrics_listener, Arc::clone(&render)) => {}
-            () = api::serve(api_listener, Arc::clone(&state), census.clone(), render) => {}
+            () = api::serve(api_listener, Arc::clone(&state), census.clone(), render, status) => {}
             result = ingest::feed(
                 events,
                 &state,

@@ -62,8 +62,13 @@ pub struct State {
     pub sockets: SocketHandshakes,
     /// Handshakes in the kernel tables at the last sweep.
     pub live: Vec<Flow>,
+    /// Entries per flow table ([`crate::kernel::maps::Table`]) at the last
+    /// sweep.
+    pub table_entries: [u64; 2],
     /// Their connection ends, as of the last sweep of the socket rows.
     live_before: FastSet<RowKey>,
+    /// Namespaces whose census failed and was logged.
+    census_failed: FastSet<u64>,
     pub flow_stats: FlowStats,
     pub self_stats: SelfStats,
     /// The last census of each namespace of the host (host first).
@@ -121,7 +126,17 @@ impl State {
                 }
                 Err(error) => {
                     self.self_stats.census_errors += 1;
-                    tracing::error!(netns = %name, error = %chain(&error), "census failed");
+                    // Said once per namespace: it fails the same way every
+                    // round (handshake_census_errors_total counts them all).
+                    if self.census_failed.insert(inode) {
+                        let error = chain(&error);
+                        let hint = if error.contains("Operation not permitted") {
+                            "; entering another network namespace needs CAP_SYS_ADMIN"
+                        } else {
+                            ""
+                        };
+                        tracing::error!(netns = %name, %error, "census failed{hint}");
+                    }
                 }
             }
         }
@@ -268,7 +283,9 @@ impl State {
             conntrack: Conntrack::new(history),
             sockets: SocketHandshakes::default(),
             live: Vec::new(),
+            table_entries: [0; 2],
             live_before: FastSet::default(),
+            census_failed: FastSet::default(),
             flow_stats: FlowStats::default(),
             self_stats: SelfStats::default(),
             census: Vec::new(),

@@ -174,6 +174,8 @@ pub struct Sweep {
     pub decided: Vec<Flow>,
     /// Handshakes still in the tables.
     pub live: Vec<Flow>,
+    /// How many of them each [`Table`] holds.
+    pub entries: [u64; 2],
 }
 
 /// Kernel-side counters of the flow tables, summed over CPUs.
@@ -282,6 +284,7 @@ impl FlowTables {
             let estimate = inserts[t].saturating_sub(gone);
             self.evictions[t] = self.evictions[t].max(estimate);
         }
+        sweep.entries = live;
         Ok(sweep)
     }
 }

@@ -10,8 +10,8 @@ use std::fmt;
 
 pub use names::{Family, Outcome, Role, STATES, Source, state_by_name, state_name};
 pub use views::{
-    Attribution, CloseGroupView, ConnView, Endpoint, Endpoints, Forecast, ListenerView, SocketView,
-    StatesView, TimeWaitView, TlsView,
+    Attribution, CloseGroupView, ConnView, Endpoint, Endpoints, Forecast, ListenerView, ProbeView,
+    SocketView, StatesView, StatusView, TableView, TimeWaitView, TlsView,
 };
 
 /// Where the daemon listens and the CLI asks, unless told otherwise.
@@ -41,6 +41,8 @@ pub enum Request {
     /// Listeners and workloads by how their connections closed, the `top`
     /// slowest or most reset: [`CloseGroupView`]s.
     Closes { top: usize },
+    /// The daemon about itself: [`StatusView`].
+    Status,
     /// What `/metrics` serves, in Prometheus text format (not JSON): for
     /// readers on the host that should not open a TCP connection, which
     /// the daemon would count as a handshake.
@@ -68,6 +70,7 @@ impl Request {
             "tls" => Ok(Self::Tls),
             "states" => Ok(Self::States),
             "metrics" => Ok(Self::Metrics),
+            "status" => Ok(Self::Status),
             "listeners" => Ok(Self::Listeners),
             "closes" => Ok(Self::Closes {
                 top: argument.and_then(|n| n.parse().ok()).unwrap_or(DEFAULT_TOP),
@@ -92,6 +95,7 @@ impl fmt::Display for Request {
             Self::Tls => f.write_str("tls"),
             Self::States => f.write_str("states"),
             Self::Metrics => f.write_str("metrics"),
+            Self::Status => f.write_str("status"),
             Self::Listeners => f.write_str("listeners"),
             Self::Closes { top } => write!(f, "closes {top}"),
             Self::TimeWait { top } => write!(f, "timewait {top}"),
@@ -124,6 +128,7 @@ mod tests {
             Request::Tls,
             Request::States,
             Request::Metrics,
+            Request::Status,
             Request::Listeners,
             Request::Closes { top: 4 },
             Request::TimeWait { top: 3 },

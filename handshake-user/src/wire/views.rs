@@ -281,3 +281,51 @@ impl TlsView {
         )
     }
 }
+
+/// The daemon about itself: `handshake status`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StatusView {
+    pub version: String,
+    pub pid: u32,
+    /// Unix time the daemon started, seconds.
+    pub started_unix_s: f64,
+    pub uptime_s: f64,
+    /// The user and the effective capabilities it runs with.
+    pub uid: u32,
+    pub capabilities: Vec<String>,
+    /// Every probe tried: where it is attached, or why not.
+    pub probes: Vec<ProbeView>,
+    /// Census: `iter/tcp`, `netlink`, or `none`.
+    pub census_source: String,
+    pub census_interval_s: f64,
+    /// The interval the census runs at now (longer while it is slow).
+    pub census_interval_actual_s: f64,
+    pub namespaces: usize,
+    /// The kernel tables: capacity, and entries at the last sweep where
+    /// the daemon knows them.
+    pub tables: Vec<TableView>,
+    /// What was lost, by what (the metrics' counters of the same names).
+    pub lost: BTreeMap<String, u64>,
+    /// The daemon's own resident memory and CPU time.
+    pub rss_bytes: u64,
+    pub cpu_s: f64,
+    pub metrics_addr: String,
+    pub api_socket: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeView {
+    pub probe: String,
+    pub interface: Option<String>,
+    pub netns: Option<String>,
+    pub attached: bool,
+    /// How it is attached (`tcx`, `tp_btf`, ...), or why it is not.
+    pub detail: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableView {
+    pub map: String,
+    pub capacity: u32,
+    pub entries: Option<u64>,
+}
