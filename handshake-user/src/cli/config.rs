@@ -92,6 +92,13 @@ impl TryFrom<DaemonFlags> for DaemonConfig {
             loopback_skipped,
             metrics_addr,
             api_socket: flags.api_socket,
+            cgroup_root: match flags.cgroup_root {
+                Some(root) if !root.join("cgroup.procs").exists() => bail!(
+                    "--cgroup-root {}: no cgroup v2 hierarchy there (no cgroup.procs)",
+                    root.display()
+                ),
+                other => other,
+            },
             api_group: flags.api_group.as_deref().map(group_id).transpose()?,
             handshake_timeout,
             tables,

@@ -286,6 +286,13 @@ pub struct DaemonFlags {
     #[arg(long, value_name = "GROUP")]
     pub api_group: Option<String>,
 
+    /// Where the host's cgroup v2 hierarchy is mounted, to name the
+    /// container, pod and unit of each socket. Default: the first cgroup2
+    /// mount in /proc/self/mountinfo. In a container, mount the host's
+    /// /sys/fs/cgroup elsewhere (read-only) and name it here.
+    #[arg(long, value_name = "PATH")]
+    pub cgroup_root: Option<PathBuf>,
+
     /// A handshake with no SYN-ACK, or no completing ACK, this long after
     /// its first SYN counts as timed out (e.g. `10s`, `500ms`).
     #[arg(long, value_name = "DURATION", default_value = "10s")]

@@ -25,6 +25,8 @@ pub struct DaemonConfig {
     pub loopback_skipped: Vec<String>,
     pub metrics_addr: SocketAddr,
     pub api_socket: PathBuf,
+    /// The cgroup v2 hierarchy, when not the first in mountinfo.
+    pub cgroup_root: Option<PathBuf>,
     /// The group the API socket is opened to (`--api-group`), by gid.
     pub api_group: Option<u32>,
     pub handshake_timeout: Duration,

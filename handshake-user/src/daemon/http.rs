@@ -67,6 +67,9 @@ async fn handle(mut stream: TcpStream, render: &Render) -> std::io::Result<()> {
                 format!("{error}\n"),
             ),
         },
+        // For readiness and liveness probes: the daemon answers once its
+        // programs are attached, without rendering the metrics.
+        ("GET", "/healthz") => ("200 OK", "text/plain; charset=utf-8", "ok\n".to_owned()),
         ("GET", "/") => (
             "200 OK",
             "text/plain; charset=utf-8",

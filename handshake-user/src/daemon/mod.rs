@@ -221,6 +221,9 @@ fn serve(
     observer: &Arc<Mutex<Observer>>,
 ) -> anyhow::Result<()> {
     let mut initial = State::new(config.conn_history);
+    if let Some(root) = &config.cgroup_root {
+        initial.cgroups = crate::kernel::cgroup::Cgroups::at(root.clone());
+    }
     initial.hook_netns = primary(config)
         .inode()
         .ok()

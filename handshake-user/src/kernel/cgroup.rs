@@ -45,6 +45,15 @@ impl Cgroups {
         }
     }
 
+    /// The v2 hierarchy mounted at `root` (`--cgroup-root`: in a container,
+    /// where the host's is mounted).
+    pub fn at(root: PathBuf) -> Self {
+        Self {
+            root: Some(root),
+            ..Self::new()
+        }
+    }
+
     /// Where the v2 hierarchy is mounted.
     pub fn root(&self) -> Option<&Path> {
         self.root.as_deref()
