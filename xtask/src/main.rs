@@ -6,6 +6,7 @@
 
 mod bench;
 mod dist;
+mod fuzz;
 mod setup;
 
 use std::{
@@ -31,6 +32,10 @@ usage: cargo xtask <command>
                    to `cargo test`); every test binary runs even after a
                    failure, and tests that could not run here are listed
                    and counted as skipped, not passed
+  fuzz [-- TARGET... [--seconds N]]
+                   setup, then each fuzz target (packet, client_hello)
+                   for N seconds (default 300); the suite runs each for
+                   30 s (HANDSHAKE_FUZZ_SECONDS)
   bench [-- WHICH] setup, build, then the benchmarks (docs/BENCHMARKS.md);
                    WHICH is `xdp`, `fingerprint`, `churn`, `census`,
                    `tls`, `forecast` or `all` (default)
@@ -49,6 +54,10 @@ fn main() -> ExitCode {
             dist::dist(&p).map(|_| ())
         }),
         Some("test") => setup::Project::locate().and_then(|p| test(&p, &rest)),
+        Some("fuzz") => setup::Project::locate().and_then(|p| {
+            p.setup(setup::Needs::Fuzz)?;
+            fuzz::command(&p, &rest)
+        }),
         Some("bench") => setup::Project::locate().and_then(|p| bench::run(&p, &rest)),
         Some("help" | "-h" | "--help") => {
             print!("{USAGE}");
@@ -177,6 +186,24 @@ fn test(project: &setup::Project, args: &[OsString]) -> Result {
     let code = child
         .wait()
         .map_err(|e| format!("waiting for {shown}: {e}"))?;
+    // Each fuzz target runs for a bounded time and counts as one test.
+    let seconds = match env::var("HANDSHAKE_FUZZ_SECONDS") {
+        Ok(s) => s
+            .parse()
+            .map_err(|_| format!("HANDSHAKE_FUZZ_SECONDS={s:?} is not a number"))?,
+        Err(_) => fuzz::SUITE_SECONDS,
+    };
+    let mut fuzz_failures = Vec::new();
+    for target in fuzz::TARGETS {
+        match fuzz::run(project, target, seconds) {
+            Ok(()) => totals[0] += 1,
+            Err(e) => {
+                eprintln!("xtask: {e}");
+                totals[1] += 1;
+                fuzz_failures.push(target);
+            }
+        }
+    }
     let skips = std::fs::read_to_string(&skip_log).unwrap_or_default();
     let skipped = skips.lines().count() as u64;
     for line in skips.lines() {
@@ -188,11 +215,15 @@ fn test(project: &setup::Project, args: &[OsString]) -> Result {
         totals[1],
         totals[2] + skipped
     );
-    if code.success() {
-        Ok(())
-    } else {
-        Err(format!("{shown} failed ({code})"))
+    if !code.success() {
+        return Err(format!("{shown} failed ({code})"));
     }
+    if !fuzz_failures.is_empty() {
+        return Err(format!(
+            "fuzz targets {fuzz_failures:?} found failing inputs"
+        ));
+    }
+    Ok(())
 }
 
 /// In "ok. 14 passed; 0 failed; ...", the number before `word`.

@@ -19,6 +19,9 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The cargo-deb release `cargo xtask dist` packages with.
 const CARGO_DEB_VERSION: &str = "3.8.0";
 
+/// The cargo-fuzz release `cargo xtask fuzz` (and the suite) runs.
+const CARGO_FUZZ_VERSION: &str = "0.13.1";
+
 /// Debian packages the tests and benchmarks use (command → package).
 const TEST_PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
@@ -51,6 +54,8 @@ pub enum Needs {
     Run,
     /// Also cargo-deb, to build the package.
     Dist,
+    /// Also cargo-fuzz.
+    Fuzz,
     /// Also the tools the tests drive (the package among them).
     Test,
     /// Also the peers the benchmarks compare against.
@@ -114,7 +119,10 @@ impl Project {
             .env_remove("RUSTC")
             .env_remove("RUSTDOC")
             .env_remove("CARGO");
-        let mut path = vec![self.linker_root().join("bin"), cargo_deb_root().join("bin")];
+        let mut path = vec![
+            self.linker_root().join("bin"),
+            tool_root("cargo-deb", CARGO_DEB_VERSION).join("bin"),
+        ];
         path.extend(env::split_paths(&env::var_os("PATH").unwrap_or_default()));
         cmd.env(
             "PATH",
@@ -129,9 +137,11 @@ impl Project {
         self.bpf_linker()?;
         match needs {
             Needs::Run => {}
-            Needs::Dist => self.cargo_deb()?,
+            Needs::Dist => self.cargo_tool("cargo-deb", CARGO_DEB_VERSION)?,
+            Needs::Fuzz => self.cargo_tool("cargo-fuzz", CARGO_FUZZ_VERSION)?,
             Needs::Test => {
-                self.cargo_deb()?;
+                self.cargo_tool("cargo-deb", CARGO_DEB_VERSION)?;
+                self.cargo_tool("cargo-fuzz", CARGO_FUZZ_VERSION)?;
                 debian_packages(TEST_PACKAGES)?;
                 python_packages(TEST_PYTHON)?;
             }
@@ -142,10 +152,30 @@ impl Project {
         Ok(())
     }
 
-    /// cargo-deb, pinned, beside bpf-linker.
-    fn cargo_deb(&self) -> Result {
-        let root = cargo_deb_root();
-        let works = Command::new(root.join("bin/cargo-deb"))
+    /// `cargo` of the pinned nightly with cargo-fuzz on PATH, in the
+    /// fuzz crate (outside the workspace).
+    pub fn cargo_fuzz(&self) -> Command {
+        let mut cmd = Command::new("rustup");
+        cmd.args(["run", &self.nightly, "cargo", "fuzz"])
+            .current_dir(self.root.join("fuzz"))
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .env_remove("RUSTC")
+            .env_remove("RUSTDOC")
+            .env_remove("CARGO");
+        let mut path = vec![tool_root("cargo-fuzz", CARGO_FUZZ_VERSION).join("bin")];
+        path.extend(env::split_paths(&env::var_os("PATH").unwrap_or_default()));
+        cmd.env(
+            "PATH",
+            env::join_paths(path).expect("PATH entries without ':'"),
+        );
+        cmd
+    }
+
+    /// A cargo subcommand (cargo-deb, cargo-fuzz), pinned, beside
+    /// bpf-linker.
+    fn cargo_tool(&self, name: &str, version: &str) -> Result {
+        let root = tool_root(name, version);
+        let works = Command::new(root.join("bin").join(name))
             .arg("--version")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -154,11 +184,11 @@ impl Project {
         if works {
             return Ok(());
         }
-        eprintln!("xtask: building cargo-deb {CARGO_DEB_VERSION} (a few minutes)");
+        eprintln!("xtask: building {name} {version} (a few minutes)");
         status(
             Command::new("rustup")
-                .args(["run", &self.stable, "cargo", "install", "cargo-deb"])
-                .args(["--version", CARGO_DEB_VERSION, "--locked", "--force"])
+                .args(["run", &self.stable, "cargo", "install", name])
+                .args(["--version", version, "--locked", "--force"])
                 .arg("--root")
                 .arg(&root)
                 .env_remove("RUSTUP_TOOLCHAIN")
@@ -275,8 +305,8 @@ fn tools_root() -> PathBuf {
         .join("handshake")
 }
 
-fn cargo_deb_root() -> PathBuf {
-    tools_root().join(format!("cargo-deb-{CARGO_DEB_VERSION}"))
+fn tool_root(name: &str, version: &str) -> PathBuf {
+    tools_root().join(format!("{name}-{version}"))
 }
 
 /// PyPI packages, by the module each provides.

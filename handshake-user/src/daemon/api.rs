@@ -139,12 +139,14 @@ async fn answer(
     status: &Status,
 ) -> io::Result<()> {
     let (read, mut write) = stream.into_split();
-    let mut line = String::new();
-    // A request is one short line; bound what a client may send.
+    let mut bytes = Vec::new();
+    // A request is one short line; bound what a client may send. Bytes
+    // that are not UTF-8 make an unknown request, answered as such.
     let mut reader = BufReader::new(read.take(MAX_REQUEST_BYTES));
-    tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line))
+    tokio::time::timeout(Duration::from_secs(5), reader.read_until(b'\n', &mut bytes))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no request"))??;
+    let line = String::from_utf8_lossy(&bytes);
     let body = match Request::parse(&line) {
         Err(error) => error_body(&error.to_string()),
         Ok(Request::Conns) => serde_json::to_string(&conns(state)).map_err(io::Error::other)?,

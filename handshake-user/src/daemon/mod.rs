@@ -224,6 +224,12 @@ fn serve(
     if let Some(root) = &config.cgroup_root {
         initial.cgroups = crate::kernel::cgroup::Cgroups::at(root.clone());
     }
+    if initial.cgroups.root().is_none() {
+        tracing::warn!(
+            "no cgroup v2 hierarchy is mounted (cgroup v1 only?): sockets are not attributed \
+             to containers, pods or units (--cgroup-root names one mounted elsewhere)"
+        );
+    }
     initial.hook_netns = primary(config)
         .inode()
         .ok()

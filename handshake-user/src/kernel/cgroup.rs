@@ -37,7 +37,8 @@ impl Cgroups {
     pub fn new() -> Self {
         let root = std::fs::read_to_string("/proc/self/mountinfo")
             .ok()
-            .and_then(|text| v2_mount(&text));
+            .and_then(|text| v2_mount(&text))
+            .filter(|_| !crate::kernel::loader::pretends_missing("cgroup2"));
         Self {
             root,
             paths: HashMap::new(),

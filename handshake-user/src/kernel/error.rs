@@ -7,6 +7,11 @@ use crate::kernel::{btf::BtfError, netns::NetnsError};
 
 #[derive(Debug, Error)]
 pub enum LoadError {
+    #[error(
+        "this kernel has no BTF ({0} is missing): handshake needs a kernel built with \
+         CONFIG_DEBUG_INFO_BTF=y (5.8 or newer; most distributions' kernels since 2021)"
+    )]
+    NoBtf(&'static str),
     #[error("parsing the embedded eBPF object")]
     Object(#[source] aya::EbpfError),
     #[error("the eBPF object has no program {0:?}")]

@@ -134,6 +134,9 @@ impl Observer {
     /// cost ~0.3 s of the start, and leave an unattached program behind
     /// in `bpftool prog`).
     pub fn load_with(tables: TableSizes, ingress: Option<IngressHook>) -> Result<Self, LoadError> {
+        if pretends_missing("btf") || !std::path::Path::new(KERNEL_BTF).exists() {
+            return Err(LoadError::NoBtf(KERNEL_BTF));
+        }
         // The state tracepoint and the census read kernel structs at offsets
         // only the running kernel's BTF knows.
         let offsets = Offsets::resolve(KERNEL_BTF).map_err(LoadError::Btf)?;
@@ -309,12 +312,17 @@ impl Observer {
             program::TP_RETRANSMIT_SYNACK,
             program::TP_RETRANSMIT_SYN,
         ] {
-            let result = self
-                .ebpf
-                .program_mut(name)
-                .ok_or(ProgramError::UnexpectedProgramType)
-                .and_then(<&mut BtfTracePoint>::try_from)
-                .and_then(BtfTracePoint::attach);
+            let result = if pretends_missing("tp_btf") {
+                Err(ProgramError::IOError(std::io::Error::other(format!(
+                    "{PRETEND_MISSING}=tp_btf: as on a kernel without BTF tracepoints (before 5.5)"
+                ))))
+            } else {
+                self.ebpf
+                    .program_mut(name)
+                    .ok_or(ProgramError::UnexpectedProgramType)
+                    .and_then(<&mut BtfTracePoint>::try_from)
+                    .and_then(BtfTracePoint::attach)
+            };
             self.record(name, None, result.map(|_| "tp_btf".to_owned()));
         }
         let name = program::TP_KFREE_SKB;
@@ -327,10 +335,12 @@ impl Observer {
     /// or the receiving socket refuses the program; the daemon goes on
     /// without drop reasons and says so (`handshake_probe_attached`).
     fn attach_drops(&mut self) -> Result<(), ProgramError> {
-        if pretends_missing("kfree_skb") {
-            return Err(ProgramError::IOError(std::io::Error::other(format!(
-                "{PRETEND_MISSING}=kfree_skb"
-            ))));
+        for facility in ["kfree_skb", "tp_btf"] {
+            if pretends_missing(facility) {
+                return Err(ProgramError::IOError(std::io::Error::other(format!(
+                    "{PRETEND_MISSING}={facility}"
+                ))));
+            }
         }
         let btf = aya::Btf::from_sys_fs().map_err(|e| {
             ProgramError::IOError(std::io::Error::other(format!("kernel BTF: {e}")))
@@ -471,7 +481,14 @@ impl Observer {
             attach_type,
             order: Default::default(),
         };
-        match prog.attach(iface_index, tcx) {
+        let tried = if pretends_missing("tcx") {
+            Err(ProgramError::IOError(std::io::Error::other(format!(
+                "{PRETEND_MISSING}=tcx: as on a kernel before 6.6"
+            ))))
+        } else {
+            prog.attach(iface_index, tcx)
+        };
+        match tried {
             Ok(link) => Ok(("tcx".to_owned(), HookLink::Tc(name, link))),
             Err(tcx_error) => {
                 tracing::info!(
@@ -590,10 +607,13 @@ pub fn lock_attachments(list: &Attachments) -> std::sync::MutexGuard<'_, Vec<Att
 
 /// Names kernel facilities (comma-separated) the daemon must act as if the
 /// kernel lacked, so that tests reach the fallbacks on a kernel that has
-/// them all: `iter_tcp`.
+/// them all: `btf` (no kernel BTF at all: the daemon refuses to start),
+/// `tp_btf` (no BTF tracepoints), `kfree_skb` (no drop-reason
+/// tracepoint), `tcx` (clsact filters instead), `iter_tcp` (sock_diag
+/// netlink instead), `cgroup2` (no cgroup v2 hierarchy: no attribution).
 pub const PRETEND_MISSING: &str = "HANDSHAKE_PRETEND_MISSING";
 
-fn pretends_missing(facility: &str) -> bool {
+pub fn pretends_missing(facility: &str) -> bool {
     std::env::var(PRETEND_MISSING).is_ok_and(|v| v.split(',').any(|f| f.trim() == facility))
 }
 
