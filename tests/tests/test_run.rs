@@ -256,18 +256,7 @@ fn every_frame_passes_and_counts_exactly() {
             (program::TC_EGRESS, Direction::Egress),
         ] {
             let before = counters.read().expect("read counters");
-            let prog = ebpf.program_mut(hook).expect("program");
-            let opts = TestRunOptions {
-                data_in: Some(&case.frame),
-                ..Default::default()
-            };
-            let (verdict, pass) = if hook == program::XDP_INGRESS {
-                let xdp: &mut Xdp = prog.try_into().expect("xdp program");
-                (xdp.test_run(opts), XDP_PASS)
-            } else {
-                let tc: &mut SchedClassifier = prog.try_into().expect("tc program");
-                (tc.test_run(opts), TC_ACT_UNSPEC)
-            };
+            let (verdict, pass) = test_run(ebpf, hook, &case.frame);
             let verdict = match verdict {
                 Ok(verdict) => verdict,
                 // Kernels since 6.x check IP headers before building the
@@ -297,6 +286,27 @@ fn every_frame_passes_and_counts_exactly() {
                 case.frame
             );
         }
+    }
+}
+
+/// Runs `frame` through packet hook `hook` with BPF_PROG_TEST_RUN: the
+/// kernel's answer, and the verdict that passes a frame on for that hook.
+fn test_run(
+    ebpf: &mut aya::Ebpf,
+    hook: &str,
+    frame: &[u8],
+) -> (Result<aya::programs::TestRunResult, ProgramError>, u32) {
+    let prog = ebpf.program_mut(hook).expect("program");
+    let opts = TestRunOptions {
+        data_in: Some(frame),
+        ..Default::default()
+    };
+    if hook == program::XDP_INGRESS {
+        let xdp: &mut Xdp = prog.try_into().expect("xdp program");
+        (xdp.test_run(opts), XDP_PASS)
+    } else {
+        let tc: &mut SchedClassifier = prog.try_into().expect("tc program");
+        (tc.test_run(opts), TC_ACT_UNSPEC)
     }
 }
 
@@ -462,18 +472,7 @@ fn a_corpus_of_malformed_frames_passes_and_counts_as_the_parser_says() {
             (program::TC_EGRESS, Direction::Egress),
         ] {
             let before = counters.read().expect("read counters");
-            let prog = ebpf.program_mut(hook).expect("program");
-            let opts = TestRunOptions {
-                data_in: Some(frame),
-                ..Default::default()
-            };
-            let (verdict, pass) = if hook == program::XDP_INGRESS {
-                let xdp: &mut Xdp = prog.try_into().expect("xdp program");
-                (xdp.test_run(opts), XDP_PASS)
-            } else {
-                let tc: &mut SchedClassifier = prog.try_into().expect("tc program");
-                (tc.test_run(opts), TC_ACT_UNSPEC)
-            };
+            let (verdict, pass) = test_run(ebpf, hook, frame);
             let after = counters.read().expect("read counters");
             match verdict {
                 Ok(verdict) => {

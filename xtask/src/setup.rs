@@ -110,23 +110,14 @@ impl Project {
     /// `cargo` of the pinned stable, in the workspace, with bpf-linker on
     /// PATH for the eBPF build.
     pub fn cargo(&self) -> Command {
-        let mut cmd = Command::new("rustup");
-        cmd.args(["run", &self.stable, "cargo"])
-            .current_dir(&self.root)
-            // Set by the outer cargo/rustup for the machine's default
-            // toolchain; the pinned one must win.
-            .env_remove("RUSTUP_TOOLCHAIN")
-            .env_remove("RUSTC")
-            .env_remove("RUSTDOC")
-            .env_remove("CARGO");
-        let mut path = vec![
-            self.linker_root().join("bin"),
-            tool_root("cargo-deb", CARGO_DEB_VERSION).join("bin"),
-        ];
-        path.extend(env::split_paths(&env::var_os("PATH").unwrap_or_default()));
-        cmd.env(
-            "PATH",
-            env::join_paths(path).expect("PATH entries without ':'"),
+        let mut cmd = toolchain_cargo(&self.stable);
+        cmd.current_dir(&self.root);
+        with_path(
+            &mut cmd,
+            vec![
+                self.linker_root().join("bin"),
+                tool_root("cargo-deb", CARGO_DEB_VERSION).join("bin"),
+            ],
         );
         cmd
     }
@@ -155,18 +146,11 @@ impl Project {
     /// `cargo` of the pinned nightly with cargo-fuzz on PATH, in the
     /// fuzz crate (outside the workspace).
     pub fn cargo_fuzz(&self) -> Command {
-        let mut cmd = Command::new("rustup");
-        cmd.args(["run", &self.nightly, "cargo", "fuzz"])
-            .current_dir(self.root.join("fuzz"))
-            .env_remove("RUSTUP_TOOLCHAIN")
-            .env_remove("RUSTC")
-            .env_remove("RUSTDOC")
-            .env_remove("CARGO");
-        let mut path = vec![tool_root("cargo-fuzz", CARGO_FUZZ_VERSION).join("bin")];
-        path.extend(env::split_paths(&env::var_os("PATH").unwrap_or_default()));
-        cmd.env(
-            "PATH",
-            env::join_paths(path).expect("PATH entries without ':'"),
+        let mut cmd = toolchain_cargo(&self.nightly);
+        cmd.arg("fuzz").current_dir(self.root.join("fuzz"));
+        with_path(
+            &mut cmd,
+            vec![tool_root("cargo-fuzz", CARGO_FUZZ_VERSION).join("bin")],
         );
         cmd
     }
@@ -175,13 +159,7 @@ impl Project {
     /// bpf-linker.
     fn cargo_tool(&self, name: &str, version: &str) -> Result {
         let root = tool_root(name, version);
-        let works = Command::new(root.join("bin").join(name))
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if works {
+        if answers_version(&root.join("bin").join(name)) {
             return Ok(());
         }
         eprintln!("xtask: building {name} {version} (a few minutes)");
@@ -226,14 +204,7 @@ impl Project {
     /// compiles the eBPF crate (another LLVM fails with "Invalid record").
     fn bpf_linker(&self) -> Result {
         let root = self.linker_root();
-        let linker = root.join("bin/bpf-linker");
-        let works = Command::new(&linker)
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if works {
+        if answers_version(&root.join("bin/bpf-linker")) {
             return Ok(());
         }
 
@@ -303,6 +274,39 @@ fn tools_root() -> PathBuf {
         .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
         .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
         .join("handshake")
+}
+
+/// `cargo` of `toolchain`, through rustup.
+fn toolchain_cargo(toolchain: &str) -> Command {
+    let mut cmd = Command::new("rustup");
+    cmd.args(["run", toolchain, "cargo"])
+        // Set by the outer cargo/rustup for the machine's default
+        // toolchain; the pinned one must win.
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("RUSTC")
+        .env_remove("RUSTDOC")
+        .env_remove("CARGO");
+    cmd
+}
+
+/// Whether the tool at `path` runs and answers `--version`.
+fn answers_version(path: &Path) -> bool {
+    Command::new(path)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// `cmd` with `dirs` ahead of the inherited PATH.
+fn with_path(cmd: &mut Command, dirs: Vec<PathBuf>) {
+    let mut path = dirs;
+    path.extend(env::split_paths(&env::var_os("PATH").unwrap_or_default()));
+    cmd.env(
+        "PATH",
+        env::join_paths(path).expect("PATH entries without ':'"),
+    );
 }
 
 fn tool_root(name: &str, version: &str) -> PathBuf {
