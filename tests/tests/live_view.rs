@@ -248,6 +248,11 @@ fn status_completions_and_json_on_every_command() {
     );
     assert!(status["lost"]["ringbuf_dropped"].is_u64());
     assert!(status["rss_bytes"].as_u64().unwrap() > 1 << 20);
+    // The socket-age tables alone take ~3.8 MiB at the default size.
+    assert!(
+        status["map_memory_bytes"].as_u64().unwrap() > 3 << 20,
+        "{status:#}"
+    );
 
     let text = Command::new(handshake_bin())
         .args(["status", "--api-socket"])

@@ -484,9 +484,10 @@ pub fn status(flags: &StatusFlags) -> anyhow::Result<()> {
         s.census_source, s.census_interval_s, s.census_interval_actual_s, s.namespaces
     );
     println!(
-        "process       {:.1} MiB resident, {:.2} s CPU",
+        "process       {:.1} MiB resident, {:.2} s CPU; BPF maps {:.1} MiB of kernel memory",
         s.rss_bytes as f64 / (1 << 20) as f64,
-        s.cpu_s
+        s.cpu_s,
+        s.map_memory_bytes as f64 / (1 << 20) as f64
     );
     println!(
         "\n{:<22} {:<16} {:<16} {:<9} DETAIL",

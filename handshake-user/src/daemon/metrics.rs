@@ -155,6 +155,11 @@ pub fn own_families(process: &ProcessStats, tables: &[TableView]) -> String {
             "File descriptors the daemon holds open.",
             process.open_fds as f64,
         ),
+        (
+            "handshake_map_memory_bytes",
+            "Kernel memory of the BPF maps the daemon holds (memlock, as bpftool shows it).",
+            process.map_memory_bytes as f64,
+        ),
     ] {
         families.gauges(name, help, vec![gauge(&[], value)]);
     }

@@ -31,6 +31,9 @@ pub struct ProcessStats {
     pub rss_bytes: u64,
     pub start_unix_s: f64,
     pub open_fds: u64,
+    /// Kernel memory of the BPF maps the daemon holds (their `memlock` in
+    /// `/proc/self/fdinfo`, as bpftool shows it).
+    pub map_memory_bytes: u64,
 }
 
 impl ProcessStats {
@@ -61,12 +64,28 @@ impl ProcessStats {
             .nth(1)
             .and_then(|p| p.parse().ok())
             .unwrap_or(0);
-        let open_fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64);
+        let (mut open_fds, mut map_memory_bytes) = (0, 0);
+        for entry in std::fs::read_dir("/proc/self/fdinfo")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            open_fds += 1;
+            let info = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            if info.contains("map_type:") {
+                map_memory_bytes += info
+                    .lines()
+                    .find_map(|l| l.strip_prefix("memlock:"))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+        }
         Self {
             cpu_s: cpu_ticks as f64 / tick.max(1) as f64,
             rss_bytes: rss_pages * page.max(0) as u64,
             start_unix_s: started_unix_s,
             open_fds,
+            map_memory_bytes,
         }
     }
 }
@@ -233,6 +252,7 @@ pub fn status(config: &DaemonConfig, state: Arc<Mutex<State>>, attachments: Atta
             tables: tables(sizes, state.table_entries),
             lost,
             rss_bytes: process.rss_bytes,
+            map_memory_bytes: process.map_memory_bytes,
             cpu_s: process.cpu_s,
             metrics_addr: metrics_addr.clone(),
             api_socket: api_socket.clone(),

@@ -306,8 +306,10 @@ pub struct StatusView {
     pub tables: Vec<TableView>,
     /// What was lost, by what (the metrics' counters of the same names).
     pub lost: BTreeMap<String, u64>,
-    /// The daemon's own resident memory and CPU time.
+    /// The daemon's own resident memory and CPU time, and the kernel
+    /// memory of its BPF maps.
     pub rss_bytes: u64,
+    pub map_memory_bytes: u64,
     pub cpu_s: f64,
     pub metrics_addr: String,
     pub api_socket: String,
