@@ -128,7 +128,11 @@ impl Project {
         self.bpf_linker()?;
         match needs {
             Needs::Run => {}
-            Needs::Dist => self.cargo_tool("cargo-deb", CARGO_DEB_VERSION)?,
+            Needs::Dist => {
+                self.cargo_tool("cargo-deb", CARGO_DEB_VERSION)?;
+                // cargo-deb computes the package's dependencies with it.
+                debian_packages(&[("dpkg-shlibdeps", "dpkg-dev")])?;
+            }
             Needs::Fuzz => self.cargo_tool("cargo-fuzz", CARGO_FUZZ_VERSION)?,
             Needs::Test => {
                 self.cargo_tool("cargo-deb", CARGO_DEB_VERSION)?;
