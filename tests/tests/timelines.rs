@@ -819,3 +819,40 @@ fn twenty_thousand_loopback_connections_once_per_role() {
     assert_eq!(m.get("handshake_socket_events_dropped_total", &[]), 0.0);
     assert_eq!(m.get("handshake_ringbuf_dropped_total", &[]), 0.0);
 }
+
+/// A dual-stack listener (`[::]`, as openssl s_server and many servers
+/// bind) accepts IPv4 clients on IPv6 sockets (`::ffff:10.201.0.1`): the
+/// socket layer's row and the packet hooks' IPv4 row are one handshake,
+/// counted once. They were counted twice before.
+#[test]
+fn a_dual_stack_listener_counts_each_ipv4_handshake_once() {
+    require_root();
+    let _serial = serial();
+    let pair = NetnsPair::new();
+    let daemon = pair.server_daemon(&[]);
+    const PORT: u16 = 8444;
+    let before = daemon
+        .scrape()
+        .try_get(
+            "handshake_tcp_handshakes_total",
+            &[("role", "server"), ("outcome", "established")],
+        )
+        .unwrap_or(0.0);
+    let serving = echo_server(&pair.server, format!("[::]:{PORT}").parse().unwrap(), 20);
+    echo_clients(&pair.client, v4(PORT), 20);
+    serving.join().unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    let after = daemon.scrape().get(
+        "handshake_tcp_handshakes_total",
+        &[("role", "server"), ("outcome", "established")],
+    );
+    let rows = daemon.conns(&["--role", "server", "--port", &PORT.to_string()]);
+    let sources: Vec<&str> = rows.iter().filter_map(|r| r["source"].as_str()).collect();
+    assert_eq!(rows.len(), 20, "{sources:?}");
+    assert!(
+        rows.iter()
+            .all(|r| r["source"] == "both" && r["family"] == "ipv4"),
+        "{rows:#?}"
+    );
+    assert_eq!(after - before, 20.0, "20 handshakes, counted once each");
+}

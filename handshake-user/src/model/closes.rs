@@ -12,12 +12,15 @@ use handshake_common::{
         socket::{CLOSE_CLIENT, CLOSE_CLOSING, CLOSE_ORPHAN, CLOSE_SERVER, SockHandshake},
         tcp_state,
     },
-    flow::{IP_VERSION_4, IP_VERSION_6, ROLE_CLIENT, ROLE_SERVER},
+    flow::{ROLE_CLIENT, ROLE_SERVER},
 };
 
 use crate::{
-    model::conntrack::{Origin, RowKey},
-    wire::{Family, Role},
+    model::{
+        conntrack::{Origin, RowKey},
+        sockets::as_on_the_wire,
+    },
+    wire::Role,
 };
 
 /// Upper bounds of the close and lifetime buckets, in seconds: from
@@ -149,10 +152,7 @@ impl Close {
 /// The close a record describes; `None` for a record of another kind or a
 /// family it does not know.
 pub fn close_of(record: &SockHandshake, origin: Origin) -> Option<Close> {
-    let family = match Family::from_af(record.family) {
-        Family::Ipv4 => IP_VERSION_4,
-        Family::Ipv6 => IP_VERSION_6,
-    };
+    let (family, local_addr, remote_addr) = as_on_the_wire(record);
     let flags = record.close_flags;
     let role = if flags & CLOSE_CLIENT != 0 {
         Some(Role::Client)
@@ -161,8 +161,8 @@ pub fn close_of(record: &SockHandshake, origin: Origin) -> Option<Close> {
     } else {
         None
     };
-    let local = (record.local_addr, record.local_port);
-    let remote = (record.remote_addr, record.remote_port);
+    let local = (local_addr, record.local_port);
+    let remote = (remote_addr, record.remote_port);
     // Keyed as the handshake's row: client first. A socket of unknown role
     // keys as a client (its row, if any, will not match: no history).
     let (client, server, role_code) = match role {

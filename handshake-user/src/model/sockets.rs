@@ -34,6 +34,31 @@ use crate::{
     wire::Family,
 };
 
+/// A socket's family and addresses as the wire carries them: an IPv6
+/// socket talking IPv4 (a dual-stack listener, `::ffff:a.b.c.d`) is IPv4
+/// on the wire, and must key as the packet hooks' row of the same
+/// connection does (IPv4, the address in the first 4 bytes).
+pub fn as_on_the_wire(record: &SockHandshake) -> (u8, [u8; 16], [u8; 16]) {
+    let (local, remote) = (record.local_addr, record.remote_addr);
+    match Family::from_af(record.family) {
+        Family::Ipv4 => (IP_VERSION_4, local, remote),
+        Family::Ipv6 => match (v4_mapped(&local), v4_mapped(&remote)) {
+            (Some(local), Some(remote)) => (IP_VERSION_4, local, remote),
+            _ => (IP_VERSION_6, local, remote),
+        },
+    }
+}
+
+/// `::ffff:a.b.c.d` as `a.b.c.d` in the first 4 bytes.
+fn v4_mapped(addr: &[u8; 16]) -> Option<[u8; 16]> {
+    let prefix = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
+    (addr[..12] == prefix).then(|| {
+        let mut v4 = [0; 16];
+        v4[..4].copy_from_slice(&addr[12..]);
+        v4
+    })
+}
+
 /// How long an established handshake waits for a reset before it counts:
 /// as long as the packet hooks wait for data (`daemon::IDLE_AFTER`).
 pub const HOLD_NS: u64 = 1_000_000_000;
@@ -230,10 +255,7 @@ impl SocketHandshakes {
 /// at this layer (`ts_syn` is set to the SYN-ACK's time, and the phase
 /// is not reported: `conntrack::phases`).
 fn flow_of(record: &SockHandshake, outcome: u8) -> Option<Flow> {
-    let family = match Family::from_af(record.family) {
-        Family::Ipv4 => IP_VERSION_4,
-        Family::Ipv6 => IP_VERSION_6,
-    };
+    let (family, local_addr, remote_addr) = as_on_the_wire(record);
     let now = record.ts_ns;
     let rtt_ns = u64::from(record.srtt_us >> 3) * 1000;
     let sampled = record.srtt_us != 0;
@@ -247,7 +269,7 @@ fn flow_of(record: &SockHandshake, outcome: u8) -> Option<Flow> {
     };
     match record.role {
         ROLE_CLIENT => {
-            (flow.client_addr, flow.server_addr) = (record.local_addr, record.remote_addr);
+            (flow.client_addr, flow.server_addr) = (local_addr, remote_addr);
             (flow.client_port, flow.server_port) = (record.local_port, record.remote_port);
             flow.syn_count = 1 + retransmits;
             let start = (record.start_ns != 0).then_some(record.start_ns);
@@ -268,7 +290,7 @@ fn flow_of(record: &SockHandshake, outcome: u8) -> Option<Flow> {
             }
         }
         ROLE_SERVER => {
-            (flow.server_addr, flow.client_addr) = (record.local_addr, record.remote_addr);
+            (flow.server_addr, flow.client_addr) = (local_addr, remote_addr);
             (flow.server_port, flow.client_port) = (record.local_port, record.remote_port);
             flow.syn_count = 1;
             flow.synack_count = 1 + retransmits;
@@ -291,7 +313,7 @@ fn flow_of(record: &SockHandshake, outcome: u8) -> Option<Flow> {
 
 #[cfg(test)]
 mod tests {
-    use handshake_common::abi::AF_INET;
+    use handshake_common::abi::{AF_INET, AF_INET6};
 
     use super::*;
 
@@ -318,6 +340,38 @@ mod tests {
             cgroup: 7,
             ..SockHandshake::default()
         }
+    }
+
+    /// A dual-stack listener's socket (IPv6, `::ffff:10.0.0.2`) keys as the
+    /// packet hooks' IPv4 row of the same connection: otherwise both count.
+    #[test]
+    fn a_dual_stack_socket_keys_as_the_ipv4_it_carries() {
+        let v4 = record(ROLE_SERVER, KIND_ESTABLISHED);
+        let mapped = |addr: [u8; 16]| {
+            let mut m = [0u8; 16];
+            m[10] = 0xff;
+            m[11] = 0xff;
+            m[12..].copy_from_slice(&addr[..4]);
+            m
+        };
+        let v6 = SockHandshake {
+            family: AF_INET6,
+            local_addr: mapped(v4.local_addr),
+            remote_addr: mapped(v4.remote_addr),
+            ..v4
+        };
+        let (a, b) = (
+            flow_of(&v4, OUTCOME_ESTABLISHED),
+            flow_of(&v6, OUTCOME_ESTABLISHED),
+        );
+        assert_eq!(row_key(&a.unwrap()), row_key(&b.unwrap()));
+        // A real IPv6 address stays IPv6.
+        let mut native = v6;
+        native.remote_addr[0] = 0xfd;
+        assert_eq!(
+            flow_of(&native, OUTCOME_ESTABLISHED).unwrap().family,
+            IP_VERSION_6
+        );
     }
 
     fn decided(tracker: &mut SocketHandshakes, record: &SockHandshake) -> Vec<Flow> {
