@@ -161,7 +161,8 @@ fn watch_follows_traffic_survives_a_restart_and_quits_on_q() {
         ] {
             assert!(pane.contains(panel), "no {panel:?} on the pane:\n{pane}");
         }
-        assert!(rate(pane, "established") > 10.0, "{pane}");
+        // Refused connections count at once; established ones after the
+        // socket layer's 1 s hold, so one refresh may catch none of them.
         assert!(rate(pane, "refused") > 1.0, "{pane}");
         assert!(
             pane.contains("127.0.0.1"),
@@ -169,6 +170,11 @@ fn watch_follows_traffic_survives_a_restart_and_quits_on_q() {
         );
         assert!(pane.contains("client  connect"), "{pane}");
     }
+    let established = rate(&first, "established").max(rate(&second, "established"));
+    assert!(
+        established > 10.0,
+        "no established handshakes per second:\n{first}\n{second}"
+    );
     assert_ne!(first, second, "the view refreshes");
 
     // The daemon goes away: the view says so and keeps asking; a new one

@@ -125,7 +125,7 @@ pub fn conns(flags: &ConnsFlags) -> anyhow::Result<()> {
     if let Some(state) = &flags.state {
         return sockets(flags, state);
     }
-    let mut views: Vec<ConnView> = fetch(&flags.api_socket, Request::Conns)?;
+    let mut views: Vec<ConnView> = fetch(&flags.api_socket, Request::Conns { newest: None })?;
     views.retain(|v| {
         flags
             .port
@@ -530,7 +530,7 @@ mod tests {
     fn a_missing_daemon_is_one_clear_line() {
         let error = super::request(
             std::path::Path::new("/nonexistent/handshake.sock"),
-            super::Request::Conns,
+            super::Request::Conns { newest: None },
         )
         .unwrap_err()
         .to_string();

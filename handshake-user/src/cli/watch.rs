@@ -176,6 +176,9 @@ pub struct ListenerLine {
 
 const HANDSHAKES: &str = "handshake_tcp_handshakes_total";
 const DURATIONS: &str = "handshake_tcp_handshake_duration_seconds";
+/// The recent connections a refresh looks at for the slowest and failing.
+const WATCHED: usize = 2_000;
+
 /// Listeners shown.
 const ROWS: usize = 8;
 /// Slowest and failing connections kept; the screen shows what fits.
@@ -356,7 +359,14 @@ pub fn quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
 /// Two samples one interval apart, and the connections now.
 fn sample(socket: &Path) -> anyhow::Result<(Sample, Vec<ConnView>)> {
     let metrics = client::request(socket, Request::Metrics)?;
-    let conns: Vec<ConnView> = client::fetch(socket, Request::Conns)?;
+    // The newest only: the whole history (65,536 rows by default) each
+    // second would keep the daemon busy building JSON.
+    let conns: Vec<ConnView> = client::fetch(
+        socket,
+        Request::Conns {
+            newest: Some(WATCHED),
+        },
+    )?;
     Ok((Sample::parse(&metrics), conns))
 }
 

@@ -149,7 +149,9 @@ async fn answer(
     let line = String::from_utf8_lossy(&bytes);
     let body = match Request::parse(&line) {
         Err(error) => error_body(&error.to_string()),
-        Ok(Request::Conns) => serde_json::to_string(&conns(state)).map_err(io::Error::other)?,
+        Ok(Request::Conns { newest }) => {
+            serde_json::to_string(&conns(state, newest)).map_err(io::Error::other)?
+        }
         Ok(Request::Tls) => serde_json::to_string(&tls(state)).map_err(io::Error::other)?,
         Ok(Request::Metrics) => render().unwrap_or_else(|error| error_body(&error)),
         Ok(Request::Status) => serde_json::to_string(&status()).map_err(io::Error::other)?,
@@ -476,8 +478,8 @@ fn waited_on_listener(overflows: &Overflows, flow: &Flow, origin: Origin, now: u
 
 /// Recent decided handshakes and those still in progress, oldest first,
 /// with what their TLS ClientHello and ServerHello said and whose they
-/// are.
-pub fn conns(state: &Mutex<State>) -> Vec<ConnView> {
+/// are; the `newest` only, when given.
+pub fn conns(state: &Mutex<State>, newest: Option<usize>) -> Vec<ConnView> {
     let now = clock::monotonic_ns();
     let (mut views, records) = {
         let mut state = lock(state);
@@ -517,6 +519,9 @@ pub fn conns(state: &Mutex<State>) -> Vec<ConnView> {
                 }),
         );
         rows.sort_by_key(|(f, _, _)| f.ts_syn);
+        if let Some(n) = newest {
+            rows.drain(..rows.len().saturating_sub(n));
+        }
         // Each connection end's latest close.
         let mut closed: HashMap<RowKey, Close> = HashMap::new();
         for close in state.closes.recent() {

@@ -26,7 +26,9 @@ pub const DEFAULT_TOP: usize = 10;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Request {
     /// Recent and in-progress handshakes: [`ConnView`]s.
-    Conns,
+    /// The newest `newest` of them only, when given: for readers that
+    /// ask often (`handshake watch`).
+    Conns { newest: Option<usize> },
     /// Recent TLS hellos: [`TlsView`]s.
     Tls,
     /// A fresh census of every watched namespace: [`StatesView`]s.
@@ -66,7 +68,9 @@ impl Request {
         let word = words.next().unwrap_or("");
         let argument = words.next();
         match word {
-            "conns" => Ok(Self::Conns),
+            "conns" => Ok(Self::Conns {
+                newest: argument.and_then(|n| n.parse().ok()),
+            }),
             "tls" => Ok(Self::Tls),
             "states" => Ok(Self::States),
             "metrics" => Ok(Self::Metrics),
@@ -91,7 +95,8 @@ impl Request {
 impl fmt::Display for Request {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Conns => f.write_str("conns"),
+            Self::Conns { newest: None } => f.write_str("conns"),
+            Self::Conns { newest: Some(n) } => write!(f, "conns {n}"),
             Self::Tls => f.write_str("tls"),
             Self::States => f.write_str("states"),
             Self::Metrics => f.write_str("metrics"),
@@ -124,7 +129,8 @@ mod tests {
     #[test]
     fn every_request_reads_back_as_written() {
         for request in [
-            Request::Conns,
+            Request::Conns { newest: None },
+            Request::Conns { newest: Some(500) },
             Request::Tls,
             Request::States,
             Request::Metrics,
