@@ -497,32 +497,17 @@ pub fn http_get(addr: &str, path: &str) -> Result<String, String> {
 pub struct Metrics(BTreeMap<(String, Vec<(String, String)>), f64>);
 
 impl Metrics {
+    /// The daemon's own reader of the text format (`handshake watch`'s),
+    /// with empty label values dropped, as Prometheus stores them.
     pub fn parse(text: &str) -> Self {
-        let mut samples = BTreeMap::new();
-        for line in text
-            .lines()
-            .filter(|l| !l.starts_with('#') && !l.is_empty())
-        {
-            let (series, value) = line.rsplit_once(' ').expect("sample line");
-            let (name, labels) = match series.split_once('{') {
-                Some((name, rest)) => (name, rest.trim_end_matches('}')),
-                None => (series, ""),
-            };
-            let mut pairs: Vec<(String, String)> = labels
-                .split("\",")
-                .filter(|p| !p.is_empty())
-                .map(|p| {
-                    let (k, v) = p.split_once('=').expect("label pair");
-                    (k.to_owned(), v.trim_matches('"').to_owned())
-                })
-                .filter(|(_, v)| !v.is_empty())
-                .collect();
-            pairs.sort();
-            samples.insert(
-                (name.to_owned(), pairs),
-                value.parse().expect("sample value"),
-            );
-        }
+        let samples = handshake_user::cli::watch::Sample::parse(text)
+            .into_series()
+            .into_iter()
+            .map(|((name, labels), value)| {
+                let labels = labels.into_iter().filter(|(_, v)| !v.is_empty()).collect();
+                ((name, labels), value)
+            })
+            .collect();
         Self(samples)
     }
 

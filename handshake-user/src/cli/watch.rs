@@ -61,6 +61,11 @@ impl Sample {
         Self(series)
     }
 
+    /// Series (name, labels sorted by name) to value.
+    pub fn into_series(self) -> BTreeMap<(String, Vec<(String, String)>), f64> {
+        self.0
+    }
+
     /// Every series of `name` whose labels include `with`.
     fn series<'a>(
         &'a self,
@@ -444,15 +449,24 @@ fn ms(v: Option<f64>) -> String {
     v.map_or_else(|| "-".to_owned(), |v| format!("{v:.2}"))
 }
 
+/// A bordered table titled `title`: a bold header of the columns' names,
+/// the columns' widths, one row of cells each.
+fn table<'a>(
+    title: &'a str,
+    columns: &[(&'a str, Constraint)],
+    rows: impl Iterator<Item = Vec<String>>,
+) -> Table<'a> {
+    let header = Row::new(columns.iter().map(|(name, _)| *name))
+        .style(Style::default().add_modifier(Modifier::BOLD));
+    Table::new(rows.map(Row::new), columns.iter().map(|(_, width)| *width))
+        .header(header)
+        .block(Block::default().borders(Borders::ALL).title(title))
+}
+
 fn draw(f: &mut ratatui::Frame<'_>, frame: &Frame, problem: Option<&str>, socket: &Path) {
-    let bold = Style::default().add_modifier(Modifier::BOLD);
-    let [top, middle, bottom, footer] = Layout::vertical([
-        Constraint::Length(6),
-        Constraint::Min(6),
-        Constraint::Length(ROWS as u16 + 3),
-        Constraint::Length(1),
-    ])
-    .areas(f.area());
+    use Constraint::{Length, Min};
+    let [top, middle, bottom, footer] =
+        Layout::vertical([Length(6), Min(6), Length(ROWS as u16 + 3), Length(1)]).areas(f.area());
     let [rates, latency] =
         Layout::horizontal([Constraint::Percentage(35), Constraint::Percentage(65)]).areas(top);
     let [slowest, failing] =
@@ -474,90 +488,64 @@ fn draw(f: &mut ratatui::Frame<'_>, frame: &Frame, problem: Option<&str>, socket
         rates,
     );
     let rows = frame.latency_ms.iter().map(|p| {
-        Row::new(vec![
+        vec![
             p.role.clone(),
             p.phase.clone(),
             format!("{:.0}", p.count),
             ms(p.p50_ms),
             ms(p.p90_ms),
             ms(p.p99_ms),
-        ])
+        ]
     });
-    f.render_widget(
-        Table::new(
-            rows,
-            [
-                Constraint::Length(7),
-                Constraint::Length(14),
-                Constraint::Length(8),
-                Constraint::Length(8),
-                Constraint::Length(8),
-                Constraint::Length(8),
-            ],
-        )
-        .header(Row::new(vec!["ROLE", "PHASE", "N", "P50 ms", "P90 ms", "P99 ms"]).style(bold))
-        .block(
-            Block::default()
-                .borders(Borders::ALL)
-                .title("Phase latency"),
-        ),
-        latency,
-    );
+    let columns = [
+        ("ROLE", Length(7)),
+        ("PHASE", Length(14)),
+        ("N", Length(8)),
+        ("P50 ms", Length(8)),
+        ("P90 ms", Length(8)),
+        ("P99 ms", Length(8)),
+    ];
+    f.render_widget(table("Phase latency", &columns, rows), latency);
     let conn_table = |lines: &[ConnLine], title: &'static str| {
         let rows = lines.iter().map(|c| {
-            Row::new(vec![
+            vec![
                 c.role.clone(),
                 c.outcome.clone(),
                 c.remote.clone(),
                 c.local_port.to_string(),
                 ms(c.ms),
                 format!("{:.0}", c.age_s),
-            ])
+            ]
         });
-        Table::new(
-            rows,
-            [
-                Constraint::Length(6),
-                Constraint::Length(11),
-                Constraint::Min(16),
-                Constraint::Length(6),
-                Constraint::Length(9),
-                Constraint::Length(6),
-            ],
-        )
-        .header(Row::new(vec!["ROLE", "OUTCOME", "REMOTE", "PORT", "MS", "AGE s"]).style(bold))
-        .block(Block::default().borders(Borders::ALL).title(title))
+        let columns = [
+            ("ROLE", Length(6)),
+            ("OUTCOME", Length(11)),
+            ("REMOTE", Min(16)),
+            ("PORT", Length(6)),
+            ("MS", Length(9)),
+            ("AGE s", Length(6)),
+        ];
+        table(title, &columns, rows)
     };
     f.render_widget(conn_table(&frame.slowest, "Slowest recent"), slowest);
     f.render_widget(conn_table(&frame.failing, "Failing recent"), failing);
     let rows = frame.listeners.iter().map(|l| {
-        Row::new(vec![
+        vec![
             l.netns.clone(),
             l.port.clone(),
             format!("{:.0}", l.accept),
             format!("{:.0}", l.syn),
             format!("{:.0}", l.max),
-        ])
+        ]
     });
-    f.render_widget(
-        Table::new(
-            rows,
-            [
-                Constraint::Min(10),
-                Constraint::Length(6),
-                Constraint::Length(7),
-                Constraint::Length(6),
-                Constraint::Length(6),
-            ],
-        )
-        .header(Row::new(vec!["NETNS", "PORT", "ACCEPT", "SYN", "MAX"]).style(bold))
-        .block(
-            Block::default()
-                .borders(Borders::ALL)
-                .title("Listen queues"),
-        ),
-        listeners,
-    );
+    let columns = [
+        ("NETNS", Min(10)),
+        ("PORT", Length(6)),
+        ("ACCEPT", Length(7)),
+        ("SYN", Length(6)),
+        ("MAX", Length(6)),
+    ];
+    f.render_widget(table("Listen queues", &columns, rows), listeners);
     let mut lines = vec![
         Line::from(format!("TIME_WAIT        {:.0}", frame.time_wait)),
         Line::from(format!(

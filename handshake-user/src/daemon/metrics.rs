@@ -25,13 +25,14 @@ use prometheus::{
 
 use crate::{
     daemon::{
+        config::DaemonConfig,
         http::Render,
         state::{SelfStats, State, lock},
         status::{self, ProcessStats},
     },
     kernel::{
         census::Netstat,
-        loader::{Attachment, Attachments, TableSizes, lock_attachments},
+        loader::{Attachment, Attachments, lock_attachments},
         maps::{Counters, FlowStats, KernelCounts, Table},
     },
     model::{
@@ -80,12 +81,15 @@ pub fn renderer(
     state: Arc<Mutex<State>>,
     counters: Arc<Counters>,
     attachments: Attachments,
-    half_open_top: usize,
-    netns_top: usize,
-    listener_top: usize,
-    sizes: TableSizes,
+    config: &DaemonConfig,
+    started_unix_s: f64,
 ) -> Render {
-    let started_unix_s = status::unix_now_s();
+    let (half_open_top, netns_top, listener_top, sizes) = (
+        config.half_open_top,
+        config.netns_top,
+        config.listener_top,
+        config.tables,
+    );
     Arc::new(move || {
         let counts = counters.read();
         let attachments = lock_attachments(&attachments).clone();

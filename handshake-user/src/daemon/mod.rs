@@ -236,6 +236,7 @@ fn serve(
         .and_then(|inode| u32::try_from(inode).ok())
         .unwrap_or(0);
     let state = Arc::new(Mutex::new(initial));
+    let started_unix_s = status::unix_now_s();
     let render = metrics::renderer(
         Arc::clone(&state),
         Arc::clone(&feeds.counters),
@@ -243,10 +244,8 @@ fn serve(
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .attachments_handle(),
-        config.half_open_top,
-        config.netns_top,
-        config.listener_top,
-        config.tables,
+        config,
+        started_unix_s,
     );
     let status = status::status(
         config,
@@ -255,6 +254,7 @@ fn serve(
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .attachments_handle(),
+        started_unix_s,
     );
     let expiry = Expiry {
         handshake_timeout_ns: config.handshake_timeout.as_nanos() as u64,

@@ -193,9 +193,13 @@ pub fn tables(sizes: TableSizes, entries: [u64; 2]) -> Vec<TableView> {
 
 /// The `status` answer, built from the configuration and what the loops
 /// share.
-pub fn status(config: &DaemonConfig, state: Arc<Mutex<State>>, attachments: Attachments) -> Status {
+pub fn status(
+    config: &DaemonConfig,
+    state: Arc<Mutex<State>>,
+    attachments: Attachments,
+    started_unix_s: f64,
+) -> Status {
     let started = Instant::now();
-    let started_unix_s = unix_now_s();
     let sizes = config.tables;
     let census_interval_s = config.census_interval.as_secs_f64();
     let metrics_addr = config.metrics_addr.to_string();
