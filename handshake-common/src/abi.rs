@@ -118,6 +118,32 @@ pub mod map {
     /// the kernel dropped, by namespace, port, packet and reason.
     pub const HANDSHAKE_DROPS: &str = "HANDSHAKE_DROPS";
 
+    /// The maps that outlive the daemon (`handshake daemon`, pinned in
+    /// bpffs unless `--ephemeral`): the counters, the tables of handshakes
+    /// in flight, socket ages, and the rings and logs not yet read. A new
+    /// daemon reuses them when their layout matches, so counters continue,
+    /// in-flight handshakes complete and known socket ages stay known. The
+    /// census's scratch maps and per-CPU scratch space are not kept.
+    pub const PERSISTENT: [&str; 17] = [
+        PACKET_COUNTS,
+        PARSE_ERRORS,
+        TRANSITIONS,
+        HALF_OPEN,
+        FLOWS,
+        EVENTS,
+        FLOW_STATS,
+        TLS_EVENTS,
+        TLS_PENDING,
+        TLS_ACTIVE,
+        NETNS_STATS,
+        SK_AGE_SLOTS,
+        SK_AGE,
+        SOCK_LOG,
+        SOCK_LOG_HEADS,
+        SYN_SENT_AT,
+        HANDSHAKE_DROPS,
+    ];
+
     /// Every map of the eBPF object.
     pub const ALL: [&str; 24] = [
         PACKET_COUNTS,

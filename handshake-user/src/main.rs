@@ -42,6 +42,12 @@ fn main() -> ExitCode {
             Ok(())
         }
         cli::Command::Manpages { dir } => cli::manpages(&dir),
+        cli::Command::Prepare { instance, owner } => {
+            daemon::persist::prepare(&instance, &owner).map_err(Into::into)
+        }
+        cli::Command::Reset { instance } => daemon::persist::reset(&instance)
+            .map(|removed| println!("instance {instance}: removed {removed} pinned maps and files"))
+            .map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

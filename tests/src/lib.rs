@@ -340,9 +340,13 @@ impl Daemon {
         let log = std::env::temp_dir().join(format!("handshake-daemon-{id}.log"));
         let api_socket = std::env::temp_dir().join(format!("handshake-{id}.sock"));
         let log_file = std::fs::File::create(&log).expect("daemon log file");
+        // Each test's daemon keeps nothing across restarts unless it names
+        // its own instance: the host's default instance is not the tests'.
+        let keeps = args.contains(&"--instance");
         let child = command
             .arg("daemon")
             .args(args)
+            .args((!keeps).then_some("--ephemeral"))
             .args(["--metrics-addr", &metrics_addr])
             .arg("--api-socket")
             .arg(&api_socket)

@@ -965,7 +965,13 @@ fn without_iter_tcp_the_census_falls_back_to_netlink_or_refuses() {
     let out = std::process::Command::new(handshake_tests::handshake_bin())
         .arg("daemon")
         .args(args)
-        .args(["--census-source", "iter", "--metrics-addr", "127.0.0.1:0"])
+        .args([
+            "--census-source",
+            "iter",
+            "--ephemeral",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
         .args(["--api-socket", "/run/handshake-test-no-iter.sock"])
         .env(PRETEND_MISSING, "iter_tcp")
         .output()

@@ -20,12 +20,16 @@ struct Run {
 }
 
 fn run(pair: &NetnsPair, facility: &str, port: u16) -> Run {
+    run_with(pair, facility, port, &[])
+}
+
+/// [`run`], with `extra` flags.
+fn run_with(pair: &NetnsPair, facility: &str, port: u16, extra: &[&str]) -> Run {
     let mut command = Command::new(handshake_bin());
     command.env(PRETEND_MISSING, facility);
-    let daemon = Daemon::start_command(
-        command,
-        &["--netns", &pair.server, "--iface", &pair.server_if],
-    );
+    let mut args = vec!["--netns", &pair.server, "--iface", &pair.server_if];
+    args.extend_from_slice(extra);
+    let daemon = Daemon::start_command(command, &args);
     let server: SocketAddr = format!("{}:{port}", NetnsPair::SERVER_V4).parse().unwrap();
     let serving = echo_server(&pair.server, server, 10);
     echo_clients(&pair.client, server, 10);
@@ -153,11 +157,45 @@ fn every_missing_facility_has_a_fallback_or_names_itself() {
     );
     drop(v1);
 
+    // A read-only bpffs: nothing is kept across restarts, said at the
+    // start and in status; handshakes are counted.
+    let instance = format!("hs-test-robpffs-{}", std::process::id());
+    let read_only = run_with(&pair, "bpffs", 8106, &["--instance", &instance]);
+    assert!(read_only.established >= 10.0);
+    let kept = read_only.status["kept"].as_str().unwrap();
+    assert!(
+        read_only.status["instance"].is_null()
+            && kept.starts_with("nothing")
+            && kept.contains("bpffs"),
+        "{:#}",
+        read_only.status
+    );
+    assert!(
+        read_only
+            .daemon
+            .log()
+            .contains("nothing is kept across restarts"),
+        "{}",
+        read_only.daemon.log()
+    );
+    assert!(
+        !std::path::Path::new("/sys/fs/bpf/handshake")
+            .join(&instance)
+            .exists()
+    );
+    drop(read_only);
+
     // No BTF at all: no fallback; one line that names it, before anything
     // is loaded.
     let out = Command::new(handshake_bin())
         .env(PRETEND_MISSING, "btf")
-        .args(["daemon", "--metrics-addr", "127.0.0.1:0", "--api-socket"])
+        .args([
+            "daemon",
+            "--ephemeral",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--api-socket",
+        ])
         .arg(std::env::temp_dir().join(format!("handshake-nobtf-{}.sock", std::process::id())))
         .output()
         .unwrap();

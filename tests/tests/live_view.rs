@@ -186,7 +186,13 @@ fn watch_follows_traffic_survives_a_restart_and_quits_on_q() {
     let metrics = format!("127.0.0.1:{}", free_port());
     let again = Stopped(
         Command::new(handshake_bin())
-            .args(["daemon", "--metrics-addr", &metrics, "--api-socket"])
+            .args([
+                "daemon",
+                "--ephemeral",
+                "--metrics-addr",
+                &metrics,
+                "--api-socket",
+            ])
             .arg(&socket)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())

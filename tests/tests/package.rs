@@ -254,7 +254,74 @@ fn the_package_installs_runs_as_nobody_with_the_units_capabilities_and_purges() 
         "a stop detaches"
     );
 
+    // What outlives a restart, as the unit keeps it: root prepares the
+    // instance for the unprivileged user (ExecStartPre=+), which then
+    // pins its maps there; killed and started again, as another process
+    // of the same user, its counters go on.
+    let instance = format!("hs-test-pkg-{}", std::process::id());
+    let prepare = |owner: &str| {
+        sh(
+            "/usr/sbin/handshake",
+            &["prepare", "--instance", &instance, "--owner", owner],
+        )
+    };
+    prepare("nobody");
+    let kept_args = [
+        "--netns",
+        &pair.server,
+        "--iface",
+        &pair.server_if,
+        "--instance",
+        &instance,
+    ];
+    let first = Daemon::start_command(
+        as_nobody(Path::new("/usr/sbin/handshake"), &caps, None),
+        &kept_args,
+    );
+    let status = first.cli_json("status", &[]);
+    assert_eq!(status["instance"], instance.as_str(), "{status:#}");
+    let serving = echo_server(&pair.server, server, 20);
+    echo_clients(&pair.client, server, 20);
+    serving.join().expect("echo server");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let served_before = first.scrape().get(
+        "handshake_tcp_handshakes_total",
+        &[("role", "server"), ("outcome", "established")],
+    );
+    assert!(served_before >= 20.0, "{served_before}");
+    first.stop(libc::SIGKILL);
+    prepare("nobody");
+    let second = Daemon::start_command(
+        as_nobody(Path::new("/usr/sbin/handshake"), &caps, None),
+        &kept_args,
+    );
+    let serving = echo_server(&pair.server, server, 20);
+    echo_clients(&pair.client, server, 20);
+    serving.join().expect("echo server");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let served_after = second.scrape().get(
+        "handshake_tcp_handshakes_total",
+        &[("role", "server"), ("outcome", "established")],
+    );
+    assert!(
+        served_after >= served_before + 20.0,
+        "counted {served_before} before the SIGKILL and {served_after} after 20 more: {}",
+        second.log()
+    );
+    let status = second.cli_json("status", &[]);
+    assert!(
+        status["kept"].as_str().unwrap().contains("taken up"),
+        "{status:#}"
+    );
+    second.stop(libc::SIGKILL);
+    let pins = Path::new("/sys/fs/bpf/handshake").join(&instance);
+    assert!(
+        pins.join("link_tp_sock_state").exists(),
+        "links stay pinned after SIGKILL"
+    );
+
     sh("dpkg", &["--purge", "handshake"]);
+    assert!(!pins.exists(), "a purge removes what is pinned");
     assert!(!package_installed());
     for gone in [
         "/usr/sbin/handshake",

@@ -479,6 +479,10 @@ pub fn status(flags: &StatusFlags) -> anyhow::Result<()> {
     println!("capabilities  {}", s.capabilities.join(" "));
     println!("metrics       http://{}/metrics", s.metrics_addr);
     println!("api           {}", s.api_socket);
+    match &s.instance {
+        Some(instance) => println!("kept          instance {instance}: {}", s.kept),
+        None => println!("kept          {}", s.kept),
+    }
     println!(
         "census        {} every {:.1} s (now {:.1} s), {} namespaces",
         s.census_source, s.census_interval_s, s.census_interval_actual_s, s.namespaces

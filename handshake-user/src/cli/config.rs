@@ -108,6 +108,7 @@ impl TryFrom<DaemonFlags> for DaemonConfig {
             listener_top: flags.listener_top,
             census_interval,
             census_source: flags.census_source,
+            instance: (!flags.ephemeral).then(|| (flags.instance.clone(), flags.fresh)),
         })
     }
 }

@@ -61,6 +61,28 @@ pub enum Command {
     /// outcome, phase latencies, the slowest and failing connections,
     /// listen queues, TIME_WAIT, TLS versions. `q` quits.
     Watch(WatchFlags),
+    /// Remove what an instance of the daemon keeps across restarts: its
+    /// maps pinned in /sys/fs/bpf/handshake/INSTANCE (counters, handshakes
+    /// in flight, socket ages) and its checkpoint in /run/handshake. Refused
+    /// while a daemon of the instance runs; the next start counts from 0.
+    Reset {
+        /// The daemon's --instance.
+        #[arg(long, value_name = "NAME", default_value = crate::daemon::persist::DEFAULT_INSTANCE)]
+        instance: String,
+    },
+    /// Make an instance's state directory for a daemon that runs as
+    /// another user: mounts bpffs if need be, makes
+    /// /sys/fs/bpf/handshake/INSTANCE and hands it, and what is pinned in
+    /// it, to OWNER. Run as root before the daemon (handshake.service's
+    /// ExecStartPre).
+    #[command(hide = true)]
+    Prepare {
+        #[arg(long, value_name = "NAME", default_value = crate::daemon::persist::DEFAULT_INSTANCE)]
+        instance: String,
+        /// The user (name or uid) the daemon runs as.
+        #[arg(long, value_name = "USER")]
+        owner: String,
+    },
     /// Print the completion script for a shell (bash, zsh, fish, elvish,
     /// powershell), e.g. `handshake completions bash > /etc/bash_completion.d/handshake`.
     Completions {
@@ -330,6 +352,24 @@ pub struct DaemonFlags {
     /// with the longest queues, then the most drops.
     #[arg(long, value_name = "N", default_value_t = 20)]
     pub listener_top: usize,
+
+    /// Which daemon this is, for what it keeps across restarts: its kernel
+    /// maps stay pinned in /sys/fs/bpf/handshake/NAME (bpffs, mounted if
+    /// need be) and its own totals in /run/handshake/NAME.checkpoint, so a
+    /// daemon started again — after SIGTERM, SIGKILL or an upgrade —
+    /// continues every counter, completes handshakes in flight and knows
+    /// socket ages. One daemon per instance.
+    #[arg(long, value_name = "NAME", default_value = crate::daemon::persist::DEFAULT_INSTANCE)]
+    pub instance: String,
+
+    /// Keep nothing across restarts: no pinned maps, no checkpoint.
+    #[arg(long, conflicts_with_all = ["fresh", "instance"])]
+    pub ephemeral: bool,
+
+    /// Remove the instance's kept state first, and count from 0 (as
+    /// `handshake reset` does).
+    #[arg(long)]
+    pub fresh: bool,
 
     /// Listening ports exported by `handshake_tcp_half_open` (most half-open first).
     #[arg(long, value_name = "N", default_value_t = 20)]

@@ -40,6 +40,9 @@ pub struct DaemonConfig {
     /// How often the socket census runs in each watched namespace.
     pub census_interval: Duration,
     pub census_source: CensusSource,
+    /// The instance whose state is kept across restarts, and whether to
+    /// start afresh; `None`: `--ephemeral`.
+    pub instance: Option<(String, bool)>,
 }
 
 /// How the census counts: as it can (`Auto`), or only one way.

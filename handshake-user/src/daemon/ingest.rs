@@ -8,7 +8,10 @@ use anyhow::Context as _;
 use aya::Pod;
 
 use crate::{
-    daemon::state::{SelfStats, State, lock},
+    daemon::{
+        persist::{Checkpoint, Checkpointer},
+        state::{State, lock},
+    },
     kernel::{
         clock,
         events::{CpuLog, EventReader},
@@ -27,7 +30,7 @@ pub async fn feed<T: Pod>(
     state: &Mutex<State>,
     ring: &'static str,
     apply: impl Fn(&mut State, &T),
-    malformed: impl Fn(&mut SelfStats) -> &mut u64,
+    counts: impl Fn(&mut State) -> (&mut u64, &mut u64),
 ) -> anyhow::Result<()> {
     loop {
         events
@@ -36,7 +39,9 @@ pub async fn feed<T: Pod>(
             .with_context(|| format!("reading the {ring} ring buffer"))?;
         let mut state = lock(state);
         events.drain(|record| apply(&mut state, record));
-        *malformed(&mut state.self_stats) = events.malformed;
+        let (malformed, position) = counts(&mut state);
+        *malformed = events.malformed;
+        *position = events.position();
     }
 }
 
@@ -48,16 +53,23 @@ pub async fn feed_log(mut log: CpuLog, state: &Mutex<State>) {
         let mut state = lock(state);
         log.drain(|record| state.record_socket(record));
         state.self_stats.sock_records_lost = log.lost;
+        state.positions.sock_log.clear();
+        state.positions.sock_log.extend_from_slice(log.positions());
     }
 }
 
 /// Decides timed-out and idle handshakes, and refreshes the live view and
 /// the table counters; gives up stale TLS captures.
+///
+/// Then, with `checkpoints`, checkpoints what changed: right after the
+/// sweep, which deletes the handshakes it decides from the kernel's
+/// tables, so that a restart neither loses nor recounts them.
 pub async fn sweep(
     mut tables: FlowTables,
     mut tls_maps: TlsMaps,
     expiry: Expiry,
-    state: &Mutex<State>,
+    shared: &Mutex<State>,
+    mut checkpoints: Option<&mut Checkpointer>,
 ) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(SWEEP_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -68,7 +80,7 @@ pub async fn sweep(
             .sweep(|flow| expiry.expire(flow, now))
             .and_then(|sweep| Ok((sweep, tables.stats()?)));
         let tls_result = tls_maps.maintain(now);
-        let mut state = lock(state);
+        let mut state = lock(shared);
         state.tls.sweep(now);
         if let Err(error) = tls_result {
             state.self_stats.map_read_errors += 1;
@@ -89,5 +101,30 @@ pub async fn sweep(
             }
         }
         state.sweep_sockets(now);
+        if let Some(checkpoints) = checkpoints.as_deref_mut() {
+            let checkpoint = state.checkpoint();
+            drop(state);
+            checkpoint_now(checkpoints, checkpoint, shared);
+        }
+    }
+}
+
+/// Writes `checkpoint`, and notes in the state how it went.
+pub fn checkpoint_now(
+    checkpoints: &mut Checkpointer,
+    checkpoint: Checkpoint,
+    state: &Mutex<State>,
+) {
+    let written = checkpoints.write(checkpoint);
+    let mut state = lock(state);
+    match written {
+        Ok(Some(bytes)) => state.self_stats.checkpoint_bytes = bytes as u64,
+        Ok(None) => {}
+        Err(error) => {
+            state.self_stats.checkpoint_errors += 1;
+            if state.self_stats.checkpoint_errors == 1 {
+                tracing::error!(%error, "writing the checkpoint failed: a restart would lose what changed since the last one");
+            }
+        }
     }
 }

@@ -744,6 +744,16 @@ fn census_families(report: &Report<'_>, families: &mut Families) {
         "Census runs that failed (see the daemon's log).",
         report.self_stats.census_errors,
     );
+    families.counter(
+        "handshake_checkpoint_errors_total",
+        "Checkpoints of the daemon's totals that could not be written: a restart now would lose what changed since the last one written (see the daemon's log).",
+        report.self_stats.checkpoint_errors,
+    );
+    families.gauges(
+        "handshake_checkpoint_bytes",
+        "Size of the last checkpoint written (its totals, the socket-layer rows it holds and how far it has read), 0 when nothing is kept across restarts.",
+        vec![gauge(&[], report.self_stats.checkpoint_bytes as f64)],
+    );
 }
 
 /// Listeners per (namespace, port), both families and every address

@@ -12,6 +12,7 @@ pub mod http;
 pub mod ingest;
 pub mod interfaces;
 pub mod metrics;
+pub mod persist;
 pub mod state;
 pub mod status;
 
@@ -29,6 +30,7 @@ use crate::{
     daemon::{
         census::{CensusRunner, census_loop},
         config::{CensusSource, DaemonConfig},
+        persist::{Checkpoint, Checkpointer, Kept, Persist, PersistError},
         state::State,
     },
     kernel::{
@@ -49,15 +51,79 @@ pub type SharedCensus = Arc<Mutex<CensusRunner>>;
 
 pub fn run(config: DaemonConfig) -> anyhow::Result<()> {
     let listeners = Listeners::bind(&config)?;
-    let mut observer = Observer::load_with(config.tables, Some(config.hooks.ingress))
-        .context("loading the kernel programs")?;
-    let feeds = Feeds::take(&mut observer)?;
+    let (persist, mut kept) = keep_state(&config)?;
+    let mut observer = Observer::load_with(
+        config.tables,
+        Some(config.hooks.ingress),
+        persist.as_ref().map(|p| p.pins.as_path()),
+    )
+    .context("loading the kernel programs")?;
+    let checkpoint = persist.as_ref().and_then(Persist::load);
+    let feeds = Feeds::take(&mut observer, checkpoint.as_ref())?;
+    if let Some(checkpoint) = &checkpoint {
+        kept.detail = format!(
+            "{}; taken up from the daemon before (pid {}), {} socket-log records read again",
+            kept.detail, checkpoint.pid, feeds.log_behind
+        );
+    }
     let census = start_census(&mut observer, &config)?;
     let observer = Arc::new(Mutex::new(attach(observer, &config)?));
-    let served = serve(&config, listeners, feeds, census, &observer);
+    let served = serve(
+        &config,
+        listeners,
+        feeds,
+        census,
+        &observer,
+        (persist, kept, checkpoint),
+    );
     detach(observer, &config)?;
     tracing::info!("detached; exiting");
     served
+}
+
+/// The instance's kept state, locked; `None` with `--ephemeral`, or when
+/// bpffs cannot be used (said, and the daemon goes on keeping nothing).
+/// Another daemon of the same instance is an error.
+fn keep_state(config: &DaemonConfig) -> anyhow::Result<(Option<Persist>, Kept)> {
+    let Some((instance, fresh)) = &config.instance else {
+        return Ok((
+            None,
+            Kept {
+                instance: None,
+                detail: "nothing (--ephemeral)".to_owned(),
+            },
+        ));
+    };
+    match Persist::open(instance, *fresh) {
+        Ok(persist) => {
+            let detail = format!(
+                "maps pinned in {}, checkpoint {}",
+                persist.pins.display(),
+                persist.checkpoint.display()
+            );
+            Ok((
+                Some(persist),
+                Kept {
+                    instance: Some(instance.clone()),
+                    detail,
+                },
+            ))
+        }
+        Err(error @ (PersistError::InUse { .. } | PersistError::BadName(_))) => Err(error.into()),
+        Err(error) => {
+            tracing::warn!(
+                %error,
+                "nothing is kept across restarts: every counter starts from 0 at the next start"
+            );
+            Ok((
+                None,
+                Kept {
+                    instance: None,
+                    detail: format!("nothing: {error}"),
+                },
+            ))
+        }
+    }
 }
 
 /// The namespace the packet hooks' object is dropped in (the first named,
@@ -124,18 +190,28 @@ struct Feeds {
     sock_log: CpuLog,
     tls_events: RingBuf<MapData>,
     tls_maps: TlsMaps,
+    /// Socket-log records to read again or catch up after a restart.
+    log_behind: u64,
 }
 
 impl Feeds {
-    fn take(observer: &mut Observer) -> anyhow::Result<Self> {
-        let (tls_events, tls_maps) = observer.take_tls()?;
+    /// With a `checkpoint`, the rings and the log are read from where it
+    /// was taken.
+    fn take(observer: &mut Observer, checkpoint: Option<&Checkpoint>) -> anyhow::Result<Self> {
+        let positions = checkpoint.map(|c| &c.positions);
+        let (tls_events, tls_maps) = observer.take_tls(positions.map(|p| p.tls))?;
+        let mut sock_log = observer.take_sock_log()?;
+        let log_behind = checkpoint.map_or(0, |c| {
+            sock_log.resume(&c.positions.sock_log, c.self_stats.sock_records_lost)
+        });
         Ok(Self {
             counters: Arc::new(observer.take_counters()?),
             tables: observer.take_flow_tables()?,
-            events: observer.take_events()?,
-            sock_log: observer.take_sock_log()?,
+            events: observer.take_events(positions.map(|p| p.events))?,
+            sock_log,
             tls_events,
             tls_maps,
+            log_behind,
         })
     }
 }
@@ -219,8 +295,14 @@ fn serve(
     feeds: Feeds,
     census: Option<SharedCensus>,
     observer: &Arc<Mutex<Observer>>,
+    (persist, kept, checkpoint): (Option<Persist>, Kept, Option<Checkpoint>),
 ) -> anyhow::Result<()> {
     let mut initial = State::new(config.conn_history);
+    if let Some(checkpoint) = checkpoint {
+        initial.restore(checkpoint);
+    }
+    initial.kept = kept;
+    let mut checkpoints = persist.map(Checkpointer::new);
     if let Some(root) = &config.cgroup_root {
         initial.cgroups = crate::kernel::cgroup::Cgroups::at(root.clone());
     }
@@ -267,9 +349,15 @@ fn serve(
     runtime.block_on(async {
         let metrics_listener = tokio::net::TcpListener::from_std(listeners.metrics)?;
         let api_listener = tokio::net::UnixListener::from_std(listeners.api)?;
-        let events = EventReader::new(feeds.events).context("polling the event ring buffer")?;
-        let tls_events = EventReader::<TlsChunk>::new(feeds.tls_events)
+        let mut events =
+            EventReader::new(feeds.events).context("polling the event ring buffer")?;
+        let mut tls_events = EventReader::<TlsChunk>::new(feeds.tls_events)
             .context("polling the TLS ring buffer")?;
+        {
+            let state = state::lock(&state);
+            events.malformed = state.self_stats.events_malformed;
+            tls_events.malformed = state.self_stats.tls_events_malformed;
+        }
         tracing::info!(
             metrics = %config.metrics_addr,
             api = %config.api_socket.display(),
@@ -288,21 +376,33 @@ fn serve(
                 &state,
                 "event",
                 |state, flow| state.record_wire(*flow),
-                |stats| &mut stats.events_malformed,
+                |state| (&mut state.self_stats.events_malformed, &mut state.positions.events),
             ) => result?,
             () = ingest::feed_log(feeds.sock_log, &state) => {}
-            result = ingest::sweep(feeds.tables, feeds.tls_maps, expiry, &state) => result?,
+            result = ingest::sweep(
+                feeds.tables,
+                feeds.tls_maps,
+                expiry,
+                &state,
+                checkpoints.as_mut(),
+            ) => result?,
             result = ingest::feed(
                 tls_events,
                 &state,
                 "TLS",
                 |state, chunk| state.tls.record(chunk),
-                |stats| &mut stats.tls_events_malformed,
+                |state| (&mut state.self_stats.tls_events_malformed, &mut state.positions.tls),
             ) => result?,
             () = census_loop(census, &feeds.counters, config.census_interval, &state) => {}
             () = interfaces::follow(Arc::clone(observer), hook_plan(config), Arc::clone(&state)) => {}
             _ = sigterm.recv() => tracing::info!("SIGTERM: detaching"),
             _ = sigint.recv() => tracing::info!("SIGINT: detaching"),
+        }
+        // The last word, for the next daemon of this instance: what this
+        // one read after its last sweep.
+        if let Some(checkpoints) = checkpoints.as_mut() {
+            let checkpoint = state::lock(&state).checkpoint();
+            ingest::checkpoint_now(checkpoints, checkpoint, &state);
         }
         Ok::<_, anyhow::Error>(())
     })

@@ -13,7 +13,10 @@ use handshake_common::{
 };
 
 use crate::{
-    daemon::census::{CensusRound, Counted},
+    daemon::{
+        census::{CensusRound, Counted},
+        persist::{Checkpoint, Kept, Positions},
+    },
     kernel::{cgroup::Cgroups, clock, loader::chain, maps::FlowStats},
     model::{
         FastMap, FastSet,
@@ -29,7 +32,7 @@ use crate::{
 };
 
 /// What the daemon itself counts, next to what the kernel counted.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SelfStats {
     /// Map reads that failed (scrapes answered with an error, sweeps lost).
     pub map_read_errors: u64,
@@ -41,6 +44,10 @@ pub struct SelfStats {
     pub tls_events_malformed: u64,
     /// Socket-layer records a CPU overwrote before the daemon read them.
     pub sock_records_lost: u64,
+    /// Checkpoints that could not be written, and the size of the last
+    /// written (`daemon::persist`).
+    pub checkpoint_errors: u64,
+    pub checkpoint_bytes: u64,
     /// Seconds between the scheduled censuses as they run: the
     /// `--census-interval`, or longer while a census is slow (see
     /// `daemon::census::census_loop`); 0 before the first.
@@ -93,6 +100,11 @@ pub struct State {
     /// Host-wide state transitions per second, `from->to`, between the
     /// last two censuses.
     pub transitions_per_second: BTreeMap<String, f64>,
+    /// How far the rings and the socket log are read, as of what the
+    /// state has taken in (each feed sets it with what it applied).
+    pub positions: Positions,
+    /// What is kept across restarts.
+    pub kept: Kept,
 }
 
 impl State {
@@ -277,6 +289,37 @@ impl State {
         });
     }
 
+    /// What a restart must not lose ([`crate::daemon::persist`]).
+    pub fn checkpoint(&self) -> Checkpoint {
+        Checkpoint {
+            conntrack_malformed: self.conntrack.malformed,
+            sockets: self.sockets.save(),
+            closes: self.closes.totals.clone(),
+            tls: self.tls.totals.save(),
+            self_stats: self.self_stats,
+            positions: self.positions.clone(),
+            ..Checkpoint::of_totals(self.conntrack.totals())
+        }
+    }
+
+    /// Takes up what a daemon before this one checkpointed: its totals go
+    /// on, its held rows are held again. The positions are the feeds' to
+    /// take up.
+    pub fn restore(&mut self, checkpoint: Checkpoint) {
+        self.conntrack
+            .restore_totals(checkpoint.totals(), checkpoint.conntrack_malformed);
+        self.sockets = SocketHandshakes::restore(checkpoint.sockets);
+        self.closes.totals = checkpoint.closes;
+        self.tls.totals = crate::model::tls::TlsTotals::restore(checkpoint.tls);
+        let gauges = self.self_stats;
+        self.self_stats = SelfStats {
+            census_interval_s: gauges.census_interval_s,
+            netns_discovery_s: gauges.netns_discovery_s,
+            ..checkpoint.self_stats
+        };
+        self.positions = checkpoint.positions;
+    }
+
     /// Empty, keeping `history` decided handshakes and TLS connections.
     pub fn new(history: usize) -> Self {
         Self {
@@ -297,6 +340,8 @@ impl State {
             hook_netns_by_index: FastMap::default(),
             tls: TlsTracker::new(history),
             transitions_per_second: BTreeMap::new(),
+            positions: Positions::default(),
+            kept: Kept::default(),
         }
     }
 }

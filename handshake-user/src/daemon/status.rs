@@ -235,6 +235,7 @@ pub fn status(
             ("socket_ages_untracked".to_owned(), flow.sock_ages_full),
             ("map_read_errors".to_owned(), own.map_read_errors),
             ("census_errors".to_owned(), own.census_errors),
+            ("checkpoint_errors".to_owned(), own.checkpoint_errors),
             (
                 "events_malformed".to_owned(),
                 own.events_malformed + own.tls_events_malformed,
@@ -260,6 +261,8 @@ pub fn status(
             cpu_s: process.cpu_s,
             metrics_addr: metrics_addr.clone(),
             api_socket: api_socket.clone(),
+            instance: state.kept.instance.clone(),
+            kept: state.kept.detail.clone(),
         }
     })
 }

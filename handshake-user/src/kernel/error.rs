@@ -22,6 +22,12 @@ pub enum LoadError {
         #[source]
         source: ProgramError,
     },
+    #[error("removing the stale pinned map {path}")]
+    Unpin {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the eBPF object has no map {0:?}")]
     MissingMap(&'static str),
     #[error("opening map {name:?}")]

@@ -39,6 +39,7 @@ pub fn with_record<T: Pod>(bytes: &[u8], apply: impl FnOnce(&T)) -> bool {
 
 pub struct EventReader<T = Flow> {
     ring: AsyncFd<RingBuf<MapData>>,
+    position: RingPosition,
     /// Records of the wrong size (a kernel/user mismatch; should stay 0).
     pub malformed: u64,
     record: std::marker::PhantomData<T>,
@@ -58,8 +59,13 @@ impl<T: Pod> EventReader<T> {
         // SAFETY: the ring buffer owns its map fd, which stays open and
         // unchanged for as long as the AsyncFd (which owns the ring) lives.
         let ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }?;
+        let position = {
+            use std::os::fd::AsFd as _;
+            RingPosition::of(ring.get_ref().as_fd())?
+        };
         Ok(Self {
             ring,
+            position,
             malformed: 0,
             record: std::marker::PhantomData,
         })
@@ -73,6 +79,11 @@ impl<T: Pod> EventReader<T> {
         Ok(())
     }
 
+    /// How far it has read (for a checkpoint: `daemon::persist`).
+    pub fn position(&self) -> u64 {
+        self.position.read()
+    }
+
     /// Hands every waiting record to `apply`, in order, where it lies.
     pub fn drain(&mut self, mut apply: impl FnMut(&T)) {
         let ring = self.ring.get_mut();
@@ -84,7 +95,8 @@ impl<T: Pod> EventReader<T> {
     }
 }
 
-/// A read-only mapping of an mmappable BPF array.
+/// A shared mapping of a BPF map's memory: an mmappable array's values,
+/// or a ring buffer's positions.
 struct Mapping {
     ptr: *mut libc::c_void,
     len: usize,
@@ -94,22 +106,37 @@ struct Mapping {
 unsafe impl Send for Mapping {}
 
 impl Mapping {
-    /// Maps the values of `map`, `bytes` of them.
+    /// Maps the values of `map`, `bytes` of them, read-only.
     fn new(map: &MapData, bytes: usize) -> std::io::Result<Self> {
-        use std::os::fd::{AsFd as _, AsRawFd as _};
-        // SAFETY: sysconf has no preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        use std::os::fd::AsFd as _;
+        Self::of(map.fd().as_fd(), bytes, 0, false)
+    }
+
+    /// Maps `bytes` of the map `fd` from page `page_index`, writable or not.
+    fn of(
+        fd: std::os::fd::BorrowedFd<'_>,
+        bytes: usize,
+        page_index: usize,
+        writable: bool,
+    ) -> std::io::Result<Self> {
+        use std::os::fd::AsRawFd as _;
+        let page = page_size();
         let len = bytes.div_ceil(page) * page;
-        // SAFETY: a fresh shared read-only mapping of the map's fd; the
-        // kernel checks the length against the map.
+        let prot = if writable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
+        // SAFETY: a fresh shared mapping of the map's fd; the kernel checks
+        // the length, the offset and the protection against the map.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 len,
-                libc::PROT_READ,
+                prot,
                 libc::MAP_SHARED,
-                map.fd().as_fd().as_raw_fd(),
-                0,
+                fd.as_raw_fd(),
+                (page_index * page) as libc::off_t,
             )
         };
         if ptr == libc::MAP_FAILED {
@@ -127,6 +154,54 @@ impl Mapping {
         // SAFETY: the caller's bound; `T: Pod` is valid for any bits.
         unsafe { std::ptr::read_volatile(self.ptr.cast::<T>().add(i)) }
     }
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
+}
+
+/// How far a ring buffer's reader has read: bytes since the ring was
+/// made (the kernel's consumer position, in its first page).
+pub struct RingPosition(Mapping);
+
+// SAFETY: as `Mapping`'s.
+unsafe impl Sync for RingPosition {}
+
+impl RingPosition {
+    pub fn of(ring: std::os::fd::BorrowedFd<'_>) -> std::io::Result<Self> {
+        Mapping::of(ring, page_size(), 0, false).map(Self)
+    }
+
+    pub fn read(&self) -> u64 {
+        // SAFETY: the first word of the first page is the consumer
+        // position, which the mapping covers.
+        unsafe { self.0.read::<u64>(0) }
+    }
+}
+
+/// Moves a ring buffer's reader back to `to`, so that the records since
+/// are read again: those a daemon before this one read after its last
+/// checkpoint. Only if they are all still there (the writer has not
+/// written `data_bytes` past `to`) and `to` is not ahead of the reader;
+/// false otherwise, and nothing changes.
+pub fn rewind_ring(
+    ring: std::os::fd::BorrowedFd<'_>,
+    to: u64,
+    data_bytes: u64,
+) -> std::io::Result<bool> {
+    let page = page_size();
+    let consumer = Mapping::of(ring, page, 0, true)?;
+    let producer = Mapping::of(ring, page, 1, false)?;
+    // SAFETY: the first word of each page: consumer and producer positions.
+    let (read, written) = unsafe { (consumer.read::<u64>(0), producer.read::<u64>(0)) };
+    if to > read || written.saturating_sub(to) > data_bytes {
+        return Ok(false);
+    }
+    // SAFETY: the consumer page is mapped writable; the kernel reads the
+    // position only to know how much room is free, and less is safe.
+    unsafe { std::ptr::write_volatile(consumer.ptr.cast::<u64>(), to) };
+    Ok(true)
 }
 
 impl Drop for Mapping {
@@ -178,6 +253,29 @@ impl CpuLog {
             log.read[cpu] = log.head(cpu);
         }
         Ok(log)
+    }
+
+    /// How far it has read on each CPU (for a checkpoint).
+    pub fn positions(&self) -> &[u64] {
+        &self.read
+    }
+
+    /// Reads on from where a daemon before this one stood (`read`, per
+    /// CPU) rather than from now: what it read after its last checkpoint
+    /// is read again, and what was written while no daemon ran is read.
+    /// A position ahead of the log (a log made anew) is ignored. Returns
+    /// the records to be read again or caught up.
+    pub fn resume(&mut self, read: &[u64], lost: u64) -> u64 {
+        self.lost = lost;
+        let mut behind = 0;
+        for (cpu, at) in read.iter().enumerate().take(self.read.len()) {
+            let head = self.head(cpu);
+            if *at <= head {
+                self.read[cpu] = *at;
+                behind += head - at;
+            }
+        }
+        behind
     }
 
     fn head(&self, cpu: usize) -> u64 {

@@ -63,6 +63,89 @@ impl Default for TableSizes {
     }
 }
 
+/// The link pinned at `path`, if its program has instructions tagged
+/// `tag` (the program this daemon loaded, as it loaded it).
+fn same_program_link(path: &std::path::Path, tag: u64) -> Option<aya::programs::links::PinnedLink> {
+    use aya::programs::links::{FdLink, PinnedLink};
+    if !path.exists() {
+        return None;
+    }
+    let program_id = FdLink::from(PinnedLink::from_pin(path).ok()?)
+        .info()
+        .ok()?
+        .program_id();
+    let old_tag = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == program_id)?
+        .tag();
+    (old_tag == tag).then(|| PinnedLink::from_pin(path).ok())?
+}
+
+/// Detaches the link pinned at `path`, if there is one.
+fn release_old_link(path: &std::path::Path) {
+    if !path.exists() {
+        return;
+    }
+    match aya::programs::links::PinnedLink::from_pin(path).map(|l| l.unpin()) {
+        Ok(Ok(link)) => drop(link),
+        Ok(Err(error)) => tracing::warn!(link = %path.display(), %error, "unpinning an old link"),
+        Err(error) => {
+            tracing::warn!(link = %path.display(), error = %chain(&error), "opening an old link");
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Loads the object; a pinned map whose layout is not the object's (aya
+/// checks type, sizes, entries and flags) is unpinned and made anew, once
+/// per map, with a warning: its old contents do not fit this daemon.
+/// Returns how many it replaced.
+fn load_replacing_stale_pins(
+    loader: &mut EbpfLoader<'_>,
+    pins: &[(&str, std::path::PathBuf)],
+) -> Result<(Ebpf, usize), LoadError> {
+    let mut replaced = Vec::new();
+    loop {
+        match loader.load(EBPF_OBJECT) {
+            Err(aya::EbpfError::MapError(aya::maps::MapError::IncompatiblePinnedMap {
+                name,
+                property,
+                expected,
+                actual,
+            })) if !replaced.contains(&name) => {
+                let Some((_, path)) = pins.iter().find(|(n, _)| **n == name) else {
+                    return Err(LoadError::Object(aya::EbpfError::MapError(
+                        aya::maps::MapError::IncompatiblePinnedMap {
+                            name,
+                            property,
+                            expected,
+                            actual,
+                        },
+                    )));
+                };
+                tracing::warn!(
+                    map = %name,
+                    pin = %path.display(),
+                    %property,
+                    kept = actual,
+                    wanted = expected,
+                    "a pinned map's layout is not this daemon's: replacing it (what it held is lost)"
+                );
+                std::fs::remove_file(path).map_err(|source| LoadError::Unpin {
+                    path: path.clone(),
+                    source,
+                })?;
+                replaced.push(name);
+            }
+            result => {
+                return result
+                    .map(|ebpf| (ebpf, replaced.len()))
+                    .map_err(LoadError::Object);
+            }
+        }
+    }
+}
+
 /// The BTF tracepoint each tracepoint program attaches to: attached by
 /// name, they need no tracefs.
 const fn traced_event(program: &str) -> Option<&'static str> {
@@ -120,20 +203,37 @@ pub struct Observer {
     log_cpus: u32,
     /// This kernel's drop reasons by number, from its BTF.
     drop_reasons: std::collections::BTreeMap<u32, String>,
+    /// Where the tracepoints' links are pinned, so that they outlive the
+    /// process ([`Self::attach_tracepoints`]); `None`: they go with it.
+    link_pins: Option<std::path::PathBuf>,
+    /// The tracepoint links pinned there, to unpin on a final stop.
+    pinned_links: Vec<aya::programs::links::PinnedLink>,
+    /// Every pinned map was there before and kept: a program a daemon
+    /// before attached writes into this daemon's maps.
+    maps_kept: bool,
 }
 
 impl Observer {
     /// Loads every program into the kernel with the default table sizes;
     /// attaches nothing.
     pub fn load() -> Result<Self, LoadError> {
-        Self::load_with(TableSizes::default(), None)
+        Self::load_with(TableSizes::default(), None, None)
     }
 
     /// Loads the programs with `tables`' sizes: both ingress programs, or
     /// only the one `ingress` names (the verifier's work on the other would
     /// cost ~0.3 s of the start, and leave an unattached program behind
     /// in `bpftool prog`).
-    pub fn load_with(tables: TableSizes, ingress: Option<IngressHook>) -> Result<Self, LoadError> {
+    ///
+    /// With `pins`, a bpffs directory, the maps of [`map::PERSISTENT`] are
+    /// pinned there, or reused from there when a daemon before pinned them
+    /// with the same layout; a pin whose layout differs (another version,
+    /// other table sizes) is replaced, and said so.
+    pub fn load_with(
+        tables: TableSizes,
+        ingress: Option<IngressHook>,
+        pins: Option<&std::path::Path>,
+    ) -> Result<Self, LoadError> {
         if pretends_missing("btf") || !std::path::Path::new(KERNEL_BTF).exists() {
             return Err(LoadError::NoBtf(KERNEL_BTF));
         }
@@ -186,7 +286,20 @@ impl Observer {
         for (global, number) in &skipped {
             loader.override_global(global, number, true);
         }
-        let mut ebpf = loader.load(EBPF_OBJECT).map_err(LoadError::Object)?;
+        let pin_paths: Vec<(&str, std::path::PathBuf)> = pins
+            .map(|dir| {
+                map::PERSISTENT
+                    .iter()
+                    .map(|name| (*name, dir.join(name)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for (name, path) in &pin_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let pinned_before = pin_paths.iter().all(|(_, path)| path.exists());
+        let (mut ebpf, replaced) = load_replacing_stale_pins(&mut loader, &pin_paths)?;
+        let maps_kept = !pin_paths.is_empty() && pinned_before && replaced == 0;
         let skip = match ingress {
             Some(IngressHook::Xdp) => Some(program::TC_INGRESS),
             Some(IngressHook::Tc) => Some(program::XDP_INGRESS),
@@ -218,6 +331,9 @@ impl Observer {
             census: Some(census),
             log_cpus,
             drop_reasons,
+            link_pins: pins.map(std::path::Path::to_path_buf),
+            pinned_links: Vec::new(),
+            maps_kept,
         })
     }
 
@@ -242,15 +358,21 @@ impl Observer {
         FlowTables::take_from(&mut self.ebpf)
     }
 
-    /// Takes the TLS hello ring buffer and the capture's pending table.
-    pub fn take_tls(&mut self) -> Result<(RingBuf<MapData>, TlsMaps), LoadError> {
-        let events = self.take_ring(map::TLS_EVENTS)?;
+    /// Takes the TLS hello ring buffer and the capture's pending table;
+    /// the ring's reader first moved back to `rewind` if it can be
+    /// ([`crate::kernel::events::rewind_ring`]).
+    pub fn take_tls(
+        &mut self,
+        rewind: Option<u64>,
+    ) -> Result<(RingBuf<MapData>, TlsMaps), LoadError> {
+        let events = self.take_ring(map::TLS_EVENTS, rewind)?;
         Ok((events, TlsMaps::take_from(&mut self.ebpf)?))
     }
 
     /// Takes the ring buffer of handshakes the packet hooks decided.
-    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, LoadError> {
-        self.take_ring(map::EVENTS)
+    /// Its reader first moved back to `rewind` if it can be.
+    pub fn take_events(&mut self, rewind: Option<u64>) -> Result<RingBuf<MapData>, LoadError> {
+        self.take_ring(map::EVENTS, rewind)
     }
 
     /// Takes the socket layer's per-CPU log of decided handshakes, mapped.
@@ -267,11 +389,29 @@ impl Observer {
         })
     }
 
-    fn take_ring(&mut self, name: &'static str) -> Result<RingBuf<MapData>, LoadError> {
+    fn take_ring(
+        &mut self,
+        name: &'static str,
+        rewind: Option<u64>,
+    ) -> Result<RingBuf<MapData>, LoadError> {
         let events = self
             .ebpf
             .take_map(name)
             .ok_or(LoadError::MissingMap(name))?;
+        if let (Some(to), aya::maps::Map::RingBuf(data)) = (rewind, &events) {
+            let rewound = crate::kernel::events::rewind_ring(
+                data.fd().as_fd(),
+                to,
+                u64::from(handshake_common::abi::EVENTS_BYTES),
+            )
+            .map_err(|source| LoadError::Mmap { name, source })?;
+            if !rewound {
+                tracing::warn!(
+                    ring = name,
+                    "records read after the last checkpoint are gone from the ring: not read again"
+                );
+            }
+        }
         RingBuf::try_from(events).map_err(|source| LoadError::Map { name, source })
     }
 
@@ -306,6 +446,14 @@ impl Observer {
 
     /// The host-wide BTF tracepoints: `inet_sock_set_state`,
     /// `tcp_retransmit_synack` and `tcp_retransmit_skb`.
+    ///
+    /// With pins (a kept instance), each link is pinned beside the maps:
+    /// after a SIGKILL the programs stay attached and go on writing into
+    /// the pinned maps, so the next daemon misses nothing the socket layer
+    /// saw meanwhile. That daemon detaches each old link just before it
+    /// attaches its own: never both at once (a state change would be
+    /// logged twice), and the window between is the two syscalls. A final
+    /// stop ([`Self::detach`]) unpins them.
     pub fn attach_tracepoints(&mut self) {
         for name in [
             program::TP_SOCK_SET_STATE,
@@ -317,24 +465,84 @@ impl Observer {
                     "{PRETEND_MISSING}=tp_btf: as on a kernel without BTF tracepoints (before 5.5)"
                 ))))
             } else {
-                self.ebpf
-                    .program_mut(name)
-                    .ok_or(ProgramError::UnexpectedProgramType)
-                    .and_then(<&mut BtfTracePoint>::try_from)
-                    .and_then(BtfTracePoint::attach)
+                self.attach_kept(name)
             };
-            self.record(name, None, result.map(|_| "tp_btf".to_owned()));
+            self.record_tracepoint(name, result);
         }
-        let name = program::TP_KFREE_SKB;
         let result = self.attach_drops();
-        self.record(name, None, result.map(|_| "tp_btf".to_owned()));
+        self.record_tracepoint(program::TP_KFREE_SKB, result);
+    }
+
+    /// Records how tracepoint `name` was attached; if it was not, a link a
+    /// daemon before left for it goes (it would report into maps no one
+    /// reads the way it wrote them).
+    fn record_tracepoint(&mut self, name: &'static str, result: Result<&str, ProgramError>) {
+        if result.is_err() {
+            self.release_old_link(name);
+        }
+        self.record(name, None, result.map(|how| how.to_owned()));
+    }
+
+    /// Where tracepoint program `name`'s link is pinned, if links are.
+    fn link_pin(&self, name: &str) -> Option<std::path::PathBuf> {
+        self.link_pins
+            .as_ref()
+            .map(|dir| dir.join(format!("link_{name}")))
+    }
+
+    /// Detaches the link a daemon before pinned for program `name`, if any.
+    fn release_old_link(&self, name: &str) {
+        if let Some(path) = self.link_pin(name) {
+            release_old_link(&path);
+        }
+    }
+
+    /// Attaches tracepoint program `name` (loaded), replacing and pinning
+    /// its link when links are kept. How it is attached.
+    ///
+    /// The link a daemon before left is kept, not replaced, when its
+    /// program is this one's (the same instructions: the same tag) and
+    /// writes into this daemon's maps: no window at all.
+    fn attach_kept(&mut self, name: &'static str) -> Result<&'static str, ProgramError> {
+        let pin = self.link_pin(name);
+        let prog: &mut BtfTracePoint = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(ProgramError::UnexpectedProgramType)?
+            .try_into()?;
+        if let Some(path) = &pin {
+            if self.maps_kept
+                && let Some(kept) = same_program_link(path, prog.info()?.tag())
+            {
+                self.pinned_links.push(kept);
+                return Ok("tp_btf, pinned, kept from the daemon before");
+            }
+            release_old_link(path);
+        }
+        let id = prog.attach()?;
+        let Some(pin) = pin else {
+            return Ok("tp_btf");
+        };
+        let link: aya::programs::links::FdLink = prog.take_link(id)?.into();
+        match link.pin(&pin) {
+            Ok(pinned) => {
+                self.pinned_links.push(pinned);
+                Ok("tp_btf, pinned")
+            }
+            Err(error) => {
+                // The link went with the failed pin: attach it plainly.
+                tracing::warn!(link = %pin.display(), %error, "cannot pin the link: it goes with the process");
+                prog.attach()?;
+                Ok("tp_btf")
+            }
+        }
     }
 
     /// Loads and attaches `skb:kfree_skb`: apart from the other
     /// tracepoints, since a kernel whose tracepoint lacks the drop reason
     /// or the receiving socket refuses the program; the daemon goes on
     /// without drop reasons and says so (`handshake_probe_attached`).
-    fn attach_drops(&mut self) -> Result<(), ProgramError> {
+    fn attach_drops(&mut self) -> Result<&'static str, ProgramError> {
         for facility in ["kfree_skb", "tp_btf"] {
             if pretends_missing(facility) {
                 return Err(ProgramError::IOError(std::io::Error::other(format!(
@@ -351,7 +559,7 @@ impl Observer {
             .ok_or(ProgramError::UnexpectedProgramType)?
             .try_into()?;
         prog.load("kfree_skb", &btf)?;
-        prog.attach().map(drop)
+        self.attach_kept(program::TP_KFREE_SKB)
     }
 
     /// Ingress and egress hooks on each interface of `netns`.
@@ -590,6 +798,12 @@ impl Observer {
     /// namespace they were attached in: each namespace's hooks are detached
     /// there, then the object is dropped in `netns`.
     pub fn detach(mut self, netns: &Netns, others: &[Netns]) -> Result<(), NetnsError> {
+        for pinned in std::mem::take(&mut self.pinned_links) {
+            match pinned.unpin() {
+                Ok(link) => drop(link),
+                Err(error) => tracing::warn!(%error, "unpinning a tracepoint link"),
+            }
+        }
         for other in others {
             for (iface, _) in self.hooked(other.name()) {
                 self.detach_interface(other, &iface)?;

@@ -32,7 +32,7 @@ pub const CLOSE_BUCKETS: [f64; 17] = [
 ];
 
 /// A cumulative-bucket histogram over [`CLOSE_BUCKETS`].
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Histogram {
     pub buckets: [u64; CLOSE_BUCKETS.len()],
     pub count: u64,
@@ -256,7 +256,7 @@ fn role_index(role: Option<Role>) -> usize {
 /// Everything counted over closes since the start, in arrays indexed by
 /// role ([`ROLES`]), closer, how and phase (their `ALL` order): a close
 /// costs a few additions, no lookup.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct CloseTotals {
     pub closes: [[[u64; 2]; 4]; 3],
     pub phases: [[Histogram; 4]; 3],

@@ -23,7 +23,7 @@ pub const BUCKETS: [f64; 22] = [
 ];
 
 /// A cumulative-bucket histogram, as Prometheus exposes it.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Histogram {
     /// Observations at or below each bound of [`BUCKETS`].
     pub buckets: [u64; BUCKETS.len()],
@@ -66,7 +66,9 @@ pub const fn outcome_of(flow: &Flow) -> Option<Outcome> {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum Phase {
     /// Client: SYN out → SYN-ACK in.
     Connect,
@@ -358,6 +360,13 @@ impl Conntrack {
 
     pub fn totals(&self) -> &Totals {
         &self.totals
+    }
+
+    /// Takes up the totals a daemon before this one counted, so that its
+    /// counters continue (`daemon::persist`).
+    pub fn restore_totals(&mut self, totals: Totals, malformed: u64) {
+        self.totals = totals;
+        self.malformed = malformed;
     }
 
     /// Decided handshakes, oldest first.

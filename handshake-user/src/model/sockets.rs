@@ -238,6 +238,62 @@ impl SocketHandshakes {
         }
     }
 
+    /// What a restart must not lose (`daemon::persist`): every row held
+    /// and every reset waiting, as they stand.
+    pub fn save(&self) -> SavedSockets {
+        let rows = |queue: &mut dyn Iterator<Item = &Held>| queue.map(SavedHeld::of).collect();
+        SavedSockets {
+            established: rows(&mut self.established.iter()),
+            failed: rows(&mut self.failed.iter()),
+            waiting: rows(&mut self.waiting.iter()),
+            resets: self
+                .resets
+                .iter()
+                .map(|(sk, r)| (*sk, r.local_port, r.remote_port, r.sk_err, r.ts_ns))
+                .collect(),
+            malformed: self.malformed,
+        }
+    }
+
+    /// The rows a daemon before this one held ([`Self::save`]); a row that
+    /// does not decode counts as malformed.
+    pub fn restore(saved: SavedSockets) -> Self {
+        let mut this = Self {
+            malformed: saved.malformed,
+            ..Self::default()
+        };
+        let rows = |saved: Vec<SavedHeld>, malformed: &mut u64| -> Vec<Held> {
+            saved
+                .into_iter()
+                .filter_map(|row| {
+                    let held = row.held();
+                    *malformed += u64::from(held.is_none());
+                    held
+                })
+                .collect()
+        };
+        this.established = rows(saved.established, &mut this.malformed).into();
+        this.failed = rows(saved.failed, &mut this.malformed).into();
+        this.waiting = rows(saved.waiting, &mut this.malformed);
+        this.resets = saved
+            .resets
+            .into_iter()
+            .take(MAX_RESETS)
+            .map(|(sk, local_port, remote_port, sk_err, ts_ns)| {
+                (
+                    sk,
+                    Reset {
+                        local_port,
+                        remote_port,
+                        sk_err,
+                        ts_ns,
+                    },
+                )
+            })
+            .collect();
+        this
+    }
+
     /// Rows still held, as they stand, and whose they are.
     pub fn held(&self) -> impl Iterator<Item = (&Flow, Origin)> {
         self.established
@@ -245,6 +301,69 @@ impl SocketHandshakes {
             .chain(&self.failed)
             .chain(&self.waiting)
             .map(|h| (&h.flow, h.origin))
+    }
+}
+
+/// The held rows and resets of [`SocketHandshakes::save`].
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SavedSockets {
+    established: Vec<SavedHeld>,
+    failed: Vec<SavedHeld>,
+    waiting: Vec<SavedHeld>,
+    /// Socket, local and remote port, error, when.
+    resets: Vec<(u64, u16, u16, u32, u64)>,
+    malformed: u64,
+}
+
+/// One held row: the flow's 80 bytes in hex (its fields are all
+/// integers, no padding), whose it is, and when it comes due (the
+/// monotonic clock runs on across a restart of the daemon).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct SavedHeld {
+    flow: String,
+    netns: u32,
+    cgroup: u64,
+    sk: u64,
+    due_ns: u64,
+}
+
+impl SavedHeld {
+    fn of(held: &Held) -> Self {
+        // SAFETY: `Flow` is repr(C), all integers, with no padding (80
+        // bytes, asserted in handshake-common): every byte is initialized.
+        let bytes = unsafe {
+            std::slice::from_raw_parts((&raw const held.flow).cast::<u8>(), size_of::<Flow>())
+        };
+        Self {
+            flow: bytes.iter().map(|b| format!("{b:02x}")).collect(),
+            netns: held.origin.netns,
+            cgroup: held.origin.cgroup,
+            sk: held.sk,
+            due_ns: held.due_ns,
+        }
+    }
+
+    fn held(&self) -> Option<Held> {
+        let hex = self.flow.as_bytes();
+        if hex.len() != 2 * size_of::<Flow>() {
+            return None;
+        }
+        let mut bytes = [0u8; size_of::<Flow>()];
+        for (byte, pair) in bytes.iter_mut().zip(hex.as_chunks::<2>().0) {
+            *byte = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+        }
+        // SAFETY: 80 bytes for a `Flow`, whose fields are all integers:
+        // any bit pattern is a valid one.
+        let flow = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<Flow>()) };
+        Some(Held {
+            flow,
+            origin: Origin {
+                netns: self.netns,
+                cgroup: self.cgroup,
+            },
+            sk: self.sk,
+            due_ns: self.due_ns,
+        })
     }
 }
 
@@ -340,6 +459,43 @@ mod tests {
             cgroup: 7,
             ..SockHandshake::default()
         }
+    }
+
+    /// What a restart keeps of the held rows comes due as the rows would
+    /// have: the same flows, with the same resets, at the same time.
+    #[test]
+    fn held_rows_and_resets_survive_a_save_and_a_restore() {
+        let mut held = SocketHandshakes::default();
+        let never = |_: Flow, _: Origin| panic!("nothing is due yet");
+        held.record(&record(ROLE_CLIENT, KIND_ESTABLISHED), never);
+        held.record(&record(ROLE_SERVER, KIND_ESTABLISHED), never);
+        let mut refused = record(ROLE_CLIENT, KIND_FAILED);
+        refused.sk_err = ECONNREFUSED;
+        refused.sk = 99;
+        held.record(&refused, never);
+        let mut reset = record(ROLE_SERVER, KIND_RESET);
+        reset.sk_err = ECONNRESET;
+        held.record(&reset, never);
+        let json = serde_json::to_string(&held.save()).unwrap();
+        let mut restored = SocketHandshakes::restore(serde_json::from_str(&json).unwrap());
+        let due = |s: &mut SocketHandshakes, now| {
+            let mut out = Vec::new();
+            s.sweep(now, &FastSet::default(), |flow, origin| out.push((flow, origin)));
+            out
+        };
+        for now in [5_100_000_000, 5_400_000_000, 7_000_000_000] {
+            assert_eq!(due(&mut held, now), due(&mut restored, now), "at {now}");
+        }
+        assert_eq!(restored.malformed, 0);
+        let mut broken = held.save();
+        broken.established.push(SavedHeld {
+            flow: "zz".to_owned(),
+            netns: 0,
+            cgroup: 0,
+            sk: 0,
+            due_ns: 0,
+        });
+        assert_eq!(SocketHandshakes::restore(broken).malformed, 1);
     }
 
     /// A dual-stack listener's socket (IPv6, `::ffff:10.0.0.2`) keys as the

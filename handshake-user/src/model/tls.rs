@@ -36,7 +36,9 @@ const MAX_ASSEMBLIES: usize = 4096;
 /// ALPN values that get their own label; others count as `other`.
 const KNOWN_ALPN: [&str; 5] = ["h2", "http/1.1", "h3", "http/1.0", "acme-tls/1"];
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum TlsPhase {
     ClientHelloToServerHello,
     ServerHelloToClientFinished,
@@ -68,6 +70,73 @@ pub struct TlsTotals {
     /// Hellos that could not be parsed, by reason; and those whose bytes
     /// stopped arriving.
     pub parse_errors: BTreeMap<&'static str, u64>,
+}
+
+/// [`TlsTotals`] as a checkpoint keeps them: maps as pairs, names as
+/// strings (`daemon::persist`).
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SavedTlsTotals {
+    durations: Vec<((Role, TlsPhase), Histogram)>,
+    handshakes: Vec<((Role, String), u64)>,
+    client_hellos: Vec<((String, String), u64)>,
+    parse_errors: Vec<(String, u64)>,
+}
+
+impl TlsTotals {
+    pub fn save(&self) -> SavedTlsTotals {
+        SavedTlsTotals {
+            durations: self
+                .durations
+                .iter()
+                .map(|(k, v)| (*k, v.clone()))
+                .collect(),
+            handshakes: self
+                .handshakes
+                .iter()
+                .map(|((role, version), n)| ((*role, (*version).to_owned()), *n))
+                .collect(),
+            client_hellos: self
+                .client_hellos
+                .iter()
+                .map(|((offered, alpn), n)| (((*offered).to_owned(), (*alpn).to_owned()), *n))
+                .collect(),
+            parse_errors: self
+                .parse_errors
+                .iter()
+                .map(|(reason, n)| ((*reason).to_owned(), *n))
+                .collect(),
+        }
+    }
+
+    /// The totals of [`Self::save`]. Their names are label values from
+    /// small fixed sets (versions, ALPN labels, parse failures); each is
+    /// made `'static` once, at start.
+    pub fn restore(saved: SavedTlsTotals) -> Self {
+        let mut names: HashMap<String, &'static str> = HashMap::new();
+        let mut name = |s: String| -> &'static str {
+            names
+                .entry(s)
+                .or_insert_with_key(|s| Box::leak(s.clone().into_boxed_str()))
+        };
+        Self {
+            durations: saved.durations.into_iter().collect(),
+            handshakes: saved
+                .handshakes
+                .into_iter()
+                .map(|((role, version), n)| ((role, name(version)), n))
+                .collect(),
+            client_hellos: saved
+                .client_hellos
+                .into_iter()
+                .map(|((offered, alpn), n)| ((name(offered), name(alpn)), n))
+                .collect(),
+            parse_errors: saved
+                .parse_errors
+                .into_iter()
+                .map(|(reason, n)| (name(reason), n))
+                .collect(),
+        }
+    }
 }
 
 /// One TLS connection as the tracker keeps it: the ClientHello's bytes

@@ -313,6 +313,11 @@ pub struct StatusView {
     pub cpu_s: f64,
     pub metrics_addr: String,
     pub api_socket: String,
+    /// The instance whose state is kept across restarts (`--instance`),
+    /// if any; and where it is kept and what was taken up at the start,
+    /// or why nothing is kept.
+    pub instance: Option<String>,
+    pub kept: String,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
