@@ -480,7 +480,9 @@ mod tests {
         let mut restored = SocketHandshakes::restore(serde_json::from_str(&json).unwrap());
         let due = |s: &mut SocketHandshakes, now| {
             let mut out = Vec::new();
-            s.sweep(now, &FastSet::default(), |flow, origin| out.push((flow, origin)));
+            s.sweep(now, &FastSet::default(), |flow, origin| {
+                out.push((flow, origin))
+            });
             out
         };
         for now in [5_100_000_000, 5_400_000_000, 7_000_000_000] {
