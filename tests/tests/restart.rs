@@ -18,7 +18,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use handshake_tests::{Daemon, Metrics, handshake_bin, require_root, serial};
+use handshake_tests::{
+    Daemon, Metrics, NetnsPair, echo_server, handshake_bin, require_root, serial, spawn_in,
+    tcx_programs,
+};
 
 /// An instance of this test's own; its kept state goes when it drops
 /// (after the daemons, which are declared after it).
@@ -294,4 +297,90 @@ fn sigterm_detaches_and_keeps_the_maps_fresh_and_reset_forget_them() {
     );
     assert!(!instance.pins().exists());
     assert!(!PathBuf::from(format!("/run/handshake/{}.checkpoint", instance.0)).exists());
+}
+
+/// The packet hooks too: on the server side of a veth pair, their TCX
+/// links are pinned with the maps, so across a SIGKILL the interface is
+/// never without its hooks; the new daemon keeps them, and every
+/// handshake is counted once — the hooks' row and the socket's joined.
+#[test]
+fn packet_hooks_stay_attached_across_a_sigkill_and_every_handshake_counts_once() {
+    require_root();
+    let _serial = serial();
+    let instance = Instance::new("hooks");
+    let pair = NetnsPair::new();
+    let hooks = [
+        "--netns",
+        pair.server.as_str(),
+        "--iface",
+        pair.server_if.as_str(),
+    ];
+    let mut args = vec!["--fresh"];
+    args.extend_from_slice(&hooks);
+    let first = instance.start(&args);
+    let connections = 1_000;
+    let server: std::net::SocketAddr = format!("{}:8080", NetnsPair::SERVER_V4).parse().unwrap();
+    let serving = echo_server(&pair.server, server, connections);
+    let start = first.scrape();
+    let clients = spawn_in(&pair.client, move || {
+        let began = Instant::now();
+        for i in 0..connections {
+            let mut c = TcpStream::connect(server).expect("connect");
+            c.write_all(b"x").expect("send");
+            c.shutdown(std::net::Shutdown::Write).expect("half-close");
+            c.read_to_end(&mut Vec::new()).expect("answer");
+            let due = began + Duration::from_secs_f64((i + 1) as f64 / 200.0);
+            thread::sleep(due.saturating_duration_since(Instant::now()));
+        }
+    });
+    thread::sleep(Duration::from_secs(2));
+    first.stop(libc::SIGKILL);
+    assert_eq!(
+        tcx_programs(&pair.server, &pair.server_if).len(),
+        2,
+        "the hooks stay after SIGKILL"
+    );
+    thread::sleep(Duration::from_secs(1));
+    let second = instance.start(&hooks);
+    clients.join().expect("clients");
+    serving.join().expect("server");
+    thread::sleep(Duration::from_millis(2500));
+    let after = second.scrape();
+
+    let served = after.get(
+        "handshake_tcp_handshakes_total",
+        &[("role", "server"), ("outcome", "established")],
+    ) - start.get(
+        "handshake_tcp_handshakes_total",
+        &[("role", "server"), ("outcome", "established")],
+    );
+    assert_eq!(served, connections as f64, "{}", second.log());
+    assert_eq!(
+        after.packets("ingress", "syn") - start.packets("ingress", "syn"),
+        connections as u64,
+        "the hooks saw every SYN"
+    );
+    let rows = second.conns(&["--role", "server", "--port", "8080"]);
+    assert!(
+        rows.iter().all(|r| r["source"] == "both"),
+        "every row the hooks' and the socket's at once: {:?}",
+        rows.iter()
+            .filter(|r| r["source"] != "both")
+            .take(3)
+            .collect::<Vec<_>>()
+    );
+    let status = second.cli_json("status", &[]);
+    for probe in status["probes"].as_array().unwrap() {
+        if probe["probe"].as_str().unwrap().starts_with("tc_") {
+            assert_eq!(
+                probe["detail"], "tcx, pinned, kept from the daemon before",
+                "{probe}"
+            );
+        }
+    }
+    assert!(second.stop(libc::SIGTERM).success());
+    assert!(
+        tcx_programs(&pair.server, &pair.server_if).is_empty(),
+        "SIGTERM detaches the pinned hooks too"
+    );
 }

@@ -6,6 +6,7 @@ use std::{sync::Mutex, time::Duration};
 
 use anyhow::Context as _;
 use aya::Pod;
+use handshake_common::abi::tls_capture::TlsChunk;
 
 use crate::{
     daemon::{
@@ -43,6 +44,26 @@ pub async fn feed<T: Pod>(
         *malformed = events.malformed;
         *position = events.position();
     }
+}
+
+/// Takes in at once whatever waits in the rings and the socket log, as the
+/// feeds would, before they start.
+pub fn catch_up(
+    state: &mut State,
+    events: &mut EventReader,
+    tls_events: &mut EventReader<TlsChunk>,
+    log: &mut CpuLog,
+) {
+    events.drain(|flow| state.record_wire(*flow));
+    state.self_stats.events_malformed = events.malformed;
+    state.positions.events = events.position();
+    tls_events.drain(|chunk| state.tls.record(chunk));
+    state.self_stats.tls_events_malformed = tls_events.malformed;
+    state.positions.tls = tls_events.position();
+    log.drain(|record| state.record_socket(record));
+    state.self_stats.sock_records_lost = log.lost;
+    state.positions.sock_log.clear();
+    state.positions.sock_log.extend_from_slice(log.positions());
 }
 
 /// Feeds the socket layer's records to the state as the CPUs wrote them,
@@ -102,7 +123,7 @@ pub async fn sweep(
         }
         state.sweep_sockets(now);
         if let Some(checkpoints) = checkpoints.as_deref_mut() {
-            let checkpoint = state.checkpoint();
+            let checkpoint = state.checkpoint(now);
             drop(state);
             checkpoint_now(checkpoints, checkpoint, shared);
         }

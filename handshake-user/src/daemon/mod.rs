@@ -256,6 +256,7 @@ fn attach(mut observer: Observer, config: &DaemonConfig) -> anyhow::Result<Obser
             .collect();
         observer.attach_interfaces(netns, &names, config.hooks.ingress, config.hooks.xdp_mode)?;
     }
+    observer.release_unclaimed_links();
     if observer.attachments().iter().any(|a| a.attached) {
         return Ok(observer);
     }
@@ -353,10 +354,16 @@ fn serve(
             EventReader::new(feeds.events).context("polling the event ring buffer")?;
         let mut tls_events = EventReader::<TlsChunk>::new(feeds.tls_events)
             .context("polling the TLS ring buffer")?;
+        let mut sock_log = feeds.sock_log;
         {
-            let state = state::lock(&state);
+            let mut state = state::lock(&state);
             events.malformed = state.self_stats.events_malformed;
             tls_events.malformed = state.self_stats.tls_events_malformed;
+            // What waits in the rings and the log — read again after a
+            // restart, or written while no daemon ran — is taken in before
+            // any held socket row may come due: a row due at once must
+            // find its hooks' twin among them, not count alone.
+            ingest::catch_up(&mut state, &mut events, &mut tls_events, &mut sock_log);
         }
         tracing::info!(
             metrics = %config.metrics_addr,
@@ -378,7 +385,7 @@ fn serve(
                 |state, flow| state.record_wire(*flow),
                 |state| (&mut state.self_stats.events_malformed, &mut state.positions.events),
             ) => result?,
-            () = ingest::feed_log(feeds.sock_log, &state) => {}
+            () = ingest::feed_log(sock_log, &state) => {}
             result = ingest::sweep(
                 feeds.tables,
                 feeds.tls_maps,
@@ -401,7 +408,8 @@ fn serve(
         // The last word, for the next daemon of this instance: what this
         // one read after its last sweep.
         if let Some(checkpoints) = checkpoints.as_mut() {
-            let checkpoint = state::lock(&state).checkpoint();
+            let checkpoint =
+                state::lock(&state).checkpoint(crate::kernel::clock::monotonic_ns());
             ingest::checkpoint_now(checkpoints, checkpoint, &state);
         }
         Ok::<_, anyhow::Error>(())

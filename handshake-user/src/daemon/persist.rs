@@ -388,6 +388,16 @@ pub struct Checkpoint {
     pub tls: SavedTlsTotals,
     pub self_stats: SelfStats,
     pub positions: Positions,
+    /// The hooks' rows the held socket rows may still join (newest first).
+    pub unpaired_wire: Vec<SavedRow>,
+}
+
+/// A decided row as a checkpoint keeps it: the flow in hex, whose it is.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SavedRow {
+    pub flow: String,
+    pub netns: u32,
+    pub cgroup: u64,
 }
 
 /// How far the daemon has read: the two ring buffers (bytes) and the

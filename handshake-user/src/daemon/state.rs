@@ -15,7 +15,7 @@ use handshake_common::{
 use crate::{
     daemon::{
         census::{CensusRound, Counted},
-        persist::{Checkpoint, Kept, Positions},
+        persist::{Checkpoint, Kept, Positions, SavedRow},
     },
     kernel::{cgroup::Cgroups, clock, loader::chain, maps::FlowStats},
     model::{
@@ -289,9 +289,28 @@ impl State {
         });
     }
 
-    /// What a restart must not lose ([`crate::daemon::persist`]).
-    pub fn checkpoint(&self) -> Checkpoint {
+    /// What a restart must not lose ([`crate::daemon::persist`]), as of
+    /// `now_ns`.
+    pub fn checkpoint(&self, now_ns: u64) -> Checkpoint {
+        // A held socket row comes due within HOLD + GRACE of its record,
+        // and looks for its twin within SAME_HANDSHAKE of that.
+        let since = now_ns.saturating_sub(
+            crate::model::sockets::HOLD_NS
+                + crate::model::sockets::GRACE_NS
+                + crate::model::conntrack::SAME_HANDSHAKE_NS,
+        );
+        let unpaired_wire = self
+            .conntrack
+            .unpaired_wire(since)
+            .into_iter()
+            .map(|(flow, origin)| SavedRow {
+                flow: crate::model::flow_to_hex(&flow),
+                netns: origin.netns,
+                cgroup: origin.cgroup,
+            })
+            .collect();
         Checkpoint {
+            unpaired_wire,
             conntrack_malformed: self.conntrack.malformed,
             sockets: self.sockets.save(),
             closes: self.closes.totals.clone(),
@@ -308,6 +327,21 @@ impl State {
     pub fn restore(&mut self, checkpoint: Checkpoint) {
         self.conntrack
             .restore_totals(checkpoint.totals(), checkpoint.conntrack_malformed);
+        let unpaired = checkpoint
+            .unpaired_wire
+            .iter()
+            .filter_map(|row| {
+                let flow = crate::model::flow_from_hex(&row.flow)?;
+                Some((
+                    flow,
+                    Origin {
+                        netns: row.netns,
+                        cgroup: row.cgroup,
+                    },
+                ))
+            })
+            .collect();
+        self.conntrack.restore_unpaired(unpaired);
         self.sockets = SocketHandshakes::restore(checkpoint.sockets);
         self.closes.totals = checkpoint.closes;
         self.tls.totals = crate::model::tls::TlsTotals::restore(checkpoint.tls);

@@ -81,6 +81,37 @@ fn same_program_link(path: &std::path::Path, tag: u64) -> Option<aya::programs::
     (old_tag == tag).then(|| PinnedLink::from_pin(path).ok())?
 }
 
+/// Takes over the TCX link a daemon before pinned at `pin`: kept as it is
+/// when it runs `prog` as this daemon loaded it (`maps_kept`, the same
+/// tag), else `prog` swapped into it in place. `None` when it cannot be
+/// (the link is defunct: its interface went): the caller detaches it and
+/// attaches afresh.
+fn take_over_tcx(
+    prog: &mut SchedClassifier,
+    pin: &std::path::Path,
+    maps_kept: bool,
+) -> Option<(String, HookLink)> {
+    use aya::programs::links::{FdLink, PinnedLink};
+    let tag = prog.info().ok()?.tag();
+    if maps_kept && let Some(kept) = same_program_link(pin, tag) {
+        return Some((
+            "tcx, pinned, kept from the daemon before".to_owned(),
+            HookLink::Pinned(kept),
+        ));
+    }
+    let old: tc::SchedClassifierLink = FdLink::from(PinnedLink::from_pin(pin).ok()?)
+        .try_into()
+        .ok()?;
+    let id = prog.attach_to_link(old).ok()?;
+    // The same link, pinned where it was: this daemon's handle on it.
+    drop(prog.take_link(id).ok()?);
+    let pinned = PinnedLink::from_pin(pin).ok()?;
+    Some((
+        "tcx, pinned, its program replaced in place".to_owned(),
+        HookLink::Pinned(pinned),
+    ))
+}
+
 /// Detaches the link pinned at `path`, if there is one.
 fn release_old_link(path: &std::path::Path) {
     if !path.exists() {
@@ -181,6 +212,8 @@ pub type Attachments = Arc<Mutex<Vec<Attachment>>>;
 enum HookLink {
     Tc(&'static str, SchedClassifierLinkId),
     Xdp(XdpLinkId),
+    /// A TCX link pinned with the instance's maps: it outlives a SIGKILL.
+    Pinned(aya::programs::links::PinnedLink),
 }
 
 /// A packet hook attached to one interface of one namespace.
@@ -211,6 +244,8 @@ pub struct Observer {
     /// Every pinned map was there before and kept: a program a daemon
     /// before attached writes into this daemon's maps.
     maps_kept: bool,
+    /// The packet-hook link pins this daemon attached or took over.
+    claimed_pins: Vec<std::path::PathBuf>,
 }
 
 impl Observer {
@@ -334,6 +369,7 @@ impl Observer {
             link_pins: pins.map(std::path::Path::to_path_buf),
             pinned_links: Vec::new(),
             maps_kept,
+            claimed_pins: Vec::new(),
         })
     }
 
@@ -490,6 +526,28 @@ impl Observer {
             .map(|dir| dir.join(format!("link_{name}")))
     }
 
+    /// Detaches the packet-hook links a daemon before pinned that this one
+    /// has not taken over: interfaces it does not hook (gone, or no longer
+    /// named). Called once the hooks of the start are attached.
+    pub fn release_unclaimed_links(&mut self) {
+        let Some(dir) = &self.link_pins else {
+            return;
+        };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for path in entries.filter_map(|e| e.ok().map(|e| e.path())) {
+            let is_hook = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("link_tcx_"));
+            if is_hook && !self.claimed_pins.contains(&path) {
+                tracing::info!(link = %path.display(), "a packet hook the daemon before left, not wanted now: detached");
+                release_old_link(&path);
+            }
+        }
+    }
+
     /// Detaches the link a daemon before pinned for program `name`, if any.
     fn release_old_link(&self, name: &str) {
         if let Some(path) = self.link_pin(name) {
@@ -570,6 +628,7 @@ impl Observer {
         ingress: IngressHook,
         xdp_mode: XdpMode,
     ) -> Result<(), LoadError> {
+        let netns_inode = netns.inode().unwrap_or(0);
         let results = netns.run(|| {
             let mut results = Vec::new();
             for iface in interfaces {
@@ -577,15 +636,25 @@ impl Observer {
                     .ok()
                     // SAFETY: a valid NUL-terminated name.
                     .map_or(0, |c| unsafe { libc::if_nametoindex(c.as_ptr()) });
+                let pin = |direction: &str| {
+                    self.link_pins
+                        .as_ref()
+                        .filter(|_| ifindex != 0 && netns_inode != 0)
+                        .map(|dir| {
+                            dir.join(format!("link_tcx_{direction}_{netns_inode}_{ifindex}"))
+                        })
+                };
+                let (in_pin, out_pin) = (pin("ingress"), pin("egress"));
                 let ingress_result = match ingress {
                     IngressHook::Xdp => (program::XDP_INGRESS, self.attach_xdp(iface, xdp_mode)),
                     IngressHook::Tc => (
                         program::TC_INGRESS,
-                        self.attach_tc(program::TC_INGRESS, iface, TcAttachType::Ingress),
+                        self.attach_tc(program::TC_INGRESS, iface, TcAttachType::Ingress, in_pin),
                     ),
                 };
                 results.push((iface.clone(), ifindex, ingress_result));
-                let egress = self.attach_tc(program::TC_EGRESS, iface, TcAttachType::Egress);
+                let egress =
+                    self.attach_tc(program::TC_EGRESS, iface, TcAttachType::Egress, out_pin);
                 results.push((iface.clone(), ifindex, (program::TC_EGRESS, egress)));
             }
             results
@@ -631,6 +700,7 @@ impl Observer {
                         .ok_or(ProgramError::UnexpectedProgramType)
                         .and_then(<&mut Xdp>::try_from)
                         .and_then(|p| p.detach(link)),
+                    HookLink::Pinned(link) => link.unpin().map(drop).map_err(ProgramError::IOError),
                 };
                 if let Err(error) = detached {
                     tracing::debug!(iface, error = %chain(&error), "detach");
@@ -672,12 +742,21 @@ impl Observer {
     }
 
     /// TCX where the kernel has it (6.6+), else a clsact netlink filter.
+    ///
+    /// With `pin` (a kept instance), a TCX link is pinned there, so that it
+    /// outlives a SIGKILL; the next daemon keeps it when its program is this
+    /// one's and the maps are the same, and otherwise swaps its own program
+    /// into it (`bpf_link_update`): either way the interface is never
+    /// without a hook, nor with two.
     fn attach_tc(
         &mut self,
         name: &'static str,
         iface: &str,
         attach_type: TcAttachType,
+        pin: Option<std::path::PathBuf>,
     ) -> Result<(String, HookLink), ProgramError> {
+        let maps_kept = self.maps_kept;
+        self.claimed_pins.extend(pin.clone());
         let prog: &mut SchedClassifier = self
             .ebpf
             .program_mut(name)
@@ -685,19 +764,39 @@ impl Observer {
             .try_into()?;
         let iface_c = c_name(iface)?;
         let iface_index = iface_c.as_c_str();
-        let tcx = TcAttach::Tcx {
+        let tcx = || TcAttach::Tcx {
             attach_type,
             order: Default::default(),
         };
-        let tried = if pretends_missing("tcx") {
+        let tcx_missing = pretends_missing("tcx");
+        if !tcx_missing && let Some(pin) = pin.as_deref().filter(|p| p.exists()) {
+            if let Some(taken) = take_over_tcx(prog, pin, maps_kept) {
+                return Ok(taken);
+            }
+            release_old_link(pin);
+        }
+        let tried = if tcx_missing {
             Err(ProgramError::IOError(std::io::Error::other(format!(
                 "{PRETEND_MISSING}=tcx: as on a kernel before 6.6"
             ))))
         } else {
-            prog.attach(iface_index, tcx)
+            prog.attach(iface_index, tcx())
         };
         match tried {
-            Ok(link) => Ok(("tcx".to_owned(), HookLink::Tc(name, link))),
+            Ok(link) => match pin {
+                None => Ok(("tcx".to_owned(), HookLink::Tc(name, link))),
+                Some(pin) => {
+                    let fd: aya::programs::links::FdLink = prog.take_link(link)?.try_into()?;
+                    match fd.pin(&pin) {
+                        Ok(pinned) => Ok(("tcx, pinned".to_owned(), HookLink::Pinned(pinned))),
+                        Err(error) => {
+                            tracing::warn!(link = %pin.display(), %error, "cannot pin the link: it goes with the process");
+                            let link = prog.attach(iface_index, tcx())?;
+                            Ok(("tcx".to_owned(), HookLink::Tc(name, link)))
+                        }
+                    }
+                }
+            },
             Err(tcx_error) => {
                 tracing::info!(
                     iface,
@@ -798,10 +897,22 @@ impl Observer {
     /// namespace they were attached in: each namespace's hooks are detached
     /// there, then the object is dropped in `netns`.
     pub fn detach(mut self, netns: &Netns, others: &[Netns]) -> Result<(), NetnsError> {
-        for pinned in std::mem::take(&mut self.pinned_links) {
+        // A final stop: the pinned links go too (unpinned, then closed).
+        let (pinned_hooks, hooks): (Vec<Hook>, Vec<Hook>) = std::mem::take(&mut self.hooks)
+            .into_iter()
+            .partition(|h| matches!(h.link, HookLink::Pinned(_)));
+        self.hooks = hooks;
+        let pinned_hooks = pinned_hooks.into_iter().filter_map(|h| match h.link {
+            HookLink::Pinned(link) => Some(link),
+            _ => None,
+        });
+        for pinned in std::mem::take(&mut self.pinned_links)
+            .into_iter()
+            .chain(pinned_hooks)
+        {
             match pinned.unpin() {
                 Ok(link) => drop(link),
-                Err(error) => tracing::warn!(%error, "unpinning a tracepoint link"),
+                Err(error) => tracing::warn!(%error, "unpinning a link"),
             }
         }
         for other in others {

@@ -302,6 +302,12 @@ impl Conntrack {
             return;
         }
         self.count(&flow, source, role, outcome);
+        self.push(flow, source, origin);
+    }
+
+    /// Keeps a counted row in the history (and the index).
+    fn push(&mut self, flow: Flow, source: Source, origin: Origin) {
+        let key = row_key(&flow);
         if self.recent.len() == self.capacity
             && let Some(old) = self.recent.pop_front()
         {
@@ -392,6 +398,32 @@ impl Conntrack {
 
     pub fn totals(&self) -> &Totals {
         &self.totals
+    }
+
+    /// The packet hooks' rows decided since `since_ns` that no socket row
+    /// has joined yet: a socket row held now may still need its twin, and
+    /// a restart must keep them ([`Self::restore_unpaired`]), or that
+    /// socket row would count alone, the twin having counted already.
+    pub fn unpaired_wire(&self, since_ns: u64) -> Vec<(Flow, Origin)> {
+        // Hooks' rows go into the history as they are decided; socket rows
+        // (of ends the hooks do not see) a hold later, so only the hooks'
+        // decide where to stop.
+        self.recent
+            .iter()
+            .rev()
+            .filter(|slot| slot.row.source != Source::Socket)
+            .take_while(|slot| slot.row.flow.ts_end >= since_ns)
+            .filter(|slot| slot.row.source == Source::Wire)
+            .map(|slot| (slot.row.flow, slot.row.origin))
+            .collect()
+    }
+
+    /// Takes back the rows of [`Self::unpaired_wire`] (newest first), as
+    /// rows already counted.
+    pub fn restore_unpaired(&mut self, rows: Vec<(Flow, Origin)>) {
+        for (flow, origin) in rows.into_iter().rev() {
+            self.push(flow, Source::Wire, origin);
+        }
     }
 
     /// Takes up the totals a daemon before this one counted, so that its
@@ -648,6 +680,31 @@ mod tests {
             3
         );
         assert!(ct.recent().all(|r| r.source == Source::Both));
+    }
+
+    /// Across a restart: the hooks' row counted by the daemon before, its
+    /// socket twin still held. The new daemon takes the unpaired row back
+    /// uncounted, and the twin joins it instead of counting alone.
+    #[test]
+    fn unpaired_hook_rows_survive_a_restart_for_their_socket_twins() {
+        let mut before = Conntrack::new(10);
+        let wire = flow(ROLE_SERVER, OUTCOME_ESTABLISHED);
+        let mut old = wire;
+        old.client_port += 1;
+        old.ts_end = 100;
+        before.record(old, Source::Wire);
+        before.record(wire, Source::Wire);
+        let kept = before.unpaired_wire(wire.ts_end);
+        assert_eq!(kept.len(), 1, "the old row is outside the window");
+        let mut after = Conntrack::new(10);
+        after.restore_totals(before.totals().clone(), 0);
+        after.restore_unpaired(kept);
+        after.record(wire, Source::Socket);
+        assert_eq!(
+            after.totals().handshakes[&(Role::Server, Outcome::Established)],
+            2
+        );
+        assert_eq!(after.recent().last().unwrap().source, Source::Both);
     }
 
     #[test]

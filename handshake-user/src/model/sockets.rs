@@ -30,6 +30,7 @@ use crate::{
     model::{
         FastMap, FastSet,
         conntrack::{Origin, RowKey, row_key},
+        flow_from_hex, flow_to_hex,
     },
     wire::Family,
 };
@@ -329,13 +330,8 @@ struct SavedHeld {
 
 impl SavedHeld {
     fn of(held: &Held) -> Self {
-        // SAFETY: `Flow` is repr(C), all integers, with no padding (80
-        // bytes, asserted in handshake-common): every byte is initialized.
-        let bytes = unsafe {
-            std::slice::from_raw_parts((&raw const held.flow).cast::<u8>(), size_of::<Flow>())
-        };
         Self {
-            flow: bytes.iter().map(|b| format!("{b:02x}")).collect(),
+            flow: flow_to_hex(&held.flow),
             netns: held.origin.netns,
             cgroup: held.origin.cgroup,
             sk: held.sk,
@@ -344,17 +340,7 @@ impl SavedHeld {
     }
 
     fn held(&self) -> Option<Held> {
-        let hex = self.flow.as_bytes();
-        if hex.len() != 2 * size_of::<Flow>() {
-            return None;
-        }
-        let mut bytes = [0u8; size_of::<Flow>()];
-        for (byte, pair) in bytes.iter_mut().zip(hex.as_chunks::<2>().0) {
-            *byte = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
-        }
-        // SAFETY: 80 bytes for a `Flow`, whose fields are all integers:
-        // any bit pattern is a valid one.
-        let flow = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<Flow>()) };
+        let flow = flow_from_hex(&self.flow)?;
         Some(Held {
             flow,
             origin: Origin {
