@@ -107,8 +107,10 @@ pub async fn sweep(
             state.self_stats.map_read_errors += 1;
             tracing::error!(%error, "maintaining the TLS capture table failed");
         }
+        let mut decided_in_kernel_tables = false;
         match result {
             Ok((sweep, stats)) => {
+                decided_in_kernel_tables = !sweep.decided.is_empty();
                 for flow in sweep.decided {
                     state.record_wire(flow);
                 }
@@ -122,10 +124,14 @@ pub async fn sweep(
             }
         }
         state.sweep_sockets(now);
-        if let Some(checkpoints) = checkpoints.as_deref_mut() {
+        // Every second; and at once after a sweep that took handshakes
+        // out of the kernel's tables, which a restart could not read again.
+        if let Some(checkpoints) = checkpoints.as_deref_mut()
+            && (decided_in_kernel_tables || checkpoints.due(now))
+        {
             let checkpoint = state.checkpoint(now);
             drop(state);
-            checkpoint_now(checkpoints, checkpoint, shared);
+            checkpoint_now(checkpoints, checkpoint, shared, now);
         }
     }
 }
@@ -135,8 +141,9 @@ pub fn checkpoint_now(
     checkpoints: &mut Checkpointer,
     checkpoint: Checkpoint,
     state: &Mutex<State>,
+    now_ns: u64,
 ) {
-    let written = checkpoints.write(checkpoint);
+    let written = checkpoints.write(checkpoint, now_ns);
     let mut state = lock(state);
     match written {
         Ok(Some(bytes)) => state.self_stats.checkpoint_bytes = bytes as u64,

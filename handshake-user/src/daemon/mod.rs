@@ -408,9 +408,9 @@ fn serve(
         // The last word, for the next daemon of this instance: what this
         // one read after its last sweep.
         if let Some(checkpoints) = checkpoints.as_mut() {
-            let checkpoint =
-                state::lock(&state).checkpoint(crate::kernel::clock::monotonic_ns());
-            ingest::checkpoint_now(checkpoints, checkpoint, &state);
+            let now = crate::kernel::clock::monotonic_ns();
+            let checkpoint = state::lock(&state).checkpoint(now);
+            ingest::checkpoint_now(checkpoints, checkpoint, &state, now);
         }
         Ok::<_, anyhow::Error>(())
     })

@@ -171,8 +171,16 @@ impl Persist {
                 return None;
             }
         };
-        match serde_json::from_slice::<Checkpoint>(&bytes) {
-            Ok(checkpoint) if checkpoint.version == VERSION => Some(checkpoint),
+        // The JSON, a newline, the rows.
+        let (json, rows) = match bytes.iter().position(|b| *b == b'\n') {
+            Some(at) => (&bytes[..at], &bytes[at + 1..]),
+            None => (&bytes[..], &[][..]),
+        };
+        match serde_json::from_slice::<Checkpoint>(json) {
+            Ok(checkpoint) if checkpoint.version == VERSION => Some(Checkpoint {
+                rows: rows.to_vec(),
+                ..checkpoint
+            }),
             Ok(checkpoint) => {
                 tracing::warn!(
                     path = %self.checkpoint.display(),
@@ -191,7 +199,9 @@ impl Persist {
     /// Writes `checkpoint` whole or not at all (a new file renamed over
     /// the old); returns its size.
     pub fn save(&self, checkpoint: &Checkpoint) -> std::io::Result<usize> {
-        let bytes = serde_json::to_vec(checkpoint).map_err(std::io::Error::other)?;
+        let mut bytes = serde_json::to_vec(checkpoint).map_err(std::io::Error::other)?;
+        bytes.push(b'\n');
+        bytes.extend_from_slice(&checkpoint.rows);
         let partial = self.checkpoint.with_extension("checkpoint.new");
         let mut file = std::fs::OpenOptions::new()
             .write(true)
@@ -211,18 +221,32 @@ impl Persist {
 pub struct Checkpointer {
     persist: Persist,
     last: Checkpoint,
+    /// When the last was taken (monotonic ns).
+    taken_ns: u64,
 }
+
+/// How often a checkpoint is taken, at least, while anything changes.
+/// What is read after it is read again after a restart; what the sweep
+/// takes out of the kernel's tables is not, and is checkpointed at once.
+pub const CHECKPOINT_EVERY_NS: u64 = 1_000_000_000;
 
 impl Checkpointer {
     pub fn new(persist: Persist) -> Self {
         Self {
             persist,
             last: Checkpoint::default(),
+            taken_ns: 0,
         }
     }
 
+    /// Whether a checkpoint is due at `now_ns`.
+    pub fn due(&self, now_ns: u64) -> bool {
+        now_ns.saturating_sub(self.taken_ns) >= CHECKPOINT_EVERY_NS
+    }
+
     /// Writes `checkpoint` unless nothing changed; its size if written.
-    pub fn write(&mut self, checkpoint: Checkpoint) -> std::io::Result<Option<usize>> {
+    pub fn write(&mut self, checkpoint: Checkpoint, now_ns: u64) -> std::io::Result<Option<usize>> {
+        self.taken_ns = now_ns;
         if checkpoint == self.last {
             return Ok(None);
         }
@@ -388,16 +412,13 @@ pub struct Checkpoint {
     pub tls: SavedTlsTotals,
     pub self_stats: SelfStats,
     pub positions: Positions,
-    /// The hooks' rows the held socket rows may still join (newest first).
-    pub unpaired_wire: Vec<SavedRow>,
-}
-
-/// A decided row as a checkpoint keeps it: the flow in hex, whose it is.
-#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct SavedRow {
-    pub flow: String,
-    pub netns: u32,
-    pub cgroup: u64,
+    /// How many of the hooks' rows the held socket rows may still join
+    /// follow the held rows in `rows` (newest first).
+    pub unpaired_wire: usize,
+    /// The held socket rows, then the hooks' unpaired rows, in binary
+    /// (`model::put_row`): after the JSON in the file, not in it.
+    #[serde(skip)]
+    pub rows: Vec<u8>,
 }
 
 /// How far the daemon has read: the two ring buffers (bytes) and the

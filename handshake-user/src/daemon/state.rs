@@ -15,7 +15,7 @@ use handshake_common::{
 use crate::{
     daemon::{
         census::{CensusRound, Counted},
-        persist::{Checkpoint, Kept, Positions, SavedRow},
+        persist::{Checkpoint, Kept, Positions},
     },
     kernel::{cgroup::Cgroups, clock, loader::chain, maps::FlowStats},
     model::{
@@ -299,20 +299,17 @@ impl State {
                 + crate::model::sockets::GRACE_NS
                 + crate::model::conntrack::SAME_HANDSHAKE_NS,
         );
-        let unpaired_wire = self
-            .conntrack
-            .unpaired_wire(since)
-            .into_iter()
-            .map(|(flow, origin)| SavedRow {
-                flow: crate::model::flow_to_hex(&flow),
-                netns: origin.netns,
-                cgroup: origin.cgroup,
-            })
-            .collect();
+        let mut rows = Vec::new();
+        let sockets = self.sockets.save(&mut rows);
+        let unpaired = self.conntrack.unpaired_wire(since);
+        for (flow, origin) in &unpaired {
+            crate::model::put_row(&mut rows, flow, *origin, 0, 0);
+        }
         Checkpoint {
-            unpaired_wire,
+            unpaired_wire: unpaired.len(),
+            rows,
             conntrack_malformed: self.conntrack.malformed,
-            sockets: self.sockets.save(),
+            sockets,
             closes: self.closes.totals.clone(),
             tls: self.tls.totals.save(),
             self_stats: self.self_stats,
@@ -327,22 +324,15 @@ impl State {
     pub fn restore(&mut self, checkpoint: Checkpoint) {
         self.conntrack
             .restore_totals(checkpoint.totals(), checkpoint.conntrack_malformed);
-        let unpaired = checkpoint
-            .unpaired_wire
-            .iter()
-            .filter_map(|row| {
-                let flow = crate::model::flow_from_hex(&row.flow)?;
-                Some((
-                    flow,
-                    Origin {
-                        netns: row.netns,
-                        cgroup: row.cgroup,
-                    },
-                ))
-            })
+        let (sockets, rest) = SocketHandshakes::restore(checkpoint.sockets, &checkpoint.rows);
+        self.sockets = sockets;
+        let unpaired: Vec<(Flow, Origin)> = crate::model::get_rows(rest)
+            .into_iter()
+            .flatten()
+            .take(checkpoint.unpaired_wire)
+            .map(|(flow, origin, _, _)| (flow, origin))
             .collect();
         self.conntrack.restore_unpaired(unpaired);
-        self.sockets = SocketHandshakes::restore(checkpoint.sockets);
         self.closes.totals = checkpoint.closes;
         self.tls.totals = crate::model::tls::TlsTotals::restore(checkpoint.tls);
         let gauges = self.self_stats;

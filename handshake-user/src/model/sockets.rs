@@ -28,9 +28,9 @@ use handshake_common::{
 
 use crate::{
     model::{
-        FastMap, FastSet,
+        FastMap, FastSet, SAVED_ROW_BYTES,
         conntrack::{Origin, RowKey, row_key},
-        flow_from_hex, flow_to_hex,
+        get_rows, put_row,
     },
     wire::Family,
 };
@@ -239,14 +239,23 @@ impl SocketHandshakes {
         }
     }
 
-    /// What a restart must not lose (`daemon::persist`): every row held
-    /// and every reset waiting, as they stand.
-    pub fn save(&self) -> SavedSockets {
-        let rows = |queue: &mut dyn Iterator<Item = &Held>| queue.map(SavedHeld::of).collect();
+    /// What a restart must not lose (`daemon::persist`): every row held,
+    /// appended to `rows` ([`put_row`]), and every reset waiting.
+    pub fn save(&self, rows: &mut Vec<u8>) -> SavedSockets {
+        for held in self
+            .established
+            .iter()
+            .chain(&self.failed)
+            .chain(&self.waiting)
+        {
+            put_row(rows, &held.flow, held.origin, held.sk, held.due_ns);
+        }
         SavedSockets {
-            established: rows(&mut self.established.iter()),
-            failed: rows(&mut self.failed.iter()),
-            waiting: rows(&mut self.waiting.iter()),
+            held: [
+                self.established.len(),
+                self.failed.len(),
+                self.waiting.len(),
+            ],
             resets: self
                 .resets
                 .iter()
@@ -256,26 +265,32 @@ impl SocketHandshakes {
         }
     }
 
-    /// The rows a daemon before this one held ([`Self::save`]); a row that
-    /// does not decode counts as malformed.
-    pub fn restore(saved: SavedSockets) -> Self {
+    /// The rows a daemon before this one held ([`Self::save`]), from the
+    /// front of `rows`; returns them and what follows. Rows that do not
+    /// decode count as malformed.
+    pub fn restore(saved: SavedSockets, rows: &[u8]) -> (Self, &[u8]) {
         let mut this = Self {
             malformed: saved.malformed,
             ..Self::default()
         };
-        let rows = |saved: Vec<SavedHeld>, malformed: &mut u64| -> Vec<Held> {
-            saved
-                .into_iter()
-                .filter_map(|row| {
-                    let held = row.held();
-                    *malformed += u64::from(held.is_none());
-                    held
-                })
-                .collect()
+        let [established, failed, waiting] = saved.held;
+        let count = established + failed + waiting;
+        let Some((mine, rest)) = rows.split_at_checked(count * SAVED_ROW_BYTES) else {
+            this.malformed += count as u64;
+            return (this, &[]);
         };
-        this.established = rows(saved.established, &mut this.malformed).into();
-        this.failed = rows(saved.failed, &mut this.malformed).into();
-        this.waiting = rows(saved.waiting, &mut this.malformed);
+        let mut held = get_rows(mine)
+            .into_iter()
+            .flatten()
+            .map(|(flow, origin, sk, due_ns)| Held {
+                flow,
+                origin,
+                sk,
+                due_ns,
+            });
+        this.established = held.by_ref().take(established).collect();
+        this.failed = held.by_ref().take(failed).collect();
+        this.waiting = held.collect();
         this.resets = saved
             .resets
             .into_iter()
@@ -292,7 +307,7 @@ impl SocketHandshakes {
                 )
             })
             .collect();
-        this
+        (this, rest)
     }
 
     /// Rows still held, as they stand, and whose they are.
@@ -305,52 +320,14 @@ impl SocketHandshakes {
     }
 }
 
-/// The held rows and resets of [`SocketHandshakes::save`].
+/// The held rows' counts and the resets of [`SocketHandshakes::save`].
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SavedSockets {
-    established: Vec<SavedHeld>,
-    failed: Vec<SavedHeld>,
-    waiting: Vec<SavedHeld>,
+    /// Established, failed and waiting rows, in that order in the rows.
+    held: [usize; 3],
     /// Socket, local and remote port, error, when.
     resets: Vec<(u64, u16, u16, u32, u64)>,
     malformed: u64,
-}
-
-/// One held row: the flow's 80 bytes in hex (its fields are all
-/// integers, no padding), whose it is, and when it comes due (the
-/// monotonic clock runs on across a restart of the daemon).
-#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-struct SavedHeld {
-    flow: String,
-    netns: u32,
-    cgroup: u64,
-    sk: u64,
-    due_ns: u64,
-}
-
-impl SavedHeld {
-    fn of(held: &Held) -> Self {
-        Self {
-            flow: flow_to_hex(&held.flow),
-            netns: held.origin.netns,
-            cgroup: held.origin.cgroup,
-            sk: held.sk,
-            due_ns: held.due_ns,
-        }
-    }
-
-    fn held(&self) -> Option<Held> {
-        let flow = flow_from_hex(&self.flow)?;
-        Some(Held {
-            flow,
-            origin: Origin {
-                netns: self.netns,
-                cgroup: self.cgroup,
-            },
-            sk: self.sk,
-            due_ns: self.due_ns,
-        })
-    }
 }
 
 /// The row a record makes. Client: SYN out → SYN-ACK in is the first RTT
@@ -462,8 +439,14 @@ mod tests {
         let mut reset = record(ROLE_SERVER, KIND_RESET);
         reset.sk_err = ECONNRESET;
         held.record(&reset, never);
-        let json = serde_json::to_string(&held.save()).unwrap();
-        let mut restored = SocketHandshakes::restore(serde_json::from_str(&json).unwrap());
+        let mut rows = Vec::new();
+        let saved = held.save(&mut rows);
+        let json = serde_json::to_string(&saved).unwrap();
+        let whole = rows.clone();
+        rows.extend_from_slice(b"next");
+        let (mut restored, rest) =
+            SocketHandshakes::restore(serde_json::from_str(&json).unwrap(), &rows);
+        assert_eq!(rest, b"next", "what follows the rows is left");
         let due = |s: &mut SocketHandshakes, now| {
             let mut out = Vec::new();
             s.sweep(now, &FastSet::default(), |flow, origin| {
@@ -475,15 +458,9 @@ mod tests {
             assert_eq!(due(&mut held, now), due(&mut restored, now), "at {now}");
         }
         assert_eq!(restored.malformed, 0);
-        let mut broken = held.save();
-        broken.established.push(SavedHeld {
-            flow: "zz".to_owned(),
-            netns: 0,
-            cgroup: 0,
-            sk: 0,
-            due_ns: 0,
-        });
-        assert_eq!(SocketHandshakes::restore(broken).malformed, 1);
+        // Rows cut short: counted as malformed, none made up.
+        let (cut, _) = SocketHandshakes::restore(saved, &whole[..whole.len() - 1]);
+        assert_eq!((cut.malformed, cut.held().count()), (3, 0));
     }
 
     /// A dual-stack listener's socket (IPv6, `::ffff:10.0.0.2`) keys as the
