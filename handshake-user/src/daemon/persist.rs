@@ -101,12 +101,7 @@ impl Persist {
             return Err(PersistError::Pretend);
         }
         ensure_bpffs()?;
-        let pins = Path::new(PIN_ROOT).join(instance);
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&pins)
-            .map_err(io("making the pin directory", &pins))?;
+        let pins = make_pin_dir(instance)?;
         let lock = std::fs::File::open(&pins).map_err(io("opening", &pins))?;
         // SAFETY: flock on an fd this function owns.
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
@@ -313,12 +308,7 @@ pub fn prepare(instance: &str, owner: &str) -> Result<(), PersistError> {
                 .map_err(io("letting its user through", Path::new(dir)))?;
         }
     }
-    let pins = Path::new(PIN_ROOT).join(instance);
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&pins)
-        .map_err(io("making the pin directory", &pins))?;
+    let pins = make_pin_dir(instance)?;
     let mut paths = vec![pins.clone()];
     for entry in std::fs::read_dir(&pins).map_err(io("listing", &pins))? {
         paths.push(entry.map_err(io("listing", &pins))?.path());
@@ -349,6 +339,17 @@ fn user_ids(user: &str) -> Option<(u32, u32)> {
     }
     let uid: u32 = user.parse().ok()?;
     Some((uid, uid))
+}
+
+/// Makes `instance`'s pin directory (0700) if it is not there.
+fn make_pin_dir(instance: &str) -> Result<PathBuf, PersistError> {
+    let pins = Path::new(PIN_ROOT).join(instance);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&pins)
+        .map_err(io("making the pin directory", &pins))?;
+    Ok(pins)
 }
 
 fn valid_name(name: &str) -> bool {
