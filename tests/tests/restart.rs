@@ -19,9 +19,10 @@ use std::{
 };
 
 use handshake_tests::{
-    Daemon, Metrics, NetnsPair, echo_server, handshake_bin, require_root, serial, spawn_in,
-    tcx_programs,
+    Daemon, Metrics, NetnsPair, echo_clients, echo_server, handshake_bin, require_root, serial, sh,
+    spawn_in, tcx_programs,
 };
+use handshake_user::kernel::loader::PRETEND_MISSING;
 
 /// An instance of this test's own; its kept state goes when it drops
 /// (after the daemons, which are declared after it).
@@ -382,5 +383,85 @@ fn packet_hooks_stay_attached_across_a_sigkill_and_every_handshake_counts_once()
     assert!(
         tcx_programs(&pair.server, &pair.server_if).is_empty(),
         "SIGTERM detaches the pinned hooks too"
+    );
+}
+
+/// The clsact filters of the hooks on a kernel without TCX (forced) are not
+/// the process's: after a SIGKILL they stay, and their program writes into
+/// the pinned maps. The next daemon removes them before it attaches its
+/// own, so no packet counts twice; SIGTERM leaves none.
+#[test]
+fn without_tcx_a_killed_daemons_filters_are_replaced_not_doubled() {
+    require_root();
+    let _serial = serial();
+    let instance = Instance::new("clsact");
+    let pair = NetnsPair::new();
+    let start = |fresh: bool| {
+        let mut args = vec![
+            "--instance",
+            instance.0.as_str(),
+            "--netns",
+            pair.server.as_str(),
+            "--iface",
+            pair.server_if.as_str(),
+        ];
+        if fresh {
+            args.push("--fresh");
+        }
+        Daemon::start_with_env(&args, &[(PRETEND_MISSING, "tcx")])
+    };
+    let filters = || {
+        sh(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &pair.server,
+                "tc",
+                "filter",
+                "show",
+                "dev",
+                &pair.server_if,
+                "ingress",
+            ],
+        )
+    };
+    let server: std::net::SocketAddr = format!("{}:8081", NetnsPair::SERVER_V4).parse().unwrap();
+    let first = start(true);
+    let serving = echo_server(&pair.server, server, 20);
+    echo_clients(&pair.client, server, 20);
+    serving.join().unwrap();
+    first.stop(libc::SIGKILL);
+    assert!(
+        !filters().trim().is_empty(),
+        "the filter outlives the process"
+    );
+
+    let second = start(false);
+    thread::sleep(Duration::from_millis(1500));
+    let before = second.scrape();
+    let serving = echo_server(&pair.server, server, 50);
+    echo_clients(&pair.client, server, 50);
+    serving.join().unwrap();
+    thread::sleep(Duration::from_millis(1500));
+    let after = second.scrape();
+    assert_eq!(
+        after.packets("ingress", "syn") - before.packets("ingress", "syn"),
+        50,
+        "one filter, not two: {}",
+        filters()
+    );
+    let served = |m: &Metrics| {
+        m.get(
+            "handshake_tcp_handshakes_total",
+            &[("role", "server"), ("outcome", "established")],
+        )
+    };
+    assert_eq!(served(&after) - served(&before), 50.0);
+    assert!(second.stop(libc::SIGTERM).success());
+    assert!(
+        filters().trim().is_empty(),
+        "SIGTERM leaves no filter: {}",
+        filters()
     );
 }

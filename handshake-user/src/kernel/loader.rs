@@ -806,6 +806,23 @@ impl Observer {
                 // An existing clsact qdisc is fine; any other failure shows
                 // up in the attach below.
                 let _ = tc::qdisc_add_clsact(iface_index);
+                // A filter is not the process's: one a killed daemon of this
+                // instance left runs on, into the pinned maps this daemon
+                // reads, and with this one's every packet would count twice.
+                if pin.is_some() {
+                    match tc::qdisc_detach_program(iface_index, attach_type.into(), name) {
+                        Ok(()) => tracing::info!(
+                            iface,
+                            program = name,
+                            "a clsact filter the daemon before left: detached"
+                        ),
+                        Err(tc::TcError::IoError(e))
+                            if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(error) => {
+                            tracing::warn!(iface, error = %chain(&error), "looking for an old clsact filter")
+                        }
+                    }
+                }
                 prog.attach(
                     iface_index,
                     TcAttach::Netlink {
