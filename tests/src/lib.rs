@@ -703,6 +703,17 @@ pub fn flag_counts(lines: &[String], local_addrs: &[&str]) -> (FlagCounts, FlagC
     (ingress, egress)
 }
 
+/// `tc filter show dev IFACE DIRECTION` in namespace `ns`: the clsact
+/// filters (not TCX links) on that hook.
+pub fn tc_filters(ns: &str, iface: &str, direction: &str) -> String {
+    sh(
+        "ip",
+        &[
+            "netns", "exec", ns, "tc", "filter", "show", "dev", iface, direction,
+        ],
+    )
+}
+
 /// Names of the programs attached through TCX to `iface` in namespace `ns`,
 /// for both hooks (`tc filter show` and bpftool 7.1 do not list TCX).
 pub fn tcx_programs(ns: &str, iface: &str) -> Vec<String> {

@@ -75,20 +75,7 @@ fn every_missing_facility_has_a_fallback_or_names_itself() {
     assert!(tcx.established >= 10.0, "{}", tcx.established);
     assert!(tcx.daemon.stop(libc::SIGTERM).success());
     for direction in ["ingress", "egress"] {
-        let filters = handshake_tests::sh(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &pair.server,
-                "tc",
-                "filter",
-                "show",
-                "dev",
-                &pair.server_if,
-                direction,
-            ],
-        );
+        let filters = handshake_tests::tc_filters(&pair.server, &pair.server_if, direction);
         assert!(
             filters.trim().is_empty(),
             "a clsact filter left after stop: {filters}"

@@ -19,8 +19,8 @@ use std::{
 };
 
 use handshake_tests::{
-    Daemon, Metrics, NetnsPair, echo_clients, echo_server, handshake_bin, require_root, serial, sh,
-    spawn_in, tcx_programs,
+    Daemon, Metrics, NetnsPair, echo_clients, echo_server, handshake_bin, require_root, serial,
+    spawn_in, tc_filters, tcx_programs,
 };
 use handshake_user::kernel::loader::PRETEND_MISSING;
 
@@ -410,22 +410,7 @@ fn without_tcx_a_killed_daemons_filters_are_replaced_not_doubled() {
         }
         Daemon::start_with_env(&args, &[(PRETEND_MISSING, "tcx")])
     };
-    let filters = || {
-        sh(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &pair.server,
-                "tc",
-                "filter",
-                "show",
-                "dev",
-                &pair.server_if,
-                "ingress",
-            ],
-        )
-    };
+    let filters = || tc_filters(&pair.server, &pair.server_if, "ingress");
     let server: std::net::SocketAddr = format!("{}:8081", NetnsPair::SERVER_V4).parse().unwrap();
     let first = start(true);
     let serving = echo_server(&pair.server, server, 20);
