@@ -6,7 +6,7 @@ use std::{sync::Mutex, time::Duration};
 
 use anyhow::Context as _;
 use aya::Pod;
-use handshake_common::abi::tls_capture::TlsChunk;
+use handshake_common::{abi::tls_capture::TlsChunk, flow::Flow};
 
 use crate::{
     daemon::{
@@ -24,25 +24,56 @@ use crate::{
 /// How often the flow tables are swept for timeouts and idle handshakes.
 const SWEEP_EVERY: Duration = Duration::from_millis(200);
 
+/// A source of records the state takes in: the records, its count of
+/// those lost or malformed, and how far it has read (for a checkpoint).
+pub trait TakeIn {
+    fn take_in(&mut self, state: &mut State);
+}
+
+/// Handshakes the packet hooks decided.
+impl TakeIn for EventReader<Flow> {
+    fn take_in(&mut self, state: &mut State) {
+        self.drain(|flow| state.record_wire(*flow));
+        state.self_stats.events_malformed = self.malformed;
+        state.positions.events = self.position();
+    }
+}
+
+/// TLS hello bytes.
+impl TakeIn for EventReader<TlsChunk> {
+    fn take_in(&mut self, state: &mut State) {
+        self.drain(|chunk| state.tls.record(chunk));
+        state.self_stats.tls_events_malformed = self.malformed;
+        state.positions.tls = self.position();
+    }
+}
+
+/// The socket layer's records, as the CPUs wrote them.
+impl TakeIn for CpuLog {
+    fn take_in(&mut self, state: &mut State) {
+        self.drain(|record| state.record_socket(record));
+        state.self_stats.sock_records_lost = self.lost;
+        state.positions.sock_log.clear();
+        state.positions.sock_log.extend_from_slice(self.positions());
+    }
+}
+
 /// Feeds the records of one ring buffer to the state, as they lie in the
-/// ring, and keeps its count of malformed records.
+/// ring, as they arrive.
 pub async fn feed<T: Pod>(
     mut events: EventReader<T>,
     state: &Mutex<State>,
     ring: &'static str,
-    apply: impl Fn(&mut State, &T),
-    counts: impl Fn(&mut State) -> (&mut u64, &mut u64),
-) -> anyhow::Result<()> {
+) -> anyhow::Result<()>
+where
+    EventReader<T>: TakeIn,
+{
     loop {
         events
             .wait()
             .await
             .with_context(|| format!("reading the {ring} ring buffer"))?;
-        let mut state = lock(state);
-        events.drain(|record| apply(&mut state, record));
-        let (malformed, position) = counts(&mut state);
-        *malformed = events.malformed;
-        *position = events.position();
+        events.take_in(&mut lock(state));
     }
 }
 
@@ -54,28 +85,16 @@ pub fn catch_up(
     tls_events: &mut EventReader<TlsChunk>,
     log: &mut CpuLog,
 ) {
-    events.drain(|flow| state.record_wire(*flow));
-    state.self_stats.events_malformed = events.malformed;
-    state.positions.events = events.position();
-    tls_events.drain(|chunk| state.tls.record(chunk));
-    state.self_stats.tls_events_malformed = tls_events.malformed;
-    state.positions.tls = tls_events.position();
-    log.drain(|record| state.record_socket(record));
-    state.self_stats.sock_records_lost = log.lost;
-    state.positions.sock_log.clear();
-    state.positions.sock_log.extend_from_slice(log.positions());
+    events.take_in(state);
+    tls_events.take_in(state);
+    log.take_in(state);
 }
 
-/// Feeds the socket layer's records to the state as the CPUs wrote them,
-/// every drain interval, and keeps the count of records lost.
+/// Feeds the socket layer's records to the state every drain interval.
 pub async fn feed_log(mut log: CpuLog, state: &Mutex<State>) {
     loop {
         log.wait().await;
-        let mut state = lock(state);
-        log.drain(|record| state.record_socket(record));
-        state.self_stats.sock_records_lost = log.lost;
-        state.positions.sock_log.clear();
-        state.positions.sock_log.extend_from_slice(log.positions());
+        log.take_in(&mut lock(state));
     }
 }
 

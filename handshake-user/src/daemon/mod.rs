@@ -378,13 +378,7 @@ fn serve(
         tokio::select! {
             () = http::serve(metrics_listener, Arc::clone(&render)) => {}
             () = api::serve(api_listener, Arc::clone(&state), census.clone(), render, status) => {}
-            result = ingest::feed(
-                events,
-                &state,
-                "event",
-                |state, flow| state.record_wire(*flow),
-                |state| (&mut state.self_stats.events_malformed, &mut state.positions.events),
-            ) => result?,
+            result = ingest::feed(events, &state, "event") => result?,
             () = ingest::feed_log(sock_log, &state) => {}
             result = ingest::sweep(
                 feeds.tables,
@@ -393,13 +387,7 @@ fn serve(
                 &state,
                 checkpoints.as_mut(),
             ) => result?,
-            result = ingest::feed(
-                tls_events,
-                &state,
-                "TLS",
-                |state, chunk| state.tls.record(chunk),
-                |state| (&mut state.self_stats.tls_events_malformed, &mut state.positions.tls),
-            ) => result?,
+            result = ingest::feed(tls_events, &state, "TLS") => result?,
             () = census_loop(census, &feeds.counters, config.census_interval, &state) => {}
             () = interfaces::follow(Arc::clone(observer), hook_plan(config), Arc::clone(&state)) => {}
             _ = sigterm.recv() => tracing::info!("SIGTERM: detaching"),
