@@ -557,6 +557,14 @@ impl Metrics {
         Some(matching.sum())
     }
 
+    /// Established handshakes counted for `role` (`client`, `server`).
+    pub fn established(&self, role: &str) -> f64 {
+        self.get(
+            "handshake_tcp_handshakes_total",
+            &[("role", role), ("outcome", "established")],
+        )
+    }
+
     pub fn packets(&self, direction: &str, kind: &str) -> u64 {
         self.get(
             "handshake_packets_total",

@@ -284,10 +284,7 @@ fn the_package_installs_runs_as_nobody_with_the_units_capabilities_and_purges() 
     echo_clients(&pair.client, server, 20);
     serving.join().expect("echo server");
     std::thread::sleep(std::time::Duration::from_millis(1500));
-    let served_before = first.scrape().get(
-        "handshake_tcp_handshakes_total",
-        &[("role", "server"), ("outcome", "established")],
-    );
+    let served_before = first.scrape().established("server");
     assert!(served_before >= 20.0, "{served_before}");
     first.stop(libc::SIGKILL);
     prepare("nobody");
@@ -299,10 +296,7 @@ fn the_package_installs_runs_as_nobody_with_the_units_capabilities_and_purges() 
     echo_clients(&pair.client, server, 20);
     serving.join().expect("echo server");
     std::thread::sleep(std::time::Duration::from_millis(1500));
-    let served_after = second.scrape().get(
-        "handshake_tcp_handshakes_total",
-        &[("role", "server"), ("outcome", "established")],
-    );
+    let served_after = second.scrape().established("server");
     assert!(
         served_after >= served_before + 20.0,
         "counted {served_before} before the SIGKILL and {served_after} after 20 more: {}",

@@ -98,13 +98,7 @@ fn traffic(count: usize, rate: f64) -> thread::JoinHandle<()> {
 
 /// Established handshakes per role.
 fn established(m: &Metrics) -> (f64, f64) {
-    let get = |role| {
-        m.get(
-            "handshake_tcp_handshakes_total",
-            &[("role", role), ("outcome", "established")],
-        )
-    };
-    (get("client"), get("server"))
+    (m.established("client"), m.established("server"))
 }
 
 /// Every counter of `families` in `before` is at least as high in `after`:
@@ -348,13 +342,7 @@ fn packet_hooks_stay_attached_across_a_sigkill_and_every_handshake_counts_once()
     thread::sleep(Duration::from_millis(2500));
     let after = second.scrape();
 
-    let served = after.get(
-        "handshake_tcp_handshakes_total",
-        &[("role", "server"), ("outcome", "established")],
-    ) - start.get(
-        "handshake_tcp_handshakes_total",
-        &[("role", "server"), ("outcome", "established")],
-    );
+    let served = after.established("server") - start.established("server");
     assert_eq!(served, connections as f64, "{}", second.log());
     assert_eq!(
         after.packets("ingress", "syn") - start.packets("ingress", "syn"),
@@ -436,13 +424,10 @@ fn without_tcx_a_killed_daemons_filters_are_replaced_not_doubled() {
         "one filter, not two: {}",
         filters()
     );
-    let served = |m: &Metrics| {
-        m.get(
-            "handshake_tcp_handshakes_total",
-            &[("role", "server"), ("outcome", "established")],
-        )
-    };
-    assert_eq!(served(&after) - served(&before), 50.0);
+    assert_eq!(
+        after.established("server") - before.established("server"),
+        50.0
+    );
     assert!(second.stop(libc::SIGTERM).success());
     assert!(
         filters().trim().is_empty(),
