@@ -223,18 +223,26 @@ pub fn spawn_in<T: Send + 'static>(
 
 /// A TCP server inside a namespace: for each connection it reads until the
 /// client's FIN, answers `ok`, and closes, so every connection shows exactly
-/// one FIN each way and no RST. Stops after `connections` connections.
-pub fn echo_server(ns: &str, bind: SocketAddr, connections: usize) -> JoinHandle<()> {
+/// one FIN each way and no RST. Stops after `connections` connections and
+/// returns each one's client and when `accept` returned it.
+pub fn echo_server(
+    ns: &str,
+    bind: SocketAddr,
+    connections: usize,
+) -> JoinHandle<Vec<(SocketAddr, Instant)>> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let handle = spawn_in(ns, move || {
         let listener = TcpListener::bind(bind).unwrap_or_else(|e| panic!("bind {bind}: {e}"));
         ready_tx.send(()).expect("test thread waits");
+        let mut accepted = Vec::with_capacity(connections);
         for _ in 0..connections {
-            let (mut stream, _) = listener.accept().expect("accept");
+            let (mut stream, client) = listener.accept().expect("accept");
+            accepted.push((client, Instant::now()));
             let mut sink = Vec::new();
             stream.read_to_end(&mut sink).expect("read request");
             stream.write_all(b"ok").expect("answer");
         }
+        accepted
     });
     ready_rx
         .recv_timeout(Duration::from_secs(5))
@@ -262,12 +270,21 @@ pub fn sink_server(ns: &str, at: SocketAddr) -> JoinHandle<()> {
 }
 
 /// From namespace `ns`, opens `count` connections to `server` one after
-/// another: send, half-close, read the answer, close.
-pub fn echo_clients(ns: &str, server: SocketAddr, count: usize) {
+/// another: send, half-close, read the answer, close. Returns how long
+/// each one's `connect` took as the application saw it.
+pub fn echo_clients(ns: &str, server: SocketAddr, count: usize) -> Vec<Connect> {
     spawn_in(ns, move || {
+        let mut connects = Vec::with_capacity(count);
         for i in 0..count {
+            let called = Instant::now();
             let mut stream = TcpStream::connect_timeout(&server, Duration::from_secs(5))
                 .unwrap_or_else(|e| panic!("connection {i} to {server}: {e}"));
+            let returned = Instant::now();
+            connects.push(Connect {
+                local: stream.local_addr().expect("local address"),
+                called,
+                returned,
+            });
             stream.write_all(b"hello").expect("send");
             stream
                 .shutdown(std::net::Shutdown::Write)
@@ -276,9 +293,19 @@ pub fn echo_clients(ns: &str, server: SocketAddr, count: usize) {
             stream.read_to_end(&mut answer).expect("read answer");
             assert_eq!(answer, b"ok", "connection {i} to {server}");
         }
+        connects
     })
     .join()
-    .expect("client thread panicked");
+    .expect("client thread panicked")
+}
+
+/// One client connection of [`echo_clients`]: its own address, and when
+/// its `connect` was called and returned.
+#[derive(Clone, Copy, Debug)]
+pub struct Connect {
+    pub local: SocketAddr,
+    pub called: Instant,
+    pub returned: Instant,
 }
 
 /// The `handshake` binary under test: `$HANDSHAKE_BIN`, which

@@ -53,14 +53,19 @@ fn us(v: &Value) -> f64 {
         .unwrap_or_else(|| panic!("expected a duration, got {v}"))
 }
 
+/// The span in µs between two packets of a capture.
+fn wire_us(name: &str, from: Option<u64>, to: Option<u64>) -> f64 {
+    let (Some(from), Some(to)) = (from, to) else {
+        panic!("{name}: the capture lacks a packet of a handshake the daemon timed");
+    };
+    (to - from) as f64 / 1e3
+}
+
 /// Absolute differences in µs between the daemon's phase and the capture's.
 fn compare(name: &str, pairs: impl Iterator<Item = (f64, Option<u64>, Option<u64>)>) -> Vec<f64> {
     let mut diffs = Vec::new();
     for (i, (daemon_us, from, to)) in pairs.enumerate() {
-        let (Some(from), Some(to)) = (from, to) else {
-            panic!("{name}: the capture lacks a packet of a handshake the daemon timed");
-        };
-        let capture_us = (to - from) as f64 / 1e3;
+        let capture_us = wire_us(name, from, to);
         if (daemon_us - capture_us).abs() > 50.0 {
             println!(
                 "{name}: handshake #{i}: daemon {daemon_us:.1} µs, tcpdump {capture_us:.1} µs"
@@ -68,13 +73,17 @@ fn compare(name: &str, pairs: impl Iterator<Item = (f64, Option<u64>, Option<u64
         }
         diffs.push((daemon_us - capture_us).abs());
     }
-    let (median, p99) = median_p99(&mut diffs.clone());
+    summarize(name, &diffs);
+    diffs
+}
+
+fn summarize(name: &str, diffs: &[f64]) {
+    let (median, p99) = median_p99(&mut diffs.to_vec());
     println!(
         "{name}: {} handshakes, |daemon - tcpdump| median {median:.1} µs, p99 {p99:.1} µs, max {:.1} µs",
         diffs.len(),
         diffs.iter().copied().fold(0.0, f64::max)
     );
-    diffs
 }
 
 #[test]
@@ -619,7 +628,8 @@ fn filters_select_what_they_name(daemon: &handshake_tests::Daemon, all: &[Value]
 /// The socket layer alone, in namespaces made after the daemon started and
 /// that it was never pointed at (its packet hooks sit on the host's `lo`):
 /// both ends of every connection, once each, with client `connect_us` and
-/// server `synack_to_ack_us` against tcpdump on each end's veth.
+/// server `synack_to_ack_us` against tcpdump on each end's veth and against
+/// what the applications themselves measured.
 #[test]
 fn the_socket_layer_times_both_ends_in_namespaces_made_after_the_start() {
     require_root();
@@ -629,10 +639,21 @@ fn the_socket_layer_times_both_ends_in_namespaces_made_after_the_start() {
     let server_capture = Capture::start(&pair.server, &pair.server_if);
     let client_capture = Capture::start(&pair.client, &pair.client_if);
     let (n4, n6) = (60, 40);
+    // When each client called connect (by its address), when connect
+    // returned, and when the server's accept returned it.
+    let mut called = BTreeMap::new();
+    let mut connected = BTreeMap::new();
+    let mut accepted = BTreeMap::new();
+    let key = |a: SocketAddr| (a.ip().to_string(), a.port());
     for (addr, n) in [(v4(8081), n4), (v6(8081), n6)] {
         let server = echo_server(&pair.server, addr, n);
-        echo_clients(&pair.client, addr, n);
-        server.join().expect("echo server");
+        for c in echo_clients(&pair.client, addr, n) {
+            called.insert(key(c.local), c.called);
+            connected.insert(key(c.local), c.returned);
+        }
+        for (client, at) in server.join().expect("echo server") {
+            accepted.insert(key(client), at);
+        }
     }
     let server_seen = captured_handshakes(&parse_capture(&server_capture.finish()), 8081);
     let client_seen = captured_handshakes(&parse_capture(&client_capture.finish()), 8081);
@@ -648,6 +669,11 @@ fn the_socket_layer_times_both_ends_in_namespaces_made_after_the_start() {
             seen.keys().collect::<Vec<_>>(),
             "{role}: the connections of the capture"
         );
+        assert_eq!(
+            view.keys().collect::<Vec<_>>(),
+            called.keys().collect::<Vec<_>>(),
+            "{role}: the connections the client made"
+        );
         for rows in view.values() {
             assert_eq!(rows.len(), 1, "{role}: {rows:?}");
             let row = &rows[0];
@@ -655,26 +681,78 @@ fn the_socket_layer_times_both_ends_in_namespaces_made_after_the_start() {
             assert_eq!(row["source"], "socket", "{row}");
             assert_eq!(row["ifindex"], 0, "{row}");
         }
-        let (phase, from, to): (&str, PacketTime, PacketTime) = if role == "server" {
+        // The phase, its packets, and the application's span around it:
+        // the client's connect call; for the server, from that call (before
+        // the SYN-ACK) to its accept's return (after the ACK).
+        let (phase, from, to, end): (&str, PacketTime, PacketTime, _) = if role == "server" {
             // The SYN's arrival is not seen at the socket layer.
             for rows in view.values() {
                 assert!(rows[0]["syn_to_synack_us"].is_null(), "{}", rows[0]);
             }
-            ("synack_to_ack_us", |h| h.syn_ack, |h| h.ack)
+            ("synack_to_ack_us", |h| h.syn_ack, |h| h.ack, &accepted)
         } else {
-            ("connect_us", |h| h.syn, |h| h.syn_ack)
+            ("connect_us", |h| h.syn, |h| h.syn_ack, &connected)
         };
-        all.extend(compare(
-            &format!("{role} {phase} (socket)"),
-            view.iter()
-                .map(|(p, r)| (us(&r[0][phase]), from(&seen[p]), to(&seen[p]))),
+        let name = format!("{role} {phase} (socket)");
+        all.extend(enclosed(
+            &name,
+            view.iter().map(|(client, rows)| Enclosed {
+                daemon_us: us(&rows[0][phase]),
+                wire_us: wire_us(&name, from(&seen[client]), to(&seen[client])),
+                application_us: (end[client] - called[client]).as_secs_f64() * 1e6,
+            }),
         ));
     }
-    // The child's first RTT sample runs to when the ACK was processed,
-    // a few µs after tcpdump saw it.
-    agree("socket phases", &all, 50.0);
+    // The stack stamps a phase's first packet before tcpdump sees it leave
+    // and its last packet's processing after tcpdump saw it come in, so the
+    // socket layer's phase is never shorter than the wire's. Usually it is
+    // a few µs longer; on a busy host it holds what the host added itself
+    // (SYN-ACKs waiting in the receive backlog for a CPU: seen up to
+    // ~0.9 ms in CI; a neighbour resolution: ~1 s once), which the
+    // applications waited for too. `enclosed` checks both bounds on each
+    // handshake, this the median.
+    let (median, _) = median_p99(&mut all.clone());
+    assert!(
+        median <= 20.0,
+        "socket phases: median |daemon - tcpdump| is {median:.1} µs"
+    );
     let m = established_at_both_ends(&daemon, n4 + n6);
     assert_eq!(m.get("handshake_socket_events_dropped_total", &[]), 0.0);
+}
+
+/// A socket-layer phase beside the wire's and the application's spans.
+struct Enclosed {
+    daemon_us: f64,
+    wire_us: f64,
+    application_us: f64,
+}
+
+/// Checks that each daemon phase lies between the wire's and the
+/// application's spans (within 2 µs, the daemon's rounding), prints those
+/// more than 50 µs off the wire, and returns |daemon - wire| of each.
+fn enclosed(name: &str, phases: impl Iterator<Item = Enclosed>) -> Vec<f64> {
+    let mut diffs = Vec::new();
+    for (i, p) in phases.enumerate() {
+        let Enclosed {
+            daemon_us,
+            wire_us,
+            application_us,
+        } = p;
+        if daemon_us - wire_us > 50.0 {
+            println!(
+                "{name}: handshake #{i}: daemon {daemon_us:.1} µs, tcpdump {wire_us:.1} µs, \
+                 application {application_us:.1} µs"
+            );
+        }
+        assert!(
+            daemon_us >= wire_us - 2.0 && daemon_us <= application_us + 2.0,
+            "{name}: handshake #{i}: daemon {daemon_us:.1} µs is not between tcpdump's \
+             {wire_us:.1} µs and the application's {application_us:.1} µs"
+        );
+        diffs.push((daemon_us - wire_us).abs());
+    }
+    summarize(name, &diffs);
+    diffs
 }
 
 /// Refused, reset and timed-out handshakes from the socket layer alone
