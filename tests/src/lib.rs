@@ -771,6 +771,24 @@ pub fn tcx_programs(ns: &str, iface: &str) -> Vec<String> {
     .expect("TCX query thread")
 }
 
+/// The XDP program attached to `iface` in namespace `ns`, as
+/// `xdp NAME (MODE)`, if one is.
+pub fn xdp_program(ns: &str, iface: &str) -> Option<String> {
+    let shown = sh("ip", &["-n", ns, "-details", "link", "show", "dev", iface]);
+    let words: Vec<&str> = shown.split_whitespace().collect();
+    let mode = words
+        .iter()
+        .find(|w| w.starts_with("xdp"))
+        .copied()
+        .unwrap_or("xdp");
+    let at = words.iter().position(|w| *w == "prog/xdp")?;
+    let name = words[at..]
+        .windows(2)
+        .find(|w| w[0] == "name")
+        .map_or("?", |w| w[1]);
+    Some(format!("xdp {name} ({mode})"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

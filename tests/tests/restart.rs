@@ -20,9 +20,10 @@ use std::{
 
 use handshake_tests::{
     Daemon, Metrics, NetnsPair, echo_clients, echo_server, handshake_bin, require_root, serial,
-    spawn_in, tc_filters, tcx_programs,
+    spawn_in, tc_filters, tcx_programs, xdp_program,
 };
 use handshake_user::kernel::loader::PRETEND_MISSING;
+use serde_json::Value;
 
 /// An instance of this test's own; its kept state goes when it drops
 /// (after the daemons, which are declared after it).
@@ -294,25 +295,49 @@ fn sigterm_detaches_and_keeps_the_maps_fresh_and_reset_forget_them() {
     assert!(!PathBuf::from(format!("/run/handshake/{}.checkpoint", instance.0)).exists());
 }
 
-/// The packet hooks too: on the server side of a veth pair, their TCX
-/// links are pinned with the maps, so across a SIGKILL the interface is
-/// never without its hooks; the new daemon keeps them, and every
-/// handshake is counted once — the hooks' row and the socket's joined.
+/// The packet hooks too: on the server side of a veth pair, their links
+/// (TCX, and XDP with `--ingress-hook xdp`) are pinned with the maps, so
+/// across a SIGKILL the interface is never without its hooks; the new
+/// daemon keeps them, and every handshake is counted once — the hooks' row
+/// and the socket's joined. Then an upgrade (new maps: the programs are
+/// swapped into the pinned links) and a change of ingress hook (the old
+/// one goes); SIGTERM leaves nothing attached.
 #[test]
 fn packet_hooks_stay_attached_across_a_sigkill_and_every_handshake_counts_once() {
+    hooks_across_a_sigkill("hooks", &[]);
+}
+
+/// The same with the ingress hook on XDP (a pinned XDP link) beside the
+/// TCX egress hook.
+#[test]
+fn an_xdp_ingress_hook_stays_attached_across_a_sigkill_too() {
+    hooks_across_a_sigkill("xdp", &["--ingress-hook", "xdp"]);
+}
+
+fn hooks_across_a_sigkill(test: &str, ingress: &[&str]) {
     require_root();
     let _serial = serial();
-    let instance = Instance::new("hooks");
+    let instance = Instance::new(test);
     let pair = NetnsPair::new();
-    let hooks = [
+    let mut hooks = vec![
         "--netns",
         pair.server.as_str(),
         "--iface",
         pair.server_if.as_str(),
     ];
+    hooks.extend_from_slice(ingress);
+    // What is attached to the server's veth: TCX programs and the XDP one.
+    let attached = || {
+        let mut names = tcx_programs(&pair.server, &pair.server_if);
+        names.extend(xdp_program(&pair.server, &pair.server_if));
+        names.sort();
+        names
+    };
     let mut args = vec!["--fresh"];
     args.extend_from_slice(&hooks);
     let first = instance.start(&args);
+    let hooked = attached();
+    assert_eq!(hooked.len(), 2, "ingress and egress: {hooked:?}");
     let connections = 1_000;
     let server: std::net::SocketAddr = format!("{}:8080", NetnsPair::SERVER_V4).parse().unwrap();
     let serving = echo_server(&pair.server, server, connections);
@@ -330,11 +355,7 @@ fn packet_hooks_stay_attached_across_a_sigkill_and_every_handshake_counts_once()
     });
     thread::sleep(Duration::from_secs(2));
     first.stop(libc::SIGKILL);
-    assert_eq!(
-        tcx_programs(&pair.server, &pair.server_if).len(),
-        2,
-        "the hooks stay after SIGKILL"
-    );
+    assert_eq!(attached(), hooked, "the hooks stay after SIGKILL");
     thread::sleep(Duration::from_secs(1));
     let second = instance.start(&hooks);
     clients.join().expect("clients");
@@ -358,18 +379,46 @@ fn packet_hooks_stay_attached_across_a_sigkill_and_every_handshake_counts_once()
             .take(3)
             .collect::<Vec<_>>()
     );
-    let status = second.cli_json("status", &[]);
-    for probe in status["probes"].as_array().unwrap() {
-        if probe["probe"].as_str().unwrap().starts_with("tc_") {
-            assert_eq!(
-                probe["detail"], "tcx, pinned, kept from the daemon before",
-                "{probe}"
-            );
+    let hooks_say = |daemon: &Daemon, how: &str| {
+        let status = daemon.cli_json("status", &[]);
+        let packet_hooks: Vec<Value> = status["probes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["interface"].is_string())
+            .cloned()
+            .collect();
+        assert_eq!(packet_hooks.len(), 2, "{packet_hooks:?}");
+        for probe in packet_hooks {
+            assert!(probe["detail"].as_str().unwrap().ends_with(how), "{probe}");
         }
-    }
-    assert!(second.stop(libc::SIGTERM).success());
-    assert!(
-        tcx_programs(&pair.server, &pair.server_if).is_empty(),
+    };
+    hooks_say(&second, ", pinned, kept from the daemon before");
+    assert_eq!(attached(), hooked, "the same programs, never replaced");
+
+    // An upgrade, as far as the hooks can tell: other table sizes, so the
+    // maps are new and so must the programs be that write into them. They
+    // are swapped into the pinned links in place.
+    second.stop(libc::SIGKILL);
+    let mut upgrade = hooks.clone();
+    upgrade.extend(["--flow-entries", "8192"]);
+    let third = instance.start(&upgrade);
+    hooks_say(&third, ", pinned, its program replaced in place");
+    assert_eq!(attached(), hooked, "one program on each hook");
+
+    // The other ingress hook: the kept one goes, never both at once.
+    third.stop(libc::SIGKILL);
+    let other = if ingress.is_empty() { "xdp" } else { "tc" };
+    let mut switched = hooks[..4].to_vec();
+    switched.extend(["--ingress-hook", other]);
+    let fourth = instance.start(&switched);
+    let now = attached();
+    assert_eq!(now.len(), 2, "one ingress and one egress hook: {now:?}");
+    assert_ne!(now, hooked, "the ingress hook is the other kind");
+    assert!(fourth.stop(libc::SIGTERM).success());
+    assert_eq!(
+        attached(),
+        Vec::<String>::new(),
         "SIGTERM detaches the pinned hooks too"
     );
 }

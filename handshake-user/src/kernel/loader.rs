@@ -81,35 +81,55 @@ fn same_program_link(path: &std::path::Path, tag: u64) -> Option<aya::programs::
     (old_tag == tag).then(|| PinnedLink::from_pin(path).ok())?
 }
 
-/// Takes over the TCX link a daemon before pinned at `pin`: kept as it is
-/// when it runs `prog` as this daemon loaded it (`maps_kept`, the same
-/// tag), else `prog` swapped into it in place. `None` when it cannot be
-/// (the link is defunct: its interface went): the caller detaches it and
-/// attaches afresh.
-fn take_over_tcx(
-    prog: &mut SchedClassifier,
+/// Takes over the packet-hook link a daemon before pinned at `pin`: kept
+/// as it is when it runs the program this daemon loaded, as it loaded it
+/// (`maps_kept`, the same `tag`), else this daemon's program swapped into
+/// it in place by `replace` (`bpf_link_update`). `how` is the attach mode
+/// (`tcx`, `xdp-skb`, ...). `None` when it cannot be (the link is defunct:
+/// its interface went): the caller detaches it and attaches afresh.
+fn take_over_link<L: TryFrom<aya::programs::links::FdLink>>(
     pin: &std::path::Path,
+    tag: u64,
     maps_kept: bool,
+    how: &str,
+    replace: impl FnOnce(L) -> Result<(), ProgramError>,
 ) -> Option<(String, HookLink)> {
     use aya::programs::links::{FdLink, PinnedLink};
-    let tag = prog.info().ok()?.tag();
     if maps_kept && let Some(kept) = same_program_link(pin, tag) {
         return Some((
-            "tcx, pinned, kept from the daemon before".to_owned(),
+            format!("{how}, pinned, kept from the daemon before"),
             HookLink::Pinned(kept),
         ));
     }
-    let old: tc::SchedClassifierLink = FdLink::from(PinnedLink::from_pin(pin).ok()?)
-        .try_into()
-        .ok()?;
-    let id = prog.attach_to_link(old).ok()?;
+    let old = L::try_from(FdLink::from(PinnedLink::from_pin(pin).ok()?)).ok()?;
+    replace(old).ok()?;
     // The same link, pinned where it was: this daemon's handle on it.
-    drop(prog.take_link(id).ok()?);
     let pinned = PinnedLink::from_pin(pin).ok()?;
     Some((
-        "tcx, pinned, its program replaced in place".to_owned(),
+        format!("{how}, pinned, its program replaced in place"),
         HookLink::Pinned(pinned),
     ))
+}
+
+/// Pins a packet hook's new `link` at `pin`, so that it outlives the
+/// process. `None` when it cannot be: the link went with the failed pin
+/// (or could not be pinned at all, an XDP netlink attachment), and the
+/// caller attaches again, unpinned.
+fn pin_hook(
+    link: Result<aya::programs::links::FdLink, aya::programs::links::LinkError>,
+    pin: &std::path::Path,
+    how: &str,
+) -> Option<(String, HookLink)> {
+    let pinned = link
+        .map_err(|e| e.to_string())
+        .and_then(|link| link.pin(pin).map_err(|e| e.to_string()));
+    match pinned {
+        Ok(pinned) => Some((format!("{how}, pinned"), HookLink::Pinned(pinned))),
+        Err(error) => {
+            tracing::warn!(link = %pin.display(), %error, "cannot pin the link: it goes with the process");
+            None
+        }
+    }
 }
 
 /// Detaches the link pinned at `path`, if there is one.
@@ -212,7 +232,8 @@ pub type Attachments = Arc<Mutex<Vec<Attachment>>>;
 enum HookLink {
     Tc(&'static str, SchedClassifierLinkId),
     Xdp(XdpLinkId),
-    /// A TCX link pinned with the instance's maps: it outlives a SIGKILL.
+    /// A TCX or XDP link pinned with the instance's maps: it outlives a
+    /// SIGKILL.
     Pinned(aya::programs::links::PinnedLink),
 }
 
@@ -540,7 +561,7 @@ impl Observer {
             let is_hook = path
                 .file_name()
                 .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("link_tcx_"));
+                .is_some_and(|n| n.starts_with("link_tcx_") || n.starts_with("link_xdp_"));
             if is_hook && !self.claimed_pins.contains(&path) {
                 tracing::info!(link = %path.display(), "a packet hook the daemon before left, not wanted now: detached");
                 release_old_link(&path);
@@ -636,17 +657,36 @@ impl Observer {
                     .ok()
                     // SAFETY: a valid NUL-terminated name.
                     .map_or(0, |c| unsafe { libc::if_nametoindex(c.as_ptr()) });
-                let pin = |direction: &str| {
+                let pin = |hook: &str| {
                     self.link_pins
                         .as_ref()
                         .filter(|_| ifindex != 0 && netns_inode != 0)
-                        .map(|dir| {
-                            dir.join(format!("link_tcx_{direction}_{netns_inode}_{ifindex}"))
-                        })
+                        .map(|dir| dir.join(format!("link_{hook}_{netns_inode}_{ifindex}")))
                 };
-                let (in_pin, out_pin) = (pin("ingress"), pin("egress"));
+                let xdp_hook = match xdp_mode {
+                    XdpMode::Native => "xdp_native",
+                    XdpMode::Auto | XdpMode::Skb => "xdp_skb",
+                };
+                let in_hook = match ingress {
+                    IngressHook::Xdp => xdp_hook,
+                    IngressHook::Tc => "tcx_ingress",
+                };
+                // An ingress hook of another kind a daemon before left here
+                // (the flags changed) goes first: with both, every received
+                // packet would count twice.
+                for other in ["tcx_ingress", "xdp_skb", "xdp_native"] {
+                    if other != in_hook
+                        && let Some(path) = pin(other)
+                    {
+                        release_old_link(&path);
+                    }
+                }
+                let (in_pin, out_pin) = (pin(in_hook), pin("tcx_egress"));
                 let ingress_result = match ingress {
-                    IngressHook::Xdp => (program::XDP_INGRESS, self.attach_xdp(iface, xdp_mode)),
+                    IngressHook::Xdp => (
+                        program::XDP_INGRESS,
+                        self.attach_xdp(iface, xdp_mode, in_pin),
+                    ),
                     IngressHook::Tc => (
                         program::TC_INGRESS,
                         self.attach_tc(program::TC_INGRESS, iface, TcAttachType::Ingress, in_pin),
@@ -714,11 +754,18 @@ impl Observer {
         Ok(())
     }
 
+    /// XDP in `mode`. With `pin` (a kept instance), the link is pinned
+    /// there and taken over by the next daemon as a TCX link is
+    /// ([`Self::attach_tc`]); an XDP netlink attachment (kernels before
+    /// 5.9) cannot be pinned and goes with the process.
     fn attach_xdp(
         &mut self,
         iface: &str,
         mode: XdpMode,
+        pin: Option<std::path::PathBuf>,
     ) -> Result<(String, HookLink), ProgramError> {
+        let maps_kept = self.maps_kept;
+        self.claimed_pins.extend(pin.clone());
         let prog: &mut Xdp = self
             .ebpf
             .program_mut(program::XDP_INGRESS)
@@ -726,19 +773,36 @@ impl Observer {
             .try_into()?;
         let iface_c = c_name(iface)?;
         let iface_index = iface_c.as_c_str();
-        match mode {
-            XdpMode::Native => prog
-                .attach(iface_index, aya::programs::XdpMode::Driver)
-                .map(|link| ("xdp-native".to_owned(), HookLink::Xdp(link))),
+        let (how, flags) = match mode {
+            XdpMode::Native => ("xdp-native", aya::programs::XdpMode::Driver),
             // An observer passes every packet, so each still becomes an skb
             // and native mode saves nothing; it costs more on some drivers
             // (veth on 6.18: +461 ns per packet against +103 generic, and
             // 0.67 against 0.87 of the no-observer churn, `cargo xtask
             // bench`) and makes others (virtio-net, mlx5) reset their rings.
-            XdpMode::Auto | XdpMode::Skb => prog
-                .attach(iface_index, aya::programs::XdpMode::Skb)
-                .map(|link| ("xdp-skb".to_owned(), HookLink::Xdp(link))),
+            XdpMode::Auto | XdpMode::Skb => ("xdp-skb", aya::programs::XdpMode::Skb),
+        };
+        if let Some(pin) = pin.as_deref().filter(|p| p.exists()) {
+            let tag = prog.info()?.tag();
+            let replace = |old| {
+                let id = prog.attach_to_link(old)?;
+                drop(prog.take_link(id)?);
+                Ok(())
+            };
+            if let Some(taken) = take_over_link(pin, tag, maps_kept, how, replace) {
+                return Ok(taken);
+            }
+            release_old_link(pin);
         }
+        let link = prog.attach(iface_index, flags)?;
+        let Some(pin) = pin else {
+            return Ok((how.to_owned(), HookLink::Xdp(link)));
+        };
+        if let Some(pinned) = pin_hook(prog.take_link(link)?.try_into(), &pin, how) {
+            return Ok(pinned);
+        }
+        let link = prog.attach(iface_index, flags)?;
+        Ok((how.to_owned(), HookLink::Xdp(link)))
     }
 
     /// TCX where the kernel has it (6.6+), else a clsact netlink filter.
@@ -770,7 +834,13 @@ impl Observer {
         };
         let tcx_missing = pretends_missing("tcx");
         if !tcx_missing && let Some(pin) = pin.as_deref().filter(|p| p.exists()) {
-            if let Some(taken) = take_over_tcx(prog, pin, maps_kept) {
+            let tag = prog.info()?.tag();
+            let replace = |old| {
+                let id = prog.attach_to_link(old)?;
+                drop(prog.take_link(id)?);
+                Ok(())
+            };
+            if let Some(taken) = take_over_link(pin, tag, maps_kept, "tcx", replace) {
                 return Ok(taken);
             }
             release_old_link(pin);
@@ -783,20 +853,16 @@ impl Observer {
             prog.attach(iface_index, tcx())
         };
         match tried {
-            Ok(link) => match pin {
-                None => Ok(("tcx".to_owned(), HookLink::Tc(name, link))),
-                Some(pin) => {
-                    let fd: aya::programs::links::FdLink = prog.take_link(link)?.try_into()?;
-                    match fd.pin(&pin) {
-                        Ok(pinned) => Ok(("tcx, pinned".to_owned(), HookLink::Pinned(pinned))),
-                        Err(error) => {
-                            tracing::warn!(link = %pin.display(), %error, "cannot pin the link: it goes with the process");
-                            let link = prog.attach(iface_index, tcx())?;
-                            Ok(("tcx".to_owned(), HookLink::Tc(name, link)))
-                        }
-                    }
+            Ok(link) => {
+                let Some(pin) = pin else {
+                    return Ok(("tcx".to_owned(), HookLink::Tc(name, link)));
+                };
+                if let Some(pinned) = pin_hook(prog.take_link(link)?.try_into(), &pin, "tcx") {
+                    return Ok(pinned);
                 }
-            },
+                let link = prog.attach(iface_index, tcx())?;
+                Ok(("tcx".to_owned(), HookLink::Tc(name, link)))
+            }
             Err(tcx_error) => {
                 tracing::info!(
                     iface,
