@@ -81,34 +81,82 @@ fn same_program_link(path: &std::path::Path, tag: u64) -> Option<aya::programs::
     (old_tag == tag).then(|| PinnedLink::from_pin(path).ok())?
 }
 
-/// Takes over the packet-hook link a daemon before pinned at `pin`: kept
-/// as it is when it runs the program this daemon loaded, as it loaded it
-/// (`maps_kept`, the same `tag`), else this daemon's program swapped into
-/// it in place by `replace` (`bpf_link_update`). `how` is the attach mode
-/// (`tcx`, `xdp-skb`, ...). `None` when it cannot be (the link is defunct:
-/// its interface went): the caller detaches it and attaches afresh.
-fn take_over_link<L: TryFrom<aya::programs::links::FdLink>>(
+/// The programs of packet hooks whose links can be pinned: TCX and XDP.
+trait HookProgram {
+    /// The program's own kind of link.
+    type Link: TryFrom<aya::programs::links::FdLink>;
+
+    /// The tag of the program's instructions as loaded.
+    fn tag(&self) -> Result<u64, ProgramError>;
+
+    /// Swaps this program into `link` (`bpf_link_update`), which stays
+    /// where it is attached and pinned.
+    fn swap_into(&mut self, link: Self::Link) -> Result<(), ProgramError>;
+}
+
+/// aya gives both kinds the same methods, but no trait for them.
+macro_rules! hook_program {
+    ($program:ty, $link:ty) => {
+        impl HookProgram for $program {
+            type Link = $link;
+
+            fn tag(&self) -> Result<u64, ProgramError> {
+                Ok(self.info()?.tag())
+            }
+
+            fn swap_into(&mut self, link: Self::Link) -> Result<(), ProgramError> {
+                let id = self.attach_to_link(link)?;
+                // The same link, pinned where it was: nothing to hold here.
+                drop(self.take_link(id)?);
+                Ok(())
+            }
+        }
+    };
+}
+
+hook_program!(SchedClassifier, tc::SchedClassifierLink);
+hook_program!(Xdp, aya::programs::xdp::XdpLink);
+
+/// Takes over the packet-hook link a daemon before pinned at `pin`, if
+/// there is one: kept as it is when it runs `prog` as this daemon loaded
+/// it (`maps_kept`, the same tag), else `prog` swapped into it in place.
+/// `how` is the attach mode (`tcx`, `xdp-skb`, ...). `None` when there is
+/// none, or when it cannot be taken over (the link is defunct: its
+/// interface went); then it is detached, and the caller attaches afresh.
+fn take_over_link<P: HookProgram>(
+    prog: &mut P,
     pin: &std::path::Path,
-    tag: u64,
     maps_kept: bool,
     how: &str,
-    replace: impl FnOnce(L) -> Result<(), ProgramError>,
 ) -> Option<(String, HookLink)> {
     use aya::programs::links::{FdLink, PinnedLink};
-    if maps_kept && let Some(kept) = same_program_link(pin, tag) {
+    if !pin.exists() {
+        return None;
+    }
+    if maps_kept
+        && let Ok(tag) = prog.tag()
+        && let Some(kept) = same_program_link(pin, tag)
+    {
         return Some((
             format!("{how}, pinned, kept from the daemon before"),
             HookLink::Pinned(kept),
         ));
     }
-    let old = L::try_from(FdLink::from(PinnedLink::from_pin(pin).ok()?)).ok()?;
-    replace(old).ok()?;
-    // The same link, pinned where it was: this daemon's handle on it.
-    let pinned = PinnedLink::from_pin(pin).ok()?;
-    Some((
-        format!("{how}, pinned, its program replaced in place"),
-        HookLink::Pinned(pinned),
-    ))
+    let swapped = PinnedLink::from_pin(pin)
+        .ok()
+        .and_then(|old| P::Link::try_from(FdLink::from(old)).ok())
+        .and_then(|old| prog.swap_into(old).ok())
+        .and_then(|()| PinnedLink::from_pin(pin).ok());
+    match swapped {
+        Some(pinned) => Some((
+            format!("{how}, pinned, its program replaced in place"),
+            HookLink::Pinned(pinned),
+        )),
+        None => {
+            release_old_link(pin);
+            None
+        }
+    }
 }
 
 /// Pins a packet hook's new `link` at `pin`, so that it outlives the
@@ -782,17 +830,11 @@ impl Observer {
             // bench`) and makes others (virtio-net, mlx5) reset their rings.
             XdpMode::Auto | XdpMode::Skb => ("xdp-skb", aya::programs::XdpMode::Skb),
         };
-        if let Some(pin) = pin.as_deref().filter(|p| p.exists()) {
-            let tag = prog.info()?.tag();
-            let replace = |old| {
-                let id = prog.attach_to_link(old)?;
-                drop(prog.take_link(id)?);
-                Ok(())
-            };
-            if let Some(taken) = take_over_link(pin, tag, maps_kept, how, replace) {
-                return Ok(taken);
-            }
-            release_old_link(pin);
+        if let Some(taken) = pin
+            .as_deref()
+            .and_then(|pin| take_over_link(prog, pin, maps_kept, how))
+        {
+            return Ok(taken);
         }
         let link = prog.attach(iface_index, flags)?;
         let Some(pin) = pin else {
@@ -833,17 +875,12 @@ impl Observer {
             order: Default::default(),
         };
         let tcx_missing = pretends_missing("tcx");
-        if !tcx_missing && let Some(pin) = pin.as_deref().filter(|p| p.exists()) {
-            let tag = prog.info()?.tag();
-            let replace = |old| {
-                let id = prog.attach_to_link(old)?;
-                drop(prog.take_link(id)?);
-                Ok(())
-            };
-            if let Some(taken) = take_over_link(pin, tag, maps_kept, "tcx", replace) {
-                return Ok(taken);
-            }
-            release_old_link(pin);
+        if !tcx_missing
+            && let Some(taken) = pin
+                .as_deref()
+                .and_then(|pin| take_over_link(prog, pin, maps_kept, "tcx"))
+        {
+            return Ok(taken);
         }
         let tried = if tcx_missing {
             Err(ProgramError::IOError(std::io::Error::other(format!(
